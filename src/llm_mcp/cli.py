@@ -1,0 +1,62 @@
+"""`llm-mcp serve | demo | make-tiny-model`: thin argparse over the same functions the tests call."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-mcp", description="MCP server for fine-tuning open LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the MCP tools (stdio by default)")
+    serve.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--workspace", default=os.environ.get("LLM_MCP_WORKSPACE", "."),
+                       help="folder that relative paths start from and where state is kept (env LLM_MCP_WORKSPACE)")
+    serve.add_argument("--worker-python", default=os.environ.get("LLM_MCP_WORKER_PYTHON"),
+                       help="Python interpreter for model workers (default: this one; env LLM_MCP_WORKER_PYTHON)")
+    serve.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    demo = sub.add_parser("demo", help="run load -> prepare -> train -> list -> unload through a real MCP client")
+    demo.add_argument("--workdir", default=None, help="where to build the tiny model and write outputs "
+                                                      "(default: a temporary folder)")
+    demo.add_argument("--steps", type=int, default=60)
+
+    tiny = sub.add_parser("make-tiny-model", help="write the built-in tiny Llama model as a Hugging Face folder")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "demo":
+        from llm_mcp.demo import run_demo
+
+        return run_demo(args.workdir, steps=args.steps)
+    from llm_mcp.tiny import make_tiny_model
+
+    print(make_tiny_model(args.dir, seed=args.seed))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # stdout is the protocol stream in stdio mode: logs go to stderr only.
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    from llm_mcp.config import ServerConfig
+    from llm_mcp.server.app import create_server
+
+    server = create_server(ServerConfig(workspace=args.workspace, worker_python=args.worker_python))
+    if args.transport == "stdio":
+        server.run("stdio")
+    else:
+        server.run("streamable-http", host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Every configuration object and every default, written once.
+
+The spec's defaults live here and nowhere else: tool signatures reuse them (`= LoadConfig.lora_rank`) and
+the typed aliases below carry each bound and description into both the MCP schema and config validation.
+Leaf module: imports nothing from the package but errors, and never torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, field
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
+
+from llm_mcp.errors import InvalidArgument
+
+QuantType = Literal["nf4", "nf4_optimized", "int4", "fp8", "none"]
+ComputeDtype = Literal["float16", "bfloat16", "float32"]
+Optimizer = Literal[
+    "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"
+]
+LrScheduler = Literal[
+    "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+]
+ReportTo = Literal["tensorboard", "none"]
+DatasetFormat = Literal["auto", "text", "alpaca", "prompt_completion", "messages"]
+
+# The quantization types implemented so far; the others of QuantType answer a clear "not supported yet".
+IMPLEMENTED_QUANT_TYPES: tuple[str, ...] = ("nf4", "none")
+FOUR_BIT_QUANT_TYPES: tuple[str, ...] = ("nf4", "nf4_optimized", "int4")
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Typed, bounded parameters: one definition serves the tool schema and the dataclass validation.
+MaxLength = Annotated[int, Field(ge=16, le=131072, description="Maximum tokens per training example; longer ones are cut.")]
+LoraRank = Annotated[int, Field(ge=1, le=1024, description="Rank r of the LoRA matrices (8-64 is typical).")]
+LoraAlpha = Annotated[float, Field(gt=0, le=4096, description="LoRA scaling numerator: updates are scaled by alpha/r.")]
+LoraDropout = Annotated[float, Field(ge=0, lt=1, description="Dropout on the LoRA branch, in [0, 1).")]
+LearningRate = Annotated[float, Field(gt=0, le=1, description="Peak learning rate, in (0, 1].")]
+BatchSize = Annotated[int, Field(ge=1, le=4096, description="Examples per device per step.")]
+GradAccum = Annotated[int, Field(ge=1, le=4096, description="Micro-batches accumulated per optimizer step.")]
+Epochs = Annotated[float, Field(gt=0, le=1000, description="Passes over the training data (used when max_steps=-1).")]
+MaxSteps = Annotated[int, Field(ge=-1, le=10_000_000, description="Optimizer steps to run; -1 means use num_train_epochs.")]
+WarmupRatio = Annotated[float, Field(ge=0, lt=1, description="Fraction of the steps spent warming the learning rate up.")]
+WeightDecay = Annotated[float, Field(ge=0, le=1, description="AdamW weight decay.")]
+MaxGradNorm = Annotated[float, Field(ge=0, le=1000, description="Gradient clipping norm (0 disables clipping).")]
+Steps = Annotated[int, Field(ge=1, le=10_000_000)]
+SaveLimit = Annotated[int, Field(ge=1, le=1000, description="Checkpoints kept in output_dir; older ones are deleted.")]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Random seed for data order, dropout and LoRA init.")]
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class LoadConfig:
+    """What `*_load_model` takes: the base model, its quantization and the LoRA adapter (spec defaults)."""
+
+    model_name: str
+    max_length: MaxLength = 2048
+    load_in_4bit: bool = True
+    quant_type: QuantType = "nf4"
+    use_double_quant: bool = True
+    compute_dtype: ComputeDtype = "bfloat16"
+    lora_rank: LoraRank = 64
+    lora_alpha: LoraAlpha = 16
+    lora_dropout: LoraDropout = 0.1
+    target_modules: tuple[str, ...] | None = None  # None: DEFAULT_TARGET_MODULES that exist in the model
+    device_map: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.model_name.strip():
+            raise InvalidArgument("model_name", self.model_name, "a local model folder or a hub id")
+        if self.effective_quant_type not in IMPLEMENTED_QUANT_TYPES:
+            raise InvalidArgument(
+                "quant_type", self.quant_type,
+                f"one of {list(IMPLEMENTED_QUANT_TYPES)} in this version ('{self.quant_type}' is not supported yet)",
+            )
+        if self.target_modules is not None and not self.target_modules:
+            raise InvalidArgument("target_modules", [], "a non-empty list of module names, or null for the default")
+
+    @property
+    def effective_quant_type(self) -> str:
+        """The quantization that really runs: load_in_4bit=false turns the 4-bit types off (plain LoRA)."""
+        if not self.load_in_4bit and self.quant_type in FOUR_BIT_QUANT_TYPES:
+            return "none"
+        return self.quant_type
+
+    def spec_dict(self) -> dict[str, Any]:
+        """The `config` object of the spec's load response (compute dtype under its bitsandbytes name)."""
+        out = asdict(self)
+        out["bnb_4bit_compute_dtype"] = out.pop("compute_dtype")
+        out["target_modules"] = list(self.target_modules or DEFAULT_TARGET_MODULES)
+        order = ["model_name", "max_length", "load_in_4bit", "quant_type", "use_double_quant", "bnb_4bit_compute_dtype",
+                 "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "device_map", "trust_remote_code"]
+        return {k: out[k] for k in order}
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrainingConfig:
+    """What `*_prepare_for_training` takes and `*_train` may override (spec defaults, spec names)."""
+
+    output_dir: str = "./qlora_evolved_output"
+    learning_rate: LearningRate = 2e-4
+    batch_size: BatchSize = 4
+    gradient_accumulation_steps: GradAccum = 4
+    num_train_epochs: Epochs = 3
+    max_steps: MaxSteps = -1
+    warmup_ratio: WarmupRatio = 0.03
+    weight_decay: WeightDecay = 0.01
+    optim: Optimizer = "paged_adamw_32bit"
+    lr_scheduler_type: LrScheduler = "cosine"
+    max_grad_norm: MaxGradNorm = 0.3
+    logging_steps: Steps = 10
+    save_steps: Steps = 200
+    save_total_limit: SaveLimit = 3
+    report_to: ReportTo = "tensorboard"
+    use_gradient_checkpointing: bool = True
+    use_flash_attention_2: bool = True
+    use_cpu_offload: bool = False
+    seed: Seed = 42
+
+    def __post_init__(self) -> None:
+        if self.max_steps == 0:
+            raise InvalidArgument("max_steps", 0, "-1 (train for num_train_epochs) or an integer >= 1")
+        if not self.output_dir.strip():
+            raise InvalidArgument("output_dir", self.output_dir, "a folder path inside the workspace")
+
+    def spec_dict(self) -> dict[str, Any]:
+        """The `config` object of the spec's prepare response (seed is ours, kept last)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RunOptions:
+    """Per-run choices of `*_train` that are not training hyper-parameters."""
+
+    dataset_format: DatasetFormat = "auto"
+    resume_from_checkpoint: bool | str = False  # True: latest checkpoint in output_dir; str: a checkpoint folder
+    overwrite_output_dir: bool = False
+    eval_steps: int | None = None  # None: evaluate at the end only
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ServerConfig:
+    """How the server runs: where it may write, and which Python runs the model workers."""
+
+    workspace: str = "."
+    worker_python: str | None = None  # None: the server's own interpreter
+    state_dir: str | None = None  # None: <workspace>/.llm-mcp
+    worker_env: dict[str, str] = field(default_factory=dict)
+
+
+def validated(cls: type, values: dict[str, Any], *, where: str) -> Any:
+    """Build a config dataclass from agent-supplied values, turning validation errors into InvalidArgument."""
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise InvalidArgument.from_validation(exc, where=where) from None
+    except TypeError as exc:  # an unknown key reaches the dataclass __init__ before pydantic
+        raise InvalidArgument(where, sorted(values), f"known keys only ({exc})") from None

@@ -1,0 +1,1 @@
+"""Dataset reading and format detection; no torch, no tokenization."""

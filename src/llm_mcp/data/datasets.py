@@ -1,0 +1,207 @@
+"""Read a dataset from what MCP can carry (a file path, a saved-dataset folder, a hub id, inline records), detect
+its row format, and shape it into the columns TRL's SFTTrainer trains on.
+
+Formats: text, alpaca (instruction/input/output), prompt_completion, messages (and ShareGPT `conversations`).
+Prompt/completion, Alpaca and chat rows train on the answer only. No tokenization here: that is TRL's job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_mcp.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+FORMATS_HELP = (
+    "rows with 'text'; or 'instruction' + 'output' (+ optional 'input', Alpaca); or 'prompt' + 'completion'; "
+    "or 'messages' (a list of {role, content}); or ShareGPT 'conversations' (a list of {from, value})"
+)
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "model": "assistant"}
+
+
+@dataclass
+class PreparedDataset:
+    """A dataset in TRL's columns, with what was detected and done to it."""
+
+    dataset: Any  # datasets.Dataset with text | prompt+completion | messages
+    source_format: str
+    assistant_only_loss: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_source(source: str | list[dict[str, Any]], *, param: str) -> Any:
+    """Anything MCP can carry -> datasets.Dataset (not yet validated)."""
+    import datasets
+
+    if isinstance(source, list):
+        if not source:
+            raise DatasetError(f"{param} is an empty list; give at least one row ({FORMATS_HELP}).")
+        if not all(isinstance(row, dict) for row in source):
+            raise DatasetError(f"{param}: every inline row must be a JSON object ({FORMATS_HELP}).")
+        try:
+            return datasets.Dataset.from_list(source)
+        except Exception as exc:  # arrow cannot unify the rows' types
+            raise DatasetError(f"{param}: inline rows have inconsistent fields or types ({exc}).") from None
+    if not isinstance(source, str) or not source.strip():
+        raise DatasetError(f"{param} must be a file path, a saved-dataset folder, a hub id, or a list of rows.")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _read_folder(path, param)
+    if path.is_file():
+        return _read_file(path, param)
+    if path.suffix.lower() in FILE_TYPES or source.startswith((".", "/", "~")):
+        raise DatasetError(f"{param}={source!r}: no such file or folder (relative paths start at the workspace).")
+    return _read_hub(source, param)
+
+
+def _read_file(path: Path, param: str) -> Any:
+    import datasets
+
+    kind = FILE_TYPES.get(path.suffix.lower())
+    if kind is None:
+        raise DatasetError(f"{param}={str(path)!r}: unsupported file type {path.suffix!r}; "
+                           f"use one of {sorted(FILE_TYPES)} or a datasets.save_to_disk folder.")
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:
+        raise DatasetError(f"{param}={str(path)!r} could not be read as {kind}: {exc}") from None
+
+
+def _read_folder(path: Path, param: str) -> Any:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DatasetError(f"{param}={str(path)!r} is a folder but not one written by datasets.save_to_disk "
+                           f"({exc}); pass a file path instead.") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        split = "train" if "train" in loaded else next(iter(loaded))
+        return loaded[split]
+    return loaded
+
+
+def _read_hub(source: str, param: str) -> Any:
+    import datasets
+
+    name, _, split = source.partition(":")
+    try:
+        return datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:
+        raise DatasetError(f"{param}={source!r} is not a local file or folder, and loading it as a hub dataset "
+                           f"('name' or 'name:split') failed: {type(exc).__name__}: {exc}") from None
+
+
+def detect_format(columns: list[str]) -> str | None:
+    cols = set(columns)
+    if "messages" in cols:
+        return "messages"
+    if "conversations" in cols:
+        return "sharegpt"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if "text" in cols:
+        return "text"
+    return None
+
+
+def prepare(source: str | list[dict[str, Any]], *, dataset_format: str, chat_template: str | None,
+            param: str) -> PreparedDataset:
+    """Read, detect, check and convert a dataset for SFTTrainer; errors name the columns found."""
+    raw = read_source(source, param=param)
+    if len(raw) == 0:
+        raise DatasetError(f"{param} has no rows.")
+    found = detect_format(raw.column_names)
+    fmt = found if dataset_format == "auto" else ("sharegpt" if dataset_format == "messages" and found == "sharegpt"
+                                                  else dataset_format)
+    if fmt is None or not _has_columns(raw.column_names, fmt):
+        raise DatasetError(f"{param}: columns {raw.column_names} match no known format"
+                           f"{'' if dataset_format == 'auto' else f' (dataset_format={dataset_format!r})'}; "
+                           f"expected {FORMATS_HELP}.")
+    rows = [_convert(row, fmt) for row in raw]
+    usable = [r for r in rows if r is not None]
+    if not usable:
+        raise DatasetError(f"{param}: none of its {len(rows)} rows has usable content for format {fmt!r} "
+                           f"(columns found: {raw.column_names}); check for empty fields.")
+    warnings = []
+    if len(usable) < len(rows):
+        warnings.append(f"{param}: skipped {len(rows) - len(usable)} of {len(rows)} rows with empty or "
+                        f"malformed fields.")
+    return _to_trl(usable, fmt, chat_template, warnings)
+
+
+def _has_columns(columns: list[str], fmt: str) -> bool:
+    need = {"text": {"text"}, "alpaca": {"instruction", "output"}, "prompt_completion": {"prompt", "completion"},
+            "messages": {"messages"}, "sharegpt": {"conversations"}}[fmt]
+    return need <= set(columns)
+
+
+def _convert(row: dict[str, Any], fmt: str) -> dict[str, Any] | None:
+    """One raw row -> {'text'} | {'prompt','completion'} | {'messages'}; None when unusable."""
+    if fmt == "text":
+        text = row.get("text")
+        return {"text": text} if isinstance(text, str) and text.strip() else None
+    if fmt == "prompt_completion":
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt/completion
+            return {"messages": _clean_messages(prompt + completion)}
+        if isinstance(prompt, str) and isinstance(completion, str) and completion.strip():
+            return {"prompt": prompt, "completion": completion}
+        return None
+    if fmt == "alpaca":
+        instruction, extra, output = row.get("instruction"), row.get("input"), row.get("output")
+        if not (isinstance(instruction, str) and instruction.strip() and isinstance(output, str) and output.strip()):
+            return None
+        user = instruction if not (isinstance(extra, str) and extra.strip()) else f"{instruction}\n\n{extra}"
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
+    if fmt == "sharegpt":
+        turns = row.get("conversations") or []
+        messages = [{"role": _SHAREGPT_ROLES.get(str(t.get("from")), ""), "content": t.get("value")}
+                    for t in turns if isinstance(t, dict)]
+        return {"messages": _clean_messages(messages)}
+    messages = _clean_messages(row.get("messages"))
+    return {"messages": messages} if messages else None
+
+
+def _clean_messages(messages: Any) -> list[dict[str, str]] | None:
+    if not isinstance(messages, list) or not messages:
+        return None
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            return None
+        if not isinstance(m.get("content"), str):
+            return None
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+        return None
+    return out
+
+
+def _to_trl(rows: list[dict[str, Any]], fmt: str, chat_template: str | None,
+            warnings: list[str]) -> PreparedDataset:
+    import datasets
+
+    if "messages" not in rows[0]:
+        return PreparedDataset(datasets.Dataset.from_list(rows), fmt, warnings=warnings)
+    if chat_template and "{% generation %}" in chat_template.replace("{%- generation %}", "{% generation %}"):
+        return PreparedDataset(datasets.Dataset.from_list(rows), fmt, assistant_only_loss=True, warnings=warnings)
+    # Without generation markers TRL cannot find the assistant tokens in a rendered chat, so train on the last
+    # assistant turn as a conversational prompt/completion pair, which TRL masks itself.
+    split = []
+    for r in rows:
+        msgs = r["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        split.append({"prompt": msgs[:last], "completion": [msgs[last]]})
+    if any(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in rows):
+        warnings.append("the chat template has no {% generation %} markers, so multi-turn rows train on their last "
+                        "assistant turn only; earlier turns are context.")
+    return PreparedDataset(datasets.Dataset.from_list(split), fmt, warnings=warnings)

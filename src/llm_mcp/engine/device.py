@@ -1,0 +1,36 @@
+"""What this machine can run: device, bf16, flash-attention, paged optimizers. One place for hardware facts."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+
+@dataclass(frozen=True)
+class Hardware:
+    has_cuda: bool
+    device: str  # "cuda:0" or "cpu"
+    bf16_supported: bool
+    has_flash_attn: bool
+
+    @property
+    def name(self) -> str:
+        return torch.cuda.get_device_name(0) if self.has_cuda else "cpu"
+
+
+@lru_cache(maxsize=1)
+def detect() -> Hardware:
+    has_cuda = torch.cuda.is_available()
+    return Hardware(
+        has_cuda=has_cuda,
+        device="cuda:0" if has_cuda else "cpu",
+        bf16_supported=torch.cuda.is_bf16_supported() if has_cuda else True,  # CPU autocast supports bf16
+        has_flash_attn=has_cuda and importlib.util.find_spec("flash_attn") is not None,
+    )
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]

@@ -1,0 +1,215 @@
+"""TrainingConfig -> TRL SFTConfig + SFTTrainer on a loaded ModelBundle; progress and stop callbacks.
+
+TRL does the work (tokenizing, masking prompts, EOS, batching, checkpoints, TensorBoard); this module maps our
+config onto it, replaces what this hardware cannot run with the nearest working choice (and says so), and
+shapes the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from llm_mcp.config import RunOptions, TrainingConfig
+from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
+from llm_mcp.engine.device import detect
+from llm_mcp.engine.model import ModelBundle
+from llm_mcp.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+SPEC_METRICS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch")
+_PROGRESS_EVERY_S = 0.5
+# Without CUDA the paged optimizers cannot page; their unpaged twins compute the same update.
+_UNPAGED = {"paged_adamw_32bit": "adamw_torch", "paged_adamw_8bit": "adamw_8bit"}
+
+
+def prepare(bundle: ModelBundle, config: TrainingConfig) -> dict[str, Any]:
+    """Apply what must happen to the model before training and report what this machine cannot do."""
+    warnings = _hardware_choices(bundle, config)[1]
+    bundle.is_prepared = True
+    return {"warnings": warnings}
+
+
+def _hardware_choices(bundle: ModelBundle, config: TrainingConfig) -> tuple[dict[str, Any], list[str]]:
+    """The SFTConfig fields that depend on the hardware, plus a warning for each substitution."""
+    hw = detect()
+    warnings: list[str] = []
+    choices: dict[str, Any] = {"optim": config.optim}
+    if not hw.has_cuda and config.optim in _UNPAGED:
+        choices["optim"] = _UNPAGED[config.optim]
+        warnings.append(f"optim={config.optim!r} pages optimizer state through CUDA unified memory, which needs a "
+                        f"GPU; using {choices['optim']!r} (same update, unpaged).")
+    attn = "sdpa"
+    if config.use_flash_attention_2:
+        if hw.has_flash_attn:
+            attn = "flash_attention_2"
+        else:
+            why = "no CUDA GPU" if not hw.has_cuda else "the flash_attn package is not installed"
+            warnings.append(f"use_flash_attention_2=true but flash-attention 2 cannot run here ({why}); "
+                            "using PyTorch SDPA attention.")
+    _set_attention(bundle, attn)
+    choices["attn_implementation"] = attn
+    if config.use_cpu_offload and not hw.has_cuda:
+        warnings.append("use_cpu_offload=true has no effect on a CPU-only machine: the model already lives in CPU "
+                        "memory.")
+    elif config.use_cpu_offload:
+        warnings.append("use_cpu_offload=true: offloading is decided at load time (device_map); this model was "
+                        f"loaded with device_map={bundle.config.device_map!r}.")
+    compute = bundle.config.compute_dtype
+    choices["bf16"] = compute == "bfloat16" and hw.bf16_supported
+    choices["fp16"] = hw.has_cuda and (compute == "float16" or (compute == "bfloat16" and not hw.bf16_supported))
+    choices["use_cpu"] = not hw.has_cuda
+    return choices, warnings
+
+
+def _set_attention(bundle: ModelBundle, attn: str) -> None:
+    base = bundle.model.get_base_model()
+    if getattr(base.config, "_attn_implementation", None) != attn:
+        base.set_attn_implementation(attn)
+
+
+class _ProgressCallback(TrainerCallback):
+    """Forward step/total/loss to the server (throttled) and stop cleanly, with a checkpoint, when asked."""
+
+    def __init__(self, on_progress: ProgressFn, should_stop: Callable[[], bool]) -> None:
+        self.on_progress = on_progress
+        self.should_stop = should_stop
+        self.latest: dict[str, float] = {}
+        self.last_sent = 0.0
+        self.stopped = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.latest = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+            self._send(state, force=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._send(state, force=state.global_step >= state.max_steps)
+        if self.should_stop():
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def _send(self, state, *, force: bool) -> None:
+        now = time.monotonic()
+        if force or now - self.last_sent >= _PROGRESS_EVERY_S:
+            self.last_sent = now
+            self.on_progress(state.global_step, state.max_steps, self.latest)
+
+
+def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_source: Any, options: RunOptions, *,
+          on_progress: ProgressFn, should_stop: Callable[[], bool], notes: list[str]) -> dict[str, Any]:
+    from trl import SFTConfig, SFTTrainer
+
+    warnings = list(notes) + list(bundle.warnings)
+    choices, hw_warnings = _hardware_choices(bundle, config)
+    warnings += hw_warnings
+    out = Path(config.output_dir)
+    resume = _resolve_resume(out, options.resume_from_checkpoint)
+    _guard_output_dir(out, resume, options.overwrite_output_dir)
+
+    template = getattr(bundle.tokenizer, "chat_template", None)
+    train_data = prepare_dataset(train_source, dataset_format=options.dataset_format, chat_template=template,
+                                 param="train_dataset")
+    eval_data = None if eval_source is None else prepare_dataset(
+        eval_source, dataset_format=options.dataset_format, chat_template=template, param="eval_dataset")
+    warnings += train_data.warnings + (eval_data.warnings if eval_data else [])
+
+    args = SFTConfig(
+        output_dir=str(out), learning_rate=config.learning_rate, per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        weight_decay=config.weight_decay, optim=choices["optim"], lr_scheduler_type=config.lr_scheduler_type,
+        max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        gradient_checkpointing=config.use_gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.use_gradient_checkpointing else None,
+        bf16=choices["bf16"], fp16=choices["fp16"], use_cpu=choices["use_cpu"], seed=config.seed,
+        data_seed=config.seed, max_length=bundle.config.max_length,
+        assistant_only_loss=train_data.assistant_only_loss,
+        eval_strategy="steps" if (eval_data and options.eval_steps) else "no", eval_steps=options.eval_steps,
+        disable_tqdm=True, dataloader_pin_memory=False,
+    )
+    callback = _ProgressCallback(on_progress, should_stop)
+    trainer = SFTTrainer(
+        model=bundle.model, args=args, train_dataset=train_data.dataset,
+        eval_dataset=eval_data.dataset if eval_data else None, processing_class=bundle.tokenizer,
+        callbacks=[callback],
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = {k: float(result.metrics[k]) for k in SPEC_METRICS if k in result.metrics}
+    if eval_data is not None:
+        metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+    final = out / "final"
+    trainer.save_model(str(final))
+    bundle.tokenizer.save_pretrained(str(final))
+    return _answer(config, trainer, metrics, final, train_data, choices, warnings, callback.stopped, resume)
+
+
+def _answer(config: TrainingConfig, trainer: Any, metrics: dict[str, float], final: Path, data: PreparedDataset,
+            choices: dict[str, Any], warnings: list[str], stopped: bool, resume: str | None) -> dict[str, Any]:
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    return {
+        "status": "cancelled" if stopped else "success",
+        "metrics": metrics,
+        "output_dir": os.path.join(config.output_dir, "final"),
+        "output_path": str(final.resolve()),
+        "global_step": trainer.state.global_step,
+        "loss": {"first": losses[0][1], "last": losses[-1][1], "min": min(v for _, v in losses)} if losses else {},
+        "loss_history": [{"step": s, "loss": round(v, 5)} for s, v in losses[-50:]],
+        "resumed_from": resume,
+        "dataset": {"rows": len(data.dataset), "format": data.source_format,
+                    "loss_on": "answers only" if data.source_format != "text" else "all tokens"},
+        "effective_config": {**asdict(config), **choices},
+        "warnings": warnings,
+    }
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _resolve_resume(out: Path, resume: bool | str) -> str | None:
+    if resume is False:
+        return None
+    if resume is True:
+        found = _checkpoints(out) if out.is_dir() else []
+        if not found:
+            raise InvalidArgument("resume_from_checkpoint", True,
+                                  f"a run with checkpoints in output_dir={str(out)!r}; none found there "
+                                  "(use false to start a new run)")
+        return str(found[-1])
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise InvalidArgument("resume_from_checkpoint", resume,
+                              "true, false, or a checkpoint folder (one holding trainer_state.json)")
+    return str(path)
+
+
+def _guard_output_dir(out: Path, resume: str | None, overwrite: bool) -> None:
+    """Never overwrite an earlier run's results unless asked."""
+    earlier = _checkpoints(out) + ([out / "final"] if (out / "final").exists() else [])
+    if not earlier or resume is not None:
+        return
+    if not overwrite:
+        names = [p.name for p in earlier]
+        raise InvalidArgument(
+            "output_dir", str(out),
+            f"a folder without an earlier run's results; it holds {names}. Pass resume_from_checkpoint=true to "
+            "continue that run, overwrite_output_dir=true to replace it, or another output_dir",
+        )
+    for path in earlier:
+        shutil.rmtree(path)

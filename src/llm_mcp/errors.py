@@ -1,0 +1,85 @@
+"""Errors an agent can act on. Each message names the parameter, what it got and what is allowed.
+
+    LlmMcpError
+     +-- InvalidArgument      a parameter value is not allowed
+     +-- ModelNotLoaded       unknown model_id
+     +-- ModelIdTaken         model_id already in use
+     +-- DatasetError         a dataset cannot be read or has no usable rows
+     +-- WorkerBusy           the model's worker is running another command
+     +-- WorkerDied           the model's worker process ended unexpectedly
+     +-- EngineError          loading/training failed inside the worker (message carries the cause)
+
+Only server/tools.py turns these into MCP tool errors. Leaf module: imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LlmMcpError(Exception):
+    """Base of every error whose message is meant for the agent."""
+
+
+class InvalidArgument(LlmMcpError):
+    def __init__(self, name: str, got: object, allowed: str) -> None:
+        self.name = name
+        super().__init__(f"{name}={got!r} is not valid; expected {allowed}.")
+
+    @classmethod
+    def from_validation(cls, exc: Any, *, where: str) -> "InvalidArgument":
+        """Turn a pydantic ValidationError into one message that names every bad field."""
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__") or where
+            if err.get("type") in ("unexpected_keyword_argument", "extra_forbidden"):
+                parts.append(f"{where}.{loc} is not a known parameter")
+            else:
+                parts.append(f"{where}.{loc}={err.get('input')!r}: {err.get('msg')}")
+        inst = cls.__new__(cls)
+        inst.name = where
+        LlmMcpError.__init__(inst, "; ".join(parts) + ".")
+        return inst
+
+
+class ModelNotLoaded(LlmMcpError):
+    def __init__(self, model_id: str, loaded: list[str], load_tool: str) -> None:
+        super().__init__(
+            f"model_id={model_id!r} is not loaded; loaded: {sorted(loaded)}. Call {load_tool} first."
+        )
+
+
+class ModelIdTaken(LlmMcpError):
+    def __init__(self, model_id: str, unload_tool: str) -> None:
+        super().__init__(
+            f"model_id={model_id!r} is already loaded; pick another model_id, omit it for a generated one, "
+            f"or call {unload_tool}(model_id={model_id!r}) first."
+        )
+
+
+class DatasetError(LlmMcpError):
+    """A dataset could not be read or has no usable rows."""
+
+
+class WorkerBusy(LlmMcpError):
+    def __init__(self, model_id: str, running: str) -> None:
+        super().__init__(f"model {model_id!r} is busy running {running}; wait for it to finish and call again.")
+
+
+class WorkerDied(LlmMcpError):
+    """The worker process holding a model ended unexpectedly; the model must be loaded again."""
+
+
+class EngineError(LlmMcpError):
+    """Loading, preparing or training failed inside the worker; the message carries the cause."""
+
+
+# Worker -> server: errors cross the process boundary as (class name, message) and are rebuilt here.
+_BY_NAME = {c.__name__: c for c in (InvalidArgument, DatasetError, EngineError, WorkerBusy, WorkerDied)}
+
+
+def rebuild(kind: str, message: str) -> LlmMcpError:
+    cls = _BY_NAME.get(kind, EngineError)
+    err = cls.__new__(cls)
+    LlmMcpError.__init__(err, message)
+    return err

@@ -1,0 +1,1 @@
+"""The MCP layer: tool signatures and response shapes. Never imports torch."""

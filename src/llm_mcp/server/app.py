@@ -1,0 +1,45 @@
+"""Build the MCPServer: register the tools and own the worker pool for the server's lifetime."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from mcp.server.mcpserver import MCPServer
+
+from llm_mcp import __version__
+from llm_mcp.config import ServerConfig
+from llm_mcp.server.service import ModelService
+from llm_mcp.server.tools import QLORA_TOOLS
+from llm_mcp.workers.pool import WorkerPool
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = (
+    "Fine-tune open LLMs with LoRA/QLoRA. Typical flow: qloraevolved_load_model -> "
+    "qloraevolved_prepare_for_training -> qloraevolved_train (progress notifications carry step and loss) -> "
+    "qloraevolved_unload_model. Datasets are file paths inside the workspace, saved-dataset folders, hub ids, "
+    "or inline rows. Responses carry 'warnings' for anything this machine could not do as asked."
+)
+
+
+def create_server(config: ServerConfig | None = None) -> MCPServer:
+    config = config or ServerConfig()
+    workspace = Path(config.workspace).expanduser().resolve()
+    state_dir = Path(config.state_dir).expanduser().resolve() if config.state_dir else workspace / ".llm-mcp"
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[ModelService]:
+        pool = WorkerPool(python=config.worker_python, cwd=workspace, log_dir=state_dir / "logs",
+                          env=dict(config.worker_env))
+        try:
+            yield ModelService(pool, workspace)
+        finally:
+            pool.close()  # every worker ends with the server
+
+    server = MCPServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
+    for tool in QLORA_TOOLS:
+        server.add_tool(tool)
+    return server

@@ -1,0 +1,141 @@
+"""The operations behind the tools, shared by both tool families: load, prepare, train, unload, list.
+
+A family differs only in its names and defaults (`Family`); the work goes to the model's worker process.
+Knows nothing of torch, and nothing of MCP but a progress callback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm_mcp.config import LoadConfig, RunOptions, TrainingConfig, validated
+from llm_mcp.errors import InvalidArgument, ModelIdTaken
+from llm_mcp.workers.pool import LoadedModel, WorkerPool, new_request_id
+from llm_mcp.workers.protocol import DatasetSource, Load, Prepare, Progress, Train
+
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ProgressSink = Callable[[int, int, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A tool family: its tool-name prefix, how it names models, and which engine backend loads them."""
+
+    prefix: str  # "qloraevolved" | "unsloth"
+    id_suffix: str  # model ids look like "<basename>-<suffix>[-<time>]"
+    backend: str
+    with_timestamp: bool
+
+    def tool(self, verb: str) -> str:
+        return f"{self.prefix}_{verb}"
+
+
+QLORA = Family("qloraevolved", "qlora-evolved", backend="qlora", with_timestamp=True)
+
+
+class ModelService:
+    def __init__(self, pool: WorkerPool, workspace: Path) -> None:
+        self.pool = pool
+        self.workspace = workspace
+
+    # -- load / unload / list ---------------------------------------------------------------------------------
+    async def load(self, family: Family, config: LoadConfig, model_id: str | None) -> dict[str, Any]:
+        model_id = self._claim_id(family, config.model_name, model_id)
+        command = Load(new_request_id(), config, backend=family.backend)
+        loaded = await self.pool.load(model_id, family.prefix, command, config)
+        info = loaded.info
+        return {
+            "status": "success",
+            "model_id": model_id,
+            "model_name": config.model_name,
+            "trainable_params": info["trainable_params"],
+            "total_params": info["total_params"],
+            "config": config.spec_dict(),
+            "device": info["device"],
+            "warnings": info["warnings"],
+        }
+
+    def _claim_id(self, family: Family, model_name: str, model_id: str | None) -> str:
+        if model_id is not None:
+            if not _MODEL_ID.match(model_id):
+                raise InvalidArgument("model_id", model_id, "1-128 characters of letters, digits, '.', '_' or '-', "
+                                                            "starting with a letter or digit")
+            if self.pool.is_taken(model_id):
+                raise ModelIdTaken(model_id, family.tool("unload_model"))
+            return model_id
+        base = re.sub(r"[^a-z0-9._-]+", "-", Path(model_name.rstrip("/")).name.lower()).strip("-._") or "model"
+        stem = f"{base[:80]}-{family.id_suffix}" + (f"-{int(time.time())}" if family.with_timestamp else "")
+        candidate, n = stem, 2
+        while self.pool.is_taken(candidate):  # never a silent overwrite of a loaded model
+            candidate, n = f"{stem}-{n}", n + 1
+        return candidate
+
+    async def unload(self, family: Family, model_id: str) -> dict[str, Any]:
+        self.pool.get(model_id, family=family.prefix, load_tool=family.tool("load_model"))
+        await self.pool.unload(model_id)
+        return {"status": "success", "message": f"Model {model_id} unloaded"}
+
+    def list(self, family: Family) -> dict[str, Any]:
+        models = {}
+        for loaded in self.pool.models(family.prefix):
+            entry: dict[str, Any] = {"config": loaded.load_config.spec_dict(), "device": loaded.device}
+            if not loaded.worker.is_alive:
+                entry["state"] = f"lost: {loaded.worker.exit_reason}; load it again"
+            elif loaded.worker.running:
+                entry["state"] = f"busy: {loaded.worker.running}"
+            else:
+                entry["state"] = "ready" if loaded.training_config is None else "prepared"
+            models[loaded.model_id] = entry
+        return {"status": "success", "models": models}
+
+    # -- prepare / train ----------------------------------------------------------------------------------------
+    async def prepare(self, family: Family, model_id: str, config: TrainingConfig) -> dict[str, Any]:
+        loaded = self._get(family, model_id)
+        result = await loaded.worker.request(Prepare(new_request_id(), config))
+        loaded.training_config = config
+        return {
+            "status": "success",
+            "message": f"Model {model_id} prepared for training",
+            "config": config.spec_dict(),
+            "warnings": result.get("warnings", []),
+        }
+
+    async def train(self, family: Family, model_id: str, train_dataset: DatasetSource,
+                    eval_dataset: DatasetSource | None, overrides: dict[str, Any],
+                    on_progress: ProgressSink | None) -> dict[str, Any]:
+        loaded = self._get(family, model_id)
+        config, options, notes = self._training_plan(family, loaded, overrides)
+        command = Train(new_request_id(), config, train_dataset, eval_dataset, options, tuple(notes))
+
+        async def forward(event: Progress) -> None:
+            if on_progress is not None:
+                loss = "" if event.loss is None else f", loss {event.loss:.4f}"
+                await on_progress(event.step, event.total_steps, f"step {event.step}/{event.total_steps}{loss}")
+
+        result = await loaded.worker.request(command, forward)
+        loaded.training_config = config
+        return result
+
+    def _training_plan(self, family: Family, loaded: LoadedModel,
+                       overrides: dict[str, Any]) -> tuple[TrainingConfig, RunOptions, list[str]]:
+        notes = []
+        base = loaded.training_config
+        if base is None:
+            base = TrainingConfig()
+            notes.append(f"{loaded.model_id} was not prepared; trained with {family.tool('prepare_for_training')}'s "
+                         f"defaults (and any overrides given).")
+        option_keys = {f.name for f in dataclasses.fields(RunOptions)}
+        run_values = {k: v for k, v in overrides.items() if k in option_keys}
+        train_values = {k: v for k, v in overrides.items() if k not in option_keys}
+        config = validated(TrainingConfig, {**dataclasses.asdict(base), **train_values}, where="training_config")
+        options = validated(RunOptions, run_values, where="training_config")
+        return config, options, notes
+
+    def _get(self, family: Family, model_id: str) -> LoadedModel:
+        return self.pool.get(model_id, family=family.prefix, load_tool=family.tool("load_model"))

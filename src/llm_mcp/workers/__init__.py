@@ -1,0 +1,1 @@
+"""Worker processes: one per loaded model. The server side (pool) never imports torch; the worker side does."""

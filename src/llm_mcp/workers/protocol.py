@@ -1,0 +1,72 @@
+"""Messages that cross the pipe between the server and a model worker: frozen dataclasses, pickled.
+
+Commands go server -> worker and each carries a request_id; every command gets exactly one Done or Failed.
+Progress events may come before it. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_mcp.config import LoadConfig, RunOptions, TrainingConfig
+
+DatasetSource = str | list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Load:
+    request_id: str
+    config: LoadConfig
+    backend: str = "qlora"  # which engine module loads the model and attaches LoRA
+
+
+@dataclass(frozen=True)
+class Prepare:
+    request_id: str
+    config: TrainingConfig
+
+
+@dataclass(frozen=True)
+class Train:
+    request_id: str
+    config: TrainingConfig
+    train_dataset: DatasetSource
+    eval_dataset: DatasetSource | None = None
+    options: RunOptions = field(default_factory=RunOptions)
+    warnings: tuple[str, ...] = ()  # notes from the server side, carried into the final answer
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    request_id: str = "shutdown"
+
+
+Command = Load | Prepare | Train | Shutdown
+
+
+@dataclass(frozen=True)
+class Progress:
+    request_id: str
+    step: int
+    total_steps: int
+    loss: float | None = None
+    learning_rate: float | None = None
+    epoch: float | None = None
+
+
+@dataclass(frozen=True)
+class Done:
+    request_id: str
+    result: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Failed:
+    request_id: str
+    kind: str  # an errors.py class name; rebuilt on the server side
+    message: str
+    traceback: str = ""
+
+
+Event = Progress | Done | Failed

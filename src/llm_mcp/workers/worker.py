@@ -1,0 +1,113 @@
+"""Worker side: `python -m llm_mcp.workers.worker FD` holds one model and runs the commands the server sends.
+
+The only module that imports the engine (and so torch). One `match` loop, one handler per command, exactly one
+Done or Failed per command. A reader thread turns a Shutdown, or the server going away, into a stop flag that
+the training loop checks between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from llm_mcp.errors import LlmMcpError
+from llm_mcp.workers.protocol import Command, Done, Failed, Load, Prepare, Progress, Shutdown, Train
+
+log = logging.getLogger("llm_mcp.worker")
+
+
+@dataclass
+class _Channel:
+    conn: Connection
+    lock: threading.Lock
+
+    def send(self, event: Any) -> None:
+        with self.lock:
+            self.conn.send(event)
+
+
+class WorkerState:
+    """The model this worker holds and what was prepared for it."""
+
+    def __init__(self) -> None:
+        self.bundle: Any = None  # engine.model.ModelBundle once loaded
+        self.training_config: Any = None
+
+
+def handle(cmd: Command, state: WorkerState, channel: _Channel, stop: threading.Event) -> dict[str, Any]:
+    match cmd:
+        case Load(config=config, backend=backend):
+            from llm_mcp.engine import model as engine_model
+
+            state.bundle = engine_model.load_model(config, backend=backend)
+            return state.bundle.describe()
+        case Prepare(config=config):
+            from llm_mcp.engine import train as engine_train
+
+            result = engine_train.prepare(state.bundle, config)
+            state.training_config = config
+            return result
+        case Train():
+            from llm_mcp.engine import train as engine_train
+
+            def on_progress(step: int, total: int, logs: dict[str, float]) -> None:
+                channel.send(Progress(cmd.request_id, step, total, logs.get("loss"), logs.get("learning_rate"),
+                                      logs.get("epoch")))
+
+            return engine_train.train(
+                state.bundle, cmd.config, cmd.train_dataset, cmd.eval_dataset, cmd.options,
+                on_progress=on_progress, should_stop=stop.is_set, notes=list(cmd.warnings),
+            )
+    raise AssertionError(f"unknown command {type(cmd).__name__}")
+
+
+def _read_commands(conn: Connection, commands: queue.Queue, stop: threading.Event) -> None:
+    while True:
+        try:
+            cmd = conn.recv()
+        except (EOFError, OSError):
+            cmd = Shutdown("server-gone")  # the server went away: stop at the next step boundary, then exit
+        if isinstance(cmd, Shutdown):
+            stop.set()
+            commands.put(cmd)
+            return
+        commands.put(cmd)
+
+
+def worker_main(fd: int) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Libraries print to stdout (progress bars, trainer logs); fd 1 is our log file already, but make sure.
+    os.dup2(2, 1)
+    channel = _Channel(Connection(fd), threading.Lock())
+    commands: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    threading.Thread(target=_read_commands, args=(channel.conn, commands, stop), daemon=True).start()
+    state = WorkerState()
+    while True:
+        cmd = commands.get()
+        if isinstance(cmd, Shutdown):
+            log.info("shutting down (%s)", cmd.request_id)
+            break
+        log.info("command %s %s", type(cmd).__name__, cmd.request_id)
+        try:
+            channel.send(Done(cmd.request_id, handle(cmd, state, channel, stop)))
+        except LlmMcpError as exc:
+            channel.send(Failed(cmd.request_id, type(exc).__name__, str(exc)))
+        except Exception as exc:  # report, never die: the model stays loaded for the next command
+            log.exception("command %s failed", cmd.request_id)
+            channel.send(Failed(cmd.request_id, "EngineError", f"{type(exc).__name__}: {exc}",
+                                traceback.format_exc()))
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown of torch threads; the server waits on our exit
+
+
+if __name__ == "__main__":
+    worker_main(int(sys.argv[1]))
