@@ -87,6 +87,10 @@ class _ProgressCallback(TrainerCallback):
         self.latest: dict[str, float] = {}
         self.last_sent = 0.0
         self.stopped = False
+        self.start_step = 0  # > 0 when resuming: log_history then also holds the earlier run's entries
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -155,14 +159,16 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
     final = out / "final"
     trainer.save_model(str(final))
     bundle.tokenizer.save_pretrained(str(final))
-    return _answer(config, trainer, metrics, final, train_data, choices, warnings, callback.stopped, resume)
+    return _answer(config, trainer, metrics, final, train_data, choices, warnings, callback, resume)
 
 
 def _answer(config: TrainingConfig, trainer: Any, metrics: dict[str, float], final: Path, data: PreparedDataset,
-            choices: dict[str, Any], warnings: list[str], stopped: bool, resume: str | None) -> dict[str, Any]:
-    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+            choices: dict[str, Any], warnings: list[str], callback: _ProgressCallback,
+            resume: str | None) -> dict[str, Any]:
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history
+              if "loss" in h and h["step"] > callback.start_step]
     return {
-        "status": "cancelled" if stopped else "success",
+        "status": "cancelled" if callback.stopped else "success",
         "metrics": metrics,
         "output_dir": os.path.join(config.output_dir, "final"),
         "output_path": str(final.resolve()),

@@ -1,6 +1,6 @@
 """Server side of the worker processes: start one per loaded model, send it commands, pump its events.
 
-A worker is a fresh interpreter (`python -m llm_mcp.workers.worker FD`), never a fork of the server, so the
+A worker is a fresh interpreter (`python -m llm_mcp.workers.worker FD MODEL_ID`), never a fork of the server, so the
 server never holds torch and each model's memory returns to the system when its worker ends. The worker's
 stdout and stderr go to a log file: in stdio mode the server's stdout is the protocol stream.
 """
@@ -51,7 +51,7 @@ class WorkerProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
-                [python, "-m", "llm_mcp.workers.worker", str(child.fileno())],
+                [python, "-m", "llm_mcp.workers.worker", str(child.fileno()), name],  # name: for ps
                 pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 cwd=cwd, env={**os.environ, **env},
             )

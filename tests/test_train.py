@@ -1,0 +1,160 @@
+"""prepare_for_training and train through the MCP client on the tiny model: real NF4 + LoRA + TRL, no mocks.
+
+One module-scoped run (60 steps) is shared by the assertions on loss, progress, checkpoints, TensorBoard and the
+saved adapter; resume and the output-dir guard continue from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST_LOAD, FAST_TRAIN
+
+STEPS = 60
+SPEC_METRICS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch"}
+
+
+@pytest.fixture(scope="module")
+def prepared(mcp, tiny_model):
+    mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "tiny", **FAST_LOAD})
+    return mcp.ok("qloraevolved_prepare_for_training", {
+        "model_id": "tiny", **FAST_TRAIN, "output_dir": "run1", "max_steps": STEPS, "save_steps": 20,
+        "save_total_limit": 2, "report_to": "tensorboard"})
+
+
+@pytest.fixture(scope="module")
+def trained(mcp, prepared, demo_rows):
+    progress: list = []
+    answer = mcp.ok("qloraevolved_train", {"model_id": "tiny", "train_dataset": demo_rows,
+                                           "eval_dataset": demo_rows[:8]}, progress=progress)
+    return answer, progress
+
+
+def test_prepare_returns_the_spec_config(prepared):
+    """prepare_for_training answers status, message and the spec's config keys with the values given."""
+    assert prepared["status"] == "success"
+    assert prepared["message"] == "Model tiny prepared for training"
+    config = prepared["config"]
+    assert config["max_steps"] == STEPS and config["output_dir"] == "run1" and config["save_total_limit"] == 2
+    for key in ("num_train_epochs", "warmup_ratio", "optim", "max_grad_norm", "use_flash_attention_2",
+                "use_cpu_offload"):
+        assert key in config
+    assert any("flash-attention" in w for w in prepared["warnings"])  # honest: no CUDA here
+
+
+def test_train_answers_with_spec_metrics(trained, workspace):
+    """train returns status, the spec's metrics (plus eval_loss) and output_dir = <output_dir>/final."""
+    answer, _ = trained
+    assert answer["status"] == "success"
+    assert SPEC_METRICS <= set(answer["metrics"]) and "eval_loss" in answer["metrics"]
+    assert answer["output_dir"] == "run1/final"
+    assert answer["global_step"] == STEPS
+    assert any("paged_adamw_32bit" in w for w in answer["warnings"])  # the default optimizer needs CUDA
+
+
+def test_loss_falls_well_below_its_start(trained):
+    """The logged loss ends far below where it began, and eval loss is low too: the model learned the data."""
+    loss = trained[0]["loss"]
+    assert loss["last"] < 0.35 * loss["first"], loss
+    assert trained[0]["metrics"]["eval_loss"] < 1.5
+
+
+def test_progress_notifications_carry_step_total_and_loss(trained):
+    """The client received progress notifications: rising step, total = max_steps, a loss in the message."""
+    progress = trained[1]
+    assert len(progress) >= 3
+    steps = [p for p, _, _ in progress]
+    assert steps == sorted(steps) and steps[-1] == STEPS
+    assert all(total == STEPS for _, total, _ in progress)
+    assert any("loss" in (message or "") for _, _, message in progress)
+
+
+def test_checkpoints_rotate_to_save_total_limit(trained, workspace):
+    """save_steps=20 over 60 steps with save_total_limit=2 leaves exactly the last two checkpoints."""
+    names = sorted(p.name for p in (workspace / "run1").glob("checkpoint-*"))
+    assert names == ["checkpoint-40", "checkpoint-60"]
+
+
+def test_tensorboard_event_files_are_written(trained, workspace):
+    """report_to='tensorboard' writes event files under <output_dir>/runs."""
+    assert list((workspace / "run1" / "runs").rglob("events.out.tfevents.*"))
+
+
+def test_adapter_reloads_with_peft_and_reproduces_a_trained_answer(trained, workspace, tiny_model, demo_rows):
+    """The saved adapter loads with PeftModel.from_pretrained and greedy generation gives a trained answer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    final = workspace / trained[0]["output_dir"]
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32))
+    for module in base.modules():  # the bitsandbytes CPU repack bug (see stack facts)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model = PeftModel.from_pretrained(base, final).eval()
+    hits = 0
+    for row in demo_rows[:6]:
+        ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+        hits += tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == row["completion"].strip()
+    assert hits >= 4, f"only {hits}/6 trained answers reproduced"
+
+
+def test_existing_run_is_not_overwritten_without_asking(mcp, trained, workspace, demo_rows):
+    """Training again into the same output_dir is refused (naming the fixes) and leaves the files as they were."""
+    adapter = workspace / "run1" / "final" / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    text = mcp.error("qloraevolved_train", {"model_id": "tiny", "train_dataset": demo_rows})
+    assert "output_dir" in text and "resume_from_checkpoint" in text and "overwrite_output_dir" in text
+    assert adapter.stat().st_mtime_ns == before
+
+
+def test_resume_continues_from_the_latest_checkpoint(mcp, trained, demo_rows):
+    """resume_from_checkpoint=true picks checkpoint-60 and continues to the new max_steps, loss still low."""
+    answer = mcp.ok("qloraevolved_train", {"model_id": "tiny", "train_dataset": demo_rows, "max_steps": STEPS + 10,
+                                           "resume_from_checkpoint": True})
+    assert answer["resumed_from"].endswith("checkpoint-60")
+    assert answer["global_step"] == STEPS + 10
+    assert answer["loss"]["first"] < 0.5 * trained[0]["loss"]["first"]  # started from trained weights
+
+
+def test_resume_without_checkpoints_is_a_clear_error(mcp, trained, demo_rows):
+    """Asking to resume where no checkpoint exists names the parameter and the folder."""
+    text = mcp.error("qloraevolved_train", {"model_id": "tiny", "train_dataset": demo_rows,
+                                            "output_dir": "empty-run", "resume_from_checkpoint": True})
+    assert "resume_from_checkpoint" in text and "empty-run" in text
+
+
+def test_training_config_dict_overrides_and_typos(mcp, trained, demo_rows):
+    """training_config overrides by name; an unknown key or out-of-range value is an error naming it."""
+    answer = mcp.ok("qloraevolved_train", {"model_id": "tiny", "train_dataset": demo_rows,
+                                           "training_config": {"max_steps": 2, "output_dir": "run-dict",
+                                                               "save_steps": 1000}})
+    assert answer["global_step"] == 2 and answer["output_dir"] == "run-dict/final"
+    text = mcp.error("qloraevolved_train", {"model_id": "tiny", "train_dataset": demo_rows,
+                                            "training_config": {"learing_rate": 1e-3}})
+    assert "learing_rate" in text and "not a known parameter" in text
+    text = mcp.error("qloraevolved_train", {"model_id": "tiny", "train_dataset": demo_rows,
+                                            "training_config": {"batch_size": 0}})
+    assert "batch_size" in text
+
+
+def test_unprepared_model_trains_with_defaults_and_says_so(mcp, tiny_model, demo_rows, workspace):
+    """Training a model that was never prepared uses the prepare defaults (spec dtype, optimizer, grad
+    checkpointing) and reports that in warnings, with the paged optimizer's CPU fallback."""
+    mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "fresh"})
+    answer = mcp.ok("qloraevolved_train", {"model_id": "fresh", "train_dataset": demo_rows, "max_steps": 2,
+                                           "output_dir": "run-fresh"})
+    assert answer["status"] == "success" and answer["global_step"] == 2
+    assert any("not prepared" in w for w in answer["warnings"])
+    assert any("paged_adamw_32bit" in w for w in answer["warnings"])
+    assert answer["effective_config"]["bf16"] is True
+    assert (Path(workspace) / "run-fresh" / "final" / "adapter_model.safetensors").is_file()
+    mcp.ok("qloraevolved_unload_model", {"model_id": "fresh"})
