@@ -8,6 +8,7 @@ Prompt/completion, Alpaca and chat rows train on the answer only. No tokenizatio
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ FORMATS_HELP = (
     "rows with 'text'; or 'instruction' + 'output' (+ optional 'input', Alpaca); or 'prompt' + 'completion'; "
     "or 'messages' (a list of {role, content}); or ShareGPT 'conversations' (a list of {from, value})"
 )
+_GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "model": "assistant"}
 
@@ -192,7 +194,7 @@ def _to_trl(rows: list[dict[str, Any]], fmt: str, chat_template: str | None,
 
     if "messages" not in rows[0]:
         return PreparedDataset(datasets.Dataset.from_list(rows), fmt, warnings=warnings)
-    if chat_template and "{% generation %}" in chat_template.replace("{%- generation %}", "{% generation %}"):
+    if chat_template and _GENERATION_MARK.search(chat_template):
         return PreparedDataset(datasets.Dataset.from_list(rows), fmt, assistant_only_loss=True, warnings=warnings)
     # Without generation markers TRL cannot find the assistant tokens in a rendered chat, so train on the last
     # assistant turn as a conversational prompt/completion pair, which TRL masks itself.
