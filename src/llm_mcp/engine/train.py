@@ -138,8 +138,8 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
         max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
         report_to=[] if config.report_to == "none" else [config.report_to],
-        gradient_checkpointing=config.use_gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if config.use_gradient_checkpointing else None,
+        activation_checkpointing=config.use_gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.use_gradient_checkpointing else None,
         bf16=choices["bf16"], fp16=choices["fp16"], use_cpu=choices["use_cpu"], seed=config.seed,
         data_seed=config.seed, max_length=bundle.config.max_length,
         assistant_only_loss=train_data.assistant_only_loss,
