@@ -107,7 +107,7 @@ def test_each_form_trains_through_the_tool(mcp, loaded, workspace, demo_rows, fo
     else:
         datasets.Dataset.from_list(demo_rows).save_to_disk(str(workspace / "saved"))
         source = "saved"
-    answer = mcp.ok("qloraevolved_train", {"model_id": loaded, "train_dataset": source,
+    answer = mcp.ok("qloraevolved_train", {"wait_seconds": -1, "model_id": loaded, "train_dataset": source,
                                            "output_dir": f"out-{form}"})
     assert answer["status"] == "success" and answer["global_step"] == 3
     assert (workspace / f"out-{form}" / "final" / "adapter_model.safetensors").is_file()

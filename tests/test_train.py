@@ -27,7 +27,7 @@ def prepared(mcp, tiny_model):
 @pytest.fixture(scope="module")
 def trained(mcp, prepared, demo_rows):
     progress: list = []
-    answer = mcp.ok("qloraevolved_train", {"model_id": "tiny", "train_dataset": demo_rows,
+    answer = mcp.ok("qloraevolved_train", {"wait_seconds": -1, "model_id": "tiny", "train_dataset": demo_rows,
                                            "eval_dataset": demo_rows[:8]}, progress=progress)
     return answer, progress
 
@@ -118,7 +118,7 @@ def test_existing_run_is_not_overwritten_without_asking(mcp, trained, workspace,
 
 def test_resume_continues_from_the_latest_checkpoint(mcp, trained, demo_rows):
     """resume_from_checkpoint=true picks checkpoint-60 and continues to the new max_steps, loss still low."""
-    answer = mcp.ok("qloraevolved_train", {"model_id": "tiny", "train_dataset": demo_rows, "max_steps": STEPS + 10,
+    answer = mcp.ok("qloraevolved_train", {"wait_seconds": -1, "model_id": "tiny", "train_dataset": demo_rows, "max_steps": STEPS + 10,
                                            "resume_from_checkpoint": True})
     assert answer["resumed_from"].endswith("checkpoint-60")
     assert answer["global_step"] == STEPS + 10
@@ -134,7 +134,7 @@ def test_resume_without_checkpoints_is_a_clear_error(mcp, trained, demo_rows):
 
 def test_training_config_dict_overrides_and_typos(mcp, trained, demo_rows):
     """training_config overrides by name; an unknown key or out-of-range value is an error naming it."""
-    answer = mcp.ok("qloraevolved_train", {"model_id": "tiny", "train_dataset": demo_rows,
+    answer = mcp.ok("qloraevolved_train", {"wait_seconds": -1, "model_id": "tiny", "train_dataset": demo_rows,
                                            "training_config": {"max_steps": 2, "output_dir": "run-dict",
                                                                "save_steps": 1000}})
     assert answer["global_step"] == 2 and answer["output_dir"] == "run-dict/final"
@@ -150,7 +150,7 @@ def test_unprepared_model_trains_with_defaults_and_says_so(mcp, tiny_model, demo
     """Training a model that was never prepared uses the prepare defaults (spec dtype, optimizer, grad
     checkpointing) and reports that in warnings, with the paged optimizer's CPU fallback."""
     mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "fresh"})
-    answer = mcp.ok("qloraevolved_train", {"model_id": "fresh", "train_dataset": demo_rows, "max_steps": 2,
+    answer = mcp.ok("qloraevolved_train", {"wait_seconds": -1, "model_id": "fresh", "train_dataset": demo_rows, "max_steps": 2,
                                            "output_dir": "run-fresh"})
     assert answer["status"] == "success" and answer["global_step"] == 2
     assert any("not prepared" in w for w in answer["warnings"])

@@ -7,6 +7,8 @@
      +-- DatasetError         a dataset cannot be read or has no usable rows
      +-- WorkerBusy           the model's worker is running another command
      +-- WorkerDied           the model's worker process ended unexpectedly
+     +-- TrainingFailed       a training job ended in failure (message carries the job and the cause)
+     +-- OutOfMemory          training ran out of GPU memory (message carries concrete advice)
      +-- EngineError          loading/training failed inside the worker (message carries the cause)
 
 Only server/tools.py turns these into MCP tool errors. Leaf module: imports nothing from the package.
@@ -70,12 +72,20 @@ class WorkerDied(LlmMcpError):
     """The worker process holding a model ended unexpectedly; the model must be loaded again."""
 
 
+class TrainingFailed(LlmMcpError):
+    """A training job failed; the message names the job and the cause."""
+
+
+class OutOfMemory(LlmMcpError):
+    """Training ran out of memory; the message says what to lower. The model stays loaded."""
+
+
 class EngineError(LlmMcpError):
     """Loading, preparing or training failed inside the worker; the message carries the cause."""
 
 
 # Worker -> server: errors cross the process boundary as (class name, message) and are rebuilt here.
-_BY_NAME = {c.__name__: c for c in (InvalidArgument, DatasetError, EngineError, WorkerBusy, WorkerDied)}
+_BY_NAME = {c.__name__: c for c in (InvalidArgument, DatasetError, EngineError, OutOfMemory, WorkerBusy, WorkerDied)}
 
 
 def rebuild(kind: str, message: str) -> LlmMcpError:

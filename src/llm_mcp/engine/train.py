@@ -7,6 +7,7 @@ shapes the answer.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from llm_mcp.config import RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
 from llm_mcp.engine.device import detect
 from llm_mcp.engine.model import ModelBundle
-from llm_mcp.errors import InvalidArgument
+from llm_mcp.errors import InvalidArgument, OutOfMemory
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,17 @@ class _ProgressCallback(TrainerCallback):
             self.latest = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
             self._send(state, force=True)
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            self.on_progress(state.global_step, state.max_steps, {"eval_loss": float(metrics["eval_loss"])})
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = str(Path(args.output_dir).resolve() / f"checkpoint-{state.global_step}")
+        self.on_progress(state.global_step, state.max_steps, {**self.latest, "checkpoint": checkpoint})
+
     def on_step_end(self, args, state, control, **kwargs):
-        self._send(state, force=state.global_step >= state.max_steps)
+        if not control.should_log:  # a logging step reports from on_log, with its loss
+            self._send(state, force=state.global_step >= state.max_steps)
         if self.should_stop():
             self.stopped = True
             control.should_save = True
@@ -152,7 +162,7 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
         eval_dataset=eval_data.dataset if eval_data else None, processing_class=bundle.tokenizer,
         callbacks=[callback],
     )
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = _run_guarded(trainer, resume, config, bundle)
     metrics = {k: float(result.metrics[k]) for k in SPEC_METRICS if k in result.metrics}
     if eval_data is not None:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
@@ -160,6 +170,26 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
     trainer.save_model(str(final))
     bundle.tokenizer.save_pretrained(str(final))
     return _answer(config, trainer, metrics, final, train_data, choices, warnings, callback, resume)
+
+
+def _run_guarded(trainer: Any, resume: str | None, config: TrainingConfig, bundle: ModelBundle) -> Any:
+    """trainer.train, with a CUDA out-of-memory turned into advice while the model stays loaded."""
+    import torch
+
+    try:
+        return trainer.train(resume_from_checkpoint=resume)
+    except torch.OutOfMemoryError:
+        trainer.model.zero_grad(set_to_none=True)
+        del trainer
+        gc.collect()
+        torch.cuda.empty_cache()
+        raise OutOfMemory(
+            f"training ran out of GPU memory (batch_size={config.batch_size}, max_length={bundle.config.max_length}, "
+            f"use_gradient_checkpointing={config.use_gradient_checkpointing}). Try batch_size="
+            f"{max(1, config.batch_size // 2)} with gradient_accumulation_steps={config.gradient_accumulation_steps * 2}"
+            " (same effective batch), use_gradient_checkpointing=true, or a shorter max_length at load. The model is "
+            "still loaded; checkpoints already written are kept."
+        ) from None
 
 
 def _answer(config: TrainingConfig, trainer: Any, metrics: dict[str, float], final: Path, data: PreparedDataset,

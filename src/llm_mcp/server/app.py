@@ -11,6 +11,8 @@ from mcp.server.mcpserver import MCPServer
 
 from llm_mcp import __version__
 from llm_mcp.config import ServerConfig
+from llm_mcp.jobs.manager import JobManager
+from llm_mcp.jobs.store import JobStore
 from llm_mcp.server.service import ModelService
 from llm_mcp.server.tools import QLORA_TOOLS
 from llm_mcp.workers.pool import WorkerPool
@@ -20,7 +22,9 @@ log = logging.getLogger(__name__)
 INSTRUCTIONS = (
     "Fine-tune open LLMs with LoRA/QLoRA. Typical flow: qloraevolved_load_model -> "
     "qloraevolved_prepare_for_training -> qloraevolved_train (progress notifications carry step and loss) -> "
-    "qloraevolved_unload_model. Datasets are file paths inside the workspace, saved-dataset folders, hub ids, "
+    "qloraevolved_unload_model. A train call answers 'running' with a job_id after wait_seconds; poll "
+    "qloraevolved_training_status, stop with qloraevolved_cancel_training, see all runs with "
+    "qloraevolved_list_jobs. Datasets are file paths inside the workspace, saved-dataset folders, hub ids, "
     "or inline rows. Responses carry 'warnings' for anything this machine could not do as asked."
 )
 
@@ -32,12 +36,17 @@ def create_server(config: ServerConfig | None = None) -> MCPServer:
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[ModelService]:
+        store = JobStore(state_dir / "jobs.sqlite")
+        recovered = store.recover_after_restart()
+        if recovered:
+            log.warning("%d job(s) were running when the server last stopped; marked failed", recovered)
         pool = WorkerPool(python=config.worker_python, cwd=workspace, log_dir=state_dir / "logs",
                           env=dict(config.worker_env))
         try:
-            yield ModelService(pool, workspace)
+            yield ModelService(pool, JobManager(store), workspace)
         finally:
-            pool.close()  # every worker ends with the server
+            pool.close()  # every worker ends with the server; running jobs stop with a checkpoint
+            store.close()
 
     server = MCPServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
     for tool in QLORA_TOOLS:

@@ -15,12 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.config import LoadConfig, RunOptions, TrainingConfig, validated
-from llm_mcp.errors import InvalidArgument, ModelIdTaken
+from llm_mcp.errors import InvalidArgument, ModelIdTaken, TrainingFailed, WorkerBusy
+from llm_mcp.jobs.manager import JobManager
 from llm_mcp.workers.pool import LoadedModel, WorkerPool, new_request_id
 from llm_mcp.workers.protocol import DatasetSource, Load, Prepare, Progress, Train
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ProgressSink = Callable[[int, int, str], Awaitable[None]]
+
+
+def _describe_dataset(source: DatasetSource) -> str:
+    return f"inline: {len(source)} rows" if isinstance(source, list) else str(source)
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,9 @@ QLORA = Family("qloraevolved", "qlora-evolved", backend="qlora", with_timestamp=
 
 
 class ModelService:
-    def __init__(self, pool: WorkerPool, workspace: Path) -> None:
+    def __init__(self, pool: WorkerPool, jobs: JobManager, workspace: Path) -> None:
         self.pool = pool
+        self.jobs = jobs
         self.workspace = workspace
 
     # -- load / unload / list ---------------------------------------------------------------------------------
@@ -77,7 +83,11 @@ class ModelService:
         return candidate
 
     async def unload(self, family: Family, model_id: str) -> dict[str, Any]:
-        self.pool.get(model_id, family=family.prefix, load_tool=family.tool("load_model"))
+        self._get(family, model_id)
+        active = self.jobs.active_job(model_id)
+        if active is not None:
+            raise WorkerBusy(model_id, f"training job {active.job_id!r}; call {family.tool('cancel_training')}"
+                                       f"(job_id={active.job_id!r}) first, then unload")
         await self.pool.unload(model_id)
         return {"status": "success", "message": f"Model {model_id} unloaded"}
 
@@ -107,20 +117,74 @@ class ModelService:
         }
 
     async def train(self, family: Family, model_id: str, train_dataset: DatasetSource,
-                    eval_dataset: DatasetSource | None, overrides: dict[str, Any],
+                    eval_dataset: DatasetSource | None, overrides: dict[str, Any], wait_seconds: float,
                     on_progress: ProgressSink | None) -> dict[str, Any]:
+        """Start a training job; answer its final result if it ends within wait_seconds, else 'running'."""
         loaded = self._get(family, model_id)
         config, options, notes = self._training_plan(family, loaded, overrides)
         command = Train(new_request_id(), config, train_dataset, eval_dataset, options, tuple(notes))
+        record = self.jobs.start(loaded, command, family_cancel_tool=family.tool("cancel_training"),
+                                 dataset_description=_describe_dataset(train_dataset))
+
+        last_step = -1
 
         async def forward(event: Progress) -> None:
-            if on_progress is not None:
+            nonlocal last_step
+            if event.step > last_step:  # MCP progress must increase; eval/checkpoint events repeat a step
+                last_step = event.step
                 loss = "" if event.loss is None else f", loss {event.loss:.4f}"
                 await on_progress(event.step, event.total_steps, f"step {event.step}/{event.total_steps}{loss}")
 
-        result = await loaded.worker.request(command, forward)
-        loaded.training_config = config
-        return result
+        record = await self.jobs.wait(record.job_id, wait_seconds, forward if on_progress else None)
+        if record.state == "failed":
+            raise TrainingFailed(f"training job {record.job_id} failed: {record.error}")
+        if record.is_terminal:
+            loaded.training_config = config
+            return record.result
+        return {
+            "status": "running",
+            "job_id": record.job_id,
+            "model_id": model_id,
+            "step": record.step,
+            "total_steps": record.total_steps,
+            "loss": record.loss,
+            "output_dir": f"{config.output_dir.rstrip('/')}/final",
+            "message": (f"Training continues in the background. Call {family.tool('training_status')}"
+                        f"(job_id={record.job_id!r}) every 30-60 s until state is 'succeeded'; "
+                        f"{family.tool('cancel_training')} stops it with a checkpoint."),
+        }
+
+    # -- jobs -----------------------------------------------------------------------------------------------------
+    def training_status(self, family: Family, model_id: str | None, job_id: str | None) -> dict[str, Any]:
+        return self.jobs.status(self.jobs.find(family=family.prefix, model_id=model_id, job_id=job_id))
+
+    def loss_plot(self, family: Family, model_id: str | None, job_id: str | None) -> bytes:
+        from llm_mcp.jobs.plot import loss_curve_png
+
+        record = self.jobs.find(family=family.prefix, model_id=model_id, job_id=job_id)
+        return loss_curve_png(self.jobs.store.points(record.job_id),
+                              title=f"{record.model_id} · {record.job_id} · {record.state}")
+
+    def cancel_training(self, family: Family, model_id: str | None, job_id: str | None) -> dict[str, Any]:
+        record = self.jobs.find(family=family.prefix, model_id=model_id, job_id=job_id)
+        if record.is_terminal:
+            return {"status": "success", "job_id": record.job_id, "state": record.state,
+                    "message": f"job {record.job_id} had already ended ({record.state}); nothing to cancel."}
+        record = self.jobs.cancel(record)
+        return {"status": "success", "job_id": record.job_id, "state": "cancelling",
+                "message": (f"job {record.job_id} stops at the next step boundary and saves a checkpoint; "
+                            f"{family.tool('training_status')} shows 'cancelled' once it has.")}
+
+    def list_jobs(self, family: Family) -> dict[str, Any]:
+        jobs = []
+        for r in self.jobs.store.list(family.prefix):
+            jobs.append({
+                "job_id": r.job_id, "model_id": r.model_id, "state": r.state, "step": r.step,
+                "total_steps": r.total_steps, "loss": r.loss, "output_dir": r.output_dir,
+                "final_dir": (r.result or {}).get("output_dir"), "last_checkpoint": r.last_checkpoint,
+                "created_at": r.created_at, "finished_at": r.finished_at, "error": r.error,
+            })
+        return {"status": "success", "jobs": jobs}
 
     def _training_plan(self, family: Family, loaded: LoadedModel,
                        overrides: dict[str, Any]) -> tuple[TrainingConfig, RunOptions, list[str]]:

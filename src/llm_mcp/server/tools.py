@@ -6,13 +6,16 @@ where our errors become MCP tool errors.
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
 import logging
 from collections.abc import Callable
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import Field
 
 from llm_mcp.config import (
@@ -25,6 +28,9 @@ from llm_mcp.server.service import QLORA, ModelService
 
 log = logging.getLogger(__name__)
 
+WaitSeconds = Annotated[float, Field(ge=-1, le=86400, description=(
+    "Seconds to wait for the run to finish before answering 'running' with a job_id (training goes on); "
+    "-1 waits until the end. Most clients drop calls after ~60 s, so keep it below that."))]
 ModelId = Annotated[str, Field(description="Id returned by qloraevolved_load_model.")]
 DatasetArg = Annotated[
     str | list[dict[str, Any]],
@@ -175,17 +181,22 @@ async def qloraevolved_train(
     report_to: ReportTo | None = None,
     use_gradient_checkpointing: bool | None = None,
     seed: Seed | None = None,
+    wait_seconds: WaitSeconds = 45,
     ctx: Context = None,
 ) -> dict[str, Any]:
     """Fine-tune a loaded model's LoRA adapter with TRL's SFTTrainer and save it to <output_dir>/final.
 
-    Trains on the answer part only for prompt/completion, Alpaca and chat rows; every example ends with EOS.
-    Progress notifications carry step/total and loss. Returns metrics (train_loss, train_runtime, ... and
-    eval_loss with eval_dataset) and output_dir, a PEFT adapter folder loadable with PeftModel.from_pretrained.
-    If the model was not prepared, the prepare defaults are used (see warnings).
+    Runs as a background job. If it ends within wait_seconds the answer is final: status 'success', metrics
+    (train_loss, train_runtime, ... and eval_loss with eval_dataset) and output_dir, a PEFT adapter folder
+    loadable with PeftModel.from_pretrained. Otherwise it answers status 'running' with a job_id: poll
+    qloraevolved_training_status(job_id=...) every 30-60 s. Progress notifications (step/total, loss) flow while
+    the call waits. Cancelling this call (MCP cancellation or a client timeout) does NOT stop training; only
+    qloraevolved_cancel_training does, saving a checkpoint. Trains on the answer part only for prompt/completion,
+    Alpaca and chat rows; every example ends with EOS. Unprepared models use the prepare defaults (see warnings).
     """
     given = {k: v for k, v in locals().items()
-             if k not in ("model_id", "train_dataset", "eval_dataset", "training_config", "ctx") and v is not None}
+             if k not in ("model_id", "train_dataset", "eval_dataset", "training_config", "ctx", "wait_seconds")
+             and v is not None}
     for flag, default in (("dataset_format", "auto"), ("resume_from_checkpoint", False),
                           ("overwrite_output_dir", False)):
         if given.get(flag) == default:
@@ -195,7 +206,50 @@ async def qloraevolved_train(
     async def progress(step: int, total: int, message: str) -> None:
         await ctx.report_progress(step, total, message)
 
-    return await _service(ctx).train(QLORA, model_id, train_dataset, eval_dataset, overrides, progress)
+    return await _service(ctx).train(QLORA, model_id, train_dataset, eval_dataset, overrides, wait_seconds, progress)
+
+
+@agent_tool
+async def qloraevolved_training_status(
+    model_id: Annotated[str | None, Field(description="Model whose latest training job to show.")] = None,
+    job_id: Annotated[str | None, Field(description="Job id returned by qloraevolved_train.")] = None,
+    include_plot: Annotated[bool, Field(description="Also return the loss curve (train/eval loss, learning "
+                                                    "rate) as a PNG image.")] = False,
+    ctx: Context = None,
+) -> Annotated[CallToolResult, dict[str, Any]]:
+    """State of a training job (queued, running, succeeded, failed, cancelled): step/total, latest and recent
+    losses, eval loss, learning rate, samples/s, ETA, last checkpoint, output_dir, error, worker log tail.
+
+    Give model_id (its latest job) or job_id. Cheap: poll every 30-60 s while 'running'.
+    """
+    service = _service(ctx)
+    answer = service.training_status(QLORA, model_id, job_id)
+    return _with_plot(answer, service.loss_plot(QLORA, model_id, job_id) if include_plot else None)
+
+
+@agent_tool
+async def qloraevolved_cancel_training(
+    model_id: Annotated[str | None, Field(description="Model whose running job to stop.")] = None,
+    job_id: Annotated[str | None, Field(description="Job id returned by qloraevolved_train.")] = None,
+    ctx: Context = None,
+) -> dict[str, Any]:
+    """Stop a running training job at the next step boundary; a checkpoint is saved and the job ends
+    'cancelled'. Continue it later with qloraevolved_train(resume_from_checkpoint=true)."""
+    return _service(ctx).cancel_training(QLORA, model_id, job_id)
+
+
+@agent_tool
+async def qloraevolved_list_jobs(ctx: Context = None) -> dict[str, Any]:
+    """Every training job of this family, including those from before a server restart: state, step, loss,
+    output_dir and final adapter folder, last checkpoint, error."""
+    return _service(ctx).list_jobs(QLORA)
+
+
+def _with_plot(answer: dict[str, Any], png: bytes | None) -> CallToolResult:
+    content: list[Any] = [TextContent(type="text", text=json.dumps(answer, indent=2))]
+    if png is not None:
+        content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"))
+    return CallToolResult(content=content, structured_content=answer)
 
 
 @agent_tool
@@ -211,4 +265,5 @@ async def qloraevolved_list_models(ctx: Context = None) -> dict[str, Any]:
 
 
 QLORA_TOOLS = [qloraevolved_load_model, qloraevolved_prepare_for_training, qloraevolved_train,
-               qloraevolved_unload_model, qloraevolved_list_models]
+               qloraevolved_unload_model, qloraevolved_list_models, qloraevolved_training_status,
+               qloraevolved_cancel_training, qloraevolved_list_jobs]

@@ -15,19 +15,20 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from llm_mcp.config import LoadConfig, TrainingConfig
-from llm_mcp.errors import LlmMcpError, ModelNotLoaded, WorkerBusy, WorkerDied, rebuild
-from llm_mcp.workers.protocol import Command, Done, Event, Failed, Progress, Shutdown
+from llm_mcp.errors import ModelNotLoaded, WorkerBusy, WorkerDied, rebuild
+from llm_mcp.workers.protocol import Command, Done, Event, Failed, Progress, Shutdown, Stop
 
 log = logging.getLogger(__name__)
 
-ProgressHandler = Callable[[Progress], Awaitable[None]]
+ProgressListener = Callable[[Progress], None]  # called on the pump thread
 _EXIT_GRACE_S = 10.0
 
 
@@ -37,8 +38,8 @@ def new_request_id() -> str:
 
 @dataclass
 class _Pending:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    future: Future
+    on_progress: ProgressListener | None
 
 
 class WorkerProcess:
@@ -59,6 +60,7 @@ class WorkerProcess:
         self._conn = Connection(parent.detach())
         self._send_lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        self._running_request: str | None = None
         self.running: str | None = None  # the command the worker is executing, for "busy" errors
         self.exit_reason: str | None = None
         self._reader = threading.Thread(target=self._pump, name=f"pump-{name}", daemon=True)
@@ -68,50 +70,65 @@ class WorkerProcess:
     def is_alive(self) -> bool:
         return self.exit_reason is None and self.proc.poll() is None
 
-    async def request(self, command: Command, on_progress: ProgressHandler | None = None) -> dict[str, Any]:
-        """Send one command and wait for its Done (returned) or Failed (raised); forward Progress meanwhile."""
+    def submit(self, command: Command, on_progress: ProgressListener | None = None) -> Future:
+        """Send one command; its Future resolves with Done's result or raises Failed's error. A Stop is a control
+        message: it may be sent while another command runs."""
         if not self.is_alive:
             raise WorkerDied(f"the worker of {self.name!r} has ended ({self.exit_reason or 'exited'}); load it again.")
-        if self.running is not None:
+        is_control = isinstance(command, Stop)
+        if self.running is not None and not is_control:
             raise WorkerBusy(self.name, self.running)
-        pending = _Pending(asyncio.get_running_loop(), asyncio.Queue())
-        self._pending[command.request_id] = pending
-        self.running = type(command).__name__.lower()
+        future: Future = Future()
+        self._pending[command.request_id] = _Pending(future, on_progress)
+        if not is_control:
+            self._running_request, self.running = command.request_id, type(command).__name__.lower()
         try:
             with self._send_lock:
                 self._conn.send(command)
-            while True:
-                event = await pending.queue.get()
-                if isinstance(event, Progress):
-                    if on_progress is not None:
-                        await on_progress(event)
-                elif isinstance(event, Done):
-                    return event.result
-                elif isinstance(event, Failed):
-                    if event.traceback:
-                        log.info("worker %s failed %s:\n%s", self.name, command.request_id, event.traceback)
-                    raise rebuild(event.kind, event.message)
-        finally:
+        except OSError as exc:
             self._pending.pop(command.request_id, None)
+            raise WorkerDied(f"the worker of {self.name!r} cannot be reached: {exc}") from None
+        return future
+
+    async def request(self, command: Command) -> dict[str, Any]:
+        """Send one command and wait for its answer."""
+        return await asyncio.wrap_future(self.submit(command))
 
     def _pump(self) -> None:
-        """Reader thread: route each event to the waiting request; on EOF fail everything still pending."""
+        """Reader thread: route each event to its command's Future or progress listener; on EOF fail the rest."""
         while True:
             try:
                 event: Event = self._conn.recv()
             except (EOFError, OSError):
                 break
-            if isinstance(event, (Done, Failed)):
-                self.running = None  # even if the caller stopped waiting, the worker is free again
             pending = self._pending.get(event.request_id)
-            if pending is not None:
-                pending.loop.call_soon_threadsafe(pending.queue.put_nowait, event)
+            if isinstance(event, (Done, Failed)):
+                if event.request_id == self._running_request:
+                    self._running_request, self.running = None, None  # the worker is free again
+                self._pending.pop(event.request_id, None)
+            if pending is None:
+                continue
+            if isinstance(event, Progress):
+                if pending.on_progress is not None:
+                    try:
+                        pending.on_progress(event)
+                    except Exception:  # a listener bug must not stop the pump
+                        log.exception("progress listener of %s failed", self.name)
+            elif pending.future.cancelled():  # the caller stopped waiting; the command still ran to its end
+                continue
+            elif isinstance(event, Done):
+                pending.future.set_result(event.result)
+            else:
+                if event.traceback:
+                    log.info("worker %s failed %s:\n%s", self.name, event.request_id, event.traceback)
+                pending.future.set_exception(rebuild(event.kind, event.message))
         code = self.proc.wait()
         self.exit_reason = self.exit_reason or _describe_exit(code, self.log_path)
-        self.running = None
-        for request_id, pending in list(self._pending.items()):
-            died = Failed(request_id, "WorkerDied", f"the worker of {self.name!r} ended: {self.exit_reason}")
-            pending.loop.call_soon_threadsafe(pending.queue.put_nowait, died)
+        self._running_request, self.running = None, None
+        for request_id in list(self._pending):
+            pending = self._pending.pop(request_id)
+            if not pending.future.done():
+                pending.future.set_exception(WorkerDied(f"the worker of {self.name!r} ended: {self.exit_reason}"))
 
     def stop(self) -> None:
         """Ask the worker to exit, then make sure it has; every byte it held goes back to the system."""
@@ -127,6 +144,7 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._reader.join(timeout=5)  # its last writes (a job's end) land before the caller moves on
         self._conn.close()
 
 
@@ -172,7 +190,9 @@ class WorkerPool:
         return [m for m, lm in self._models.items() if family is None or lm.family == family]
 
     def is_taken(self, model_id: str) -> bool:
-        return model_id in self._models or model_id in self._reserved
+        """A lost model (its worker died) does not hold its id: it can be loaded again under it."""
+        loaded = self._models.get(model_id)
+        return (loaded is not None and loaded.worker.is_alive) or model_id in self._reserved
 
     def get(self, model_id: str, *, family: str, load_tool: str) -> LoadedModel:
         loaded = self._models.get(model_id)
@@ -185,6 +205,9 @@ class WorkerPool:
 
     async def load(self, model_id: str, family: str, command: Command, config: LoadConfig) -> LoadedModel:
         """Start a worker for model_id and load the model in it; on failure the worker is ended."""
+        lost = self._models.pop(model_id, None)
+        if lost is not None:
+            lost.worker.stop()
         self._reserved.add(model_id)
         worker = WorkerProcess(model_id, python=self.python, cwd=self.cwd,
                                log_path=self.log_dir / f"{model_id}.log", env=self.env)
@@ -205,7 +228,4 @@ class WorkerPool:
 
     def close(self) -> None:
         for model_id in list(self._models):
-            try:
-                self._models.pop(model_id).worker.stop()
-            except LlmMcpError:
-                log.exception("stopping worker %s", model_id)
+            self._models.pop(model_id).worker.stop()

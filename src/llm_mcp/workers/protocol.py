@@ -38,11 +38,19 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Stop:
+    """Stop the running Train at the next step boundary (a checkpoint is saved). Answered at once by the
+    worker's reader thread, while the Train itself ends with its own Done (status 'cancelled')."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
 class Shutdown:
     request_id: str = "shutdown"
 
 
-Command = Load | Prepare | Train | Shutdown
+Command = Load | Prepare | Train | Stop | Shutdown
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class Progress:
     loss: float | None = None
     learning_rate: float | None = None
     epoch: float | None = None
+    eval_loss: float | None = None
+    checkpoint: str | None = None  # set when a checkpoint was just saved
 
 
 @dataclass(frozen=True)

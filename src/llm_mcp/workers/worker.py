@@ -1,8 +1,8 @@
 """Worker side: `python -m llm_mcp.workers.worker FD` holds one model and runs the commands the server sends.
 
 The only module that imports the engine (and so torch). One `match` loop, one handler per command, exactly one
-Done or Failed per command. A reader thread turns a Shutdown, or the server going away, into a stop flag that
-the training loop checks between steps.
+Done or Failed per command. A reader thread turns a Stop, a Shutdown, or the server going away, into a stop flag
+that the training loop checks between steps.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from llm_mcp.errors import LlmMcpError
-from llm_mcp.workers.protocol import Command, Done, Failed, Load, Prepare, Progress, Shutdown, Train
+from llm_mcp.workers.protocol import Command, Done, Failed, Load, Prepare, Progress, Shutdown, Stop, Train
 
 log = logging.getLogger("llm_mcp.worker")
 
@@ -41,7 +41,7 @@ class WorkerState:
         self.training_config: Any = None
 
 
-def handle(cmd: Command, state: WorkerState, channel: _Channel, stop: threading.Event) -> dict[str, Any]:
+def handle(cmd: Command, state: WorkerState, channel: _Channel, stop: "_StopFlags") -> dict[str, Any]:
     match cmd:
         case Load(config=config, backend=backend):
             from llm_mcp.engine import model as engine_model
@@ -57,25 +57,40 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, stop: threading.
         case Train():
             from llm_mcp.engine import train as engine_train
 
-            def on_progress(step: int, total: int, logs: dict[str, float]) -> None:
+            def on_progress(step: int, total: int, logs: dict[str, Any]) -> None:
                 channel.send(Progress(cmd.request_id, step, total, logs.get("loss"), logs.get("learning_rate"),
-                                      logs.get("epoch")))
+                                      logs.get("epoch"), logs.get("eval_loss"), logs.get("checkpoint")))
 
+            stop.cancel.clear()  # a Stop aimed at an earlier run must not end this one
             return engine_train.train(
                 state.bundle, cmd.config, cmd.train_dataset, cmd.eval_dataset, cmd.options,
-                on_progress=on_progress, should_stop=stop.is_set, notes=list(cmd.warnings),
+                on_progress=on_progress, should_stop=stop.should_stop, notes=list(cmd.warnings),
             )
     raise AssertionError(f"unknown command {type(cmd).__name__}")
 
 
-def _read_commands(conn: Connection, commands: queue.Queue, stop: threading.Event) -> None:
+@dataclass
+class _StopFlags:
+    cancel: threading.Event  # set by Stop: end the current training at the next step (checkpoint saved)
+    shutdown: threading.Event  # set by Shutdown or by the server going away
+
+    def should_stop(self) -> bool:
+        return self.cancel.is_set() or self.shutdown.is_set()
+
+
+def _read_commands(channel: _Channel, commands: queue.Queue, stop: _StopFlags) -> None:
+    """Reader thread: control messages (Stop, Shutdown) act at once, even while a command runs."""
     while True:
         try:
-            cmd = conn.recv()
+            cmd = channel.conn.recv()
         except (EOFError, OSError):
             cmd = Shutdown("server-gone")  # the server went away: stop at the next step boundary, then exit
+        if isinstance(cmd, Stop):
+            stop.cancel.set()
+            channel.send(Done(cmd.request_id, {"stopping": True}))
+            continue
         if isinstance(cmd, Shutdown):
-            stop.set()
+            stop.shutdown.set()
             commands.put(cmd)
             return
         commands.put(cmd)
@@ -88,8 +103,8 @@ def worker_main(fd: int) -> None:
     os.dup2(2, 1)
     channel = _Channel(Connection(fd), threading.Lock())
     commands: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    threading.Thread(target=_read_commands, args=(channel.conn, commands, stop), daemon=True).start()
+    stop = _StopFlags(threading.Event(), threading.Event())
+    threading.Thread(target=_read_commands, args=(channel, commands, stop), daemon=True).start()
     state = WorkerState()
     while True:
         cmd = commands.get()

@@ -1,0 +1,164 @@
+"""Training as a background job: running -> succeeded by polling, cancel with a checkpoint, busy refusal,
+a worker killed mid-run then resumed, history kept across a server restart, the loss plot as a PNG."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import FAST_LOAD, FAST_TRAIN, McpSession
+from llm_mcp.config import ServerConfig
+from llm_mcp.jobs.store import JobStore
+from llm_mcp.server.app import create_server
+from test_load_unload import worker_pids
+
+LONG = {**FAST_TRAIN, "max_steps": 100_000, "save_steps": 10, "logging_steps": 5}
+
+
+def poll(mcp: McpSession, job_id: str, until: set[str], timeout: float = 180) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = mcp.ok("qloraevolved_training_status", {"job_id": job_id})
+        if status["state"] in until:
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not reach {until}: {status}")
+
+
+def wait_for_step(mcp: McpSession, job_id: str, step: int) -> dict:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        status = mcp.ok("qloraevolved_training_status", {"job_id": job_id})
+        if status["step"] >= step and status["last_checkpoint"]:
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} never reached step {step}")
+
+
+@pytest.fixture(scope="module")
+def model(mcp, tiny_model):
+    mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "jobs", **FAST_LOAD})
+    return "jobs"
+
+
+def test_long_run_answers_running_then_succeeds_by_polling(mcp, model, demo_rows):
+    """A run longer than wait_seconds answers 'running' with a job_id; progress notifications rise while the call
+    waits; polling the status tool reaches 'succeeded' with the spec's final answer."""
+    progress: list = []
+    answer = mcp.ok("qloraevolved_train", {"model_id": model, "train_dataset": demo_rows, "wait_seconds": 8,
+                                           "training_config": {**FAST_TRAIN, "max_steps": 600, "logging_steps": 1,
+                                                               "output_dir": "long"}}, progress=progress)
+    assert answer["status"] == "running" and answer["job_id"].startswith("j-")
+    assert "qloraevolved_training_status" in answer["message"]
+    assert progress and [p for p, _, _ in progress] == sorted({p for p, _, _ in progress})
+    running = mcp.ok("qloraevolved_training_status", {"model_id": model})
+    assert running["job_id"] == answer["job_id"] and running["total_steps"] == 600
+    done = poll(mcp, answer["job_id"], {"succeeded", "failed"})
+    assert done["state"] == "succeeded", done["error"]
+    assert done["step"] == 600 and done["result"]["status"] == "success"
+    assert done["result"]["output_dir"] == "long/final" and "train_loss" in done["result"]["metrics"]
+    assert len(done["recent_losses"]) == 10 and done["loss"] < 0.5  # converged on the tiny data
+
+
+def test_busy_model_refuses_a_second_run_and_cancel_saves_a_checkpoint(mcp, model, demo_rows, workspace):
+    """While a job runs, a second train (and unload) is refused naming the job; cancel stops it at a step
+    boundary with a checkpoint on disk and state 'cancelled'."""
+    answer = mcp.ok("qloraevolved_train", {"model_id": model, "train_dataset": demo_rows, "wait_seconds": 0,
+                                           "training_config": {**LONG, "output_dir": "cancel-me"}})
+    job_id = answer["job_id"]
+    wait_for_step(mcp, job_id, 10)
+    text = mcp.error("qloraevolved_train", {"model_id": model, "train_dataset": demo_rows,
+                                            "training_config": {"output_dir": "other"}})
+    assert "busy" in text and job_id in text and "qloraevolved_cancel_training" in text
+    assert job_id in mcp.error("qloraevolved_unload_model", {"model_id": model})
+    cancel = mcp.ok("qloraevolved_cancel_training", {"job_id": job_id})
+    assert cancel["state"] == "cancelling"
+    done = poll(mcp, job_id, {"cancelled", "failed", "succeeded"})
+    assert done["state"] == "cancelled", done
+    assert done["last_checkpoint"].endswith(f"checkpoint-{done['step']}")
+    assert os.path.isdir(done["last_checkpoint"])
+    again = mcp.ok("qloraevolved_cancel_training", {"job_id": job_id})
+    assert "already ended" in again["message"]
+
+
+def test_status_plot_is_a_png_image(mcp, model):
+    """include_plot=true adds the loss curve as an image/png content item that decodes as a PNG."""
+    from PIL import Image
+
+    result = mcp.call("qloraevolved_training_status", {"model_id": model, "include_plot": True})
+    assert not result.is_error
+    images = [c for c in result.content if getattr(c, "type", "") == "image"]
+    assert len(images) == 1 and images[0].mime_type == "image/png"
+    picture = Image.open(io.BytesIO(base64.b64decode(images[0].data)))
+    assert picture.format == "PNG" and picture.size[0] > 300
+    plain = mcp.call("qloraevolved_training_status", {"model_id": model})
+    assert [c.type for c in plain.content] == ["text"]
+
+
+def test_killed_worker_fails_the_job_and_a_fresh_load_resumes(mcp, model, tiny_model, demo_rows):
+    """kill -9 of the worker mid-training: the server answers, the job is failed with the reason, the model is
+    lost; loading it again and training with resume_from_checkpoint=true finishes from the checkpoint."""
+    answer = mcp.ok("qloraevolved_train", {"model_id": model, "train_dataset": demo_rows, "wait_seconds": 0,
+                                           "training_config": {**LONG, "max_steps": 400, "output_dir": "crash"}})
+    status = wait_for_step(mcp, answer["job_id"], 20)
+    [pid] = worker_pids(model)
+    os.kill(pid, signal.SIGKILL)
+    failed = poll(mcp, answer["job_id"], {"failed", "succeeded", "cancelled"})
+    assert failed["state"] == "failed" and "SIGKILL" in failed["error"]
+    assert "lost" in mcp.ok("qloraevolved_list_models")["models"][model]["state"]
+    checkpoint_step = int(failed["last_checkpoint"].rsplit("-", 1)[1])
+    assert checkpoint_step >= status["step"] - 10
+
+    mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": model, **FAST_LOAD})
+    resumed = mcp.ok("qloraevolved_train", {"model_id": model, "train_dataset": demo_rows, "wait_seconds": -1,
+                                            "training_config": {**FAST_TRAIN, "max_steps": checkpoint_step + 20,
+                                                                "save_steps": 10, "output_dir": "crash",
+                                                                "resume_from_checkpoint": True}})
+    assert resumed["status"] == "success" and resumed["global_step"] == checkpoint_step + 20
+    assert resumed["resumed_from"].endswith(f"checkpoint-{checkpoint_step}")
+
+
+def test_jobs_survive_a_server_restart(tmp_path, tiny_model, demo_rows):
+    """A server stopped mid-run cancels the job with a checkpoint; a new server on the same workspace lists the
+    job history, and resume continues the run."""
+    config = ServerConfig(workspace=str(tmp_path))
+    with McpSession(create_server(config)) as first:
+        first.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "r", **FAST_LOAD})
+        done = first.ok("qloraevolved_train", {"model_id": "r", "train_dataset": demo_rows, "wait_seconds": -1,
+                                               "training_config": {**FAST_TRAIN, "max_steps": 3, "output_dir": "a"}})
+        started = first.ok("qloraevolved_train", {"model_id": "r", "train_dataset": demo_rows, "wait_seconds": 0,
+                                                  "training_config": {**LONG, "output_dir": "b"}})
+        wait_for_step(first, started["job_id"], 10)
+    with McpSession(create_server(config)) as second:
+        jobs = {j["job_id"]: j for j in second.ok("qloraevolved_list_jobs")["jobs"]}
+        assert jobs[done["job_id"]]["state"] == "succeeded" and jobs[done["job_id"]]["final_dir"] == "a/final"
+        stopped = jobs[started["job_id"]]
+        assert stopped["state"] == "cancelled" and stopped["last_checkpoint"]
+        step = int(stopped["last_checkpoint"].rsplit("-", 1)[1])
+        second.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "r", **FAST_LOAD})
+        resumed = second.ok("qloraevolved_train", {
+            "model_id": "r", "train_dataset": demo_rows, "wait_seconds": -1,
+            "training_config": {**FAST_TRAIN, "max_steps": step + 5, "output_dir": "b",
+                                "resume_from_checkpoint": True}})
+        assert resumed["global_step"] == step + 5
+
+
+def test_store_marks_jobs_of_a_crashed_server_failed(tmp_path):
+    """After a crash (no clean shutdown), jobs left queued/running are failed with a resume hint on restart."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job = store.create(model_id="m", family="qloraevolved", config={}, output_dir="o", log_path=None)
+    store.transition(job.job_id, "running")
+    store.record_progress(job.job_id, step=30, total_steps=100, loss=1.0, learning_rate=1e-3, epoch=1.0,
+                          eval_loss=None, checkpoint="/w/o/checkpoint-30")
+    store.close()
+    reopened = JobStore(tmp_path / "jobs.sqlite")
+    assert reopened.recover_after_restart() == 1
+    record = reopened.get(job.job_id)
+    assert record.state == "failed" and "checkpoint-30" in record.error and "resume_from_checkpoint" in record.error
+    with pytest.raises(AssertionError, match="illegal transition"):
+        reopened.transition(job.job_id, "running")
