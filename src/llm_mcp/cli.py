@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="folder that relative paths start from and where state is kept (env LLM_MCP_WORKSPACE)")
     serve.add_argument("--worker-python", default=os.environ.get("LLM_MCP_WORKER_PYTHON"),
                        help="Python interpreter for model workers (default: this one; env LLM_MCP_WORKER_PYTHON)")
+    serve.add_argument("--unsloth-python", default=os.environ.get("LLM_MCP_UNSLOTH_PYTHON"),
+                       help="Python interpreter for the unsloth_* family's workers, e.g. a separate venv where "
+                            "`import unsloth` works (default: --worker-python; env LLM_MCP_UNSLOTH_PYTHON)")
     serve.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     demo = sub.add_parser("demo", help="run load -> prepare -> train -> list -> unload through a real MCP client")
@@ -50,7 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
     from llm_mcp.config import ServerConfig
     from llm_mcp.server.app import create_server
 
-    server = create_server(ServerConfig(workspace=args.workspace, worker_python=args.worker_python))
+    server = create_server(ServerConfig(workspace=args.workspace, worker_python=args.worker_python,
+                                        unsloth_python=args.unsloth_python))
     if args.transport == "stdio":
         server.run("stdio")
     else:

@@ -119,8 +119,14 @@ class TrainingConfig:
     use_flash_attention_2: bool = True
     use_cpu_offload: bool = False
     seed: Seed = 42
+    # Not in the qloraevolved spec; set by the unsloth family (None: decided from the ratio / the hardware).
+    warmup_steps: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
+    bf16: bool | None = None
+    fp16: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.bf16 and self.fp16:
+            raise InvalidArgument("fp16", True, "false when bf16=true (pick one mixed-precision mode)")
         if self.max_steps == 0:
             raise InvalidArgument("max_steps", 0, "-1 (train for num_train_epochs) or an integer >= 1")
         if not self.output_dir.strip():
@@ -128,7 +134,93 @@ class TrainingConfig:
 
     def spec_dict(self) -> dict[str, Any]:
         """The `config` object of the spec's prepare response (seed is ours, kept last)."""
-        return asdict(self)
+        values = asdict(self)
+        return {k: values[k] for k in _QLORA_PREPARE_KEYS}
+
+
+_QLORA_PREPARE_KEYS = [f for f in TrainingConfig.__dataclass_fields__ if f not in ("warmup_steps", "bf16", "fp16")]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class LoraSpec:
+    """A LoRA adapter to attach at prepare time (the unsloth family attaches LoRA there, not at load)."""
+
+    r: LoraRank = 16
+    lora_alpha: LoraAlpha = 16
+    lora_dropout: LoraDropout = 0.0
+    target_modules: tuple[str, ...] | None = None  # None: DEFAULT_TARGET_MODULES that exist in the model
+    gradient_checkpointing: bool | Literal["unsloth"] = True
+    seed: Seed = 42
+
+
+@dataclass(frozen=True, config=_STRICT)
+class UnslothLoadConfig:
+    """What `unsloth_load_model` takes (spec defaults)."""
+
+    model_name: str
+    max_seq_length: MaxLength = 2048
+    load_in_4bit: bool = True
+    token: str | None = field(default=None, repr=False)  # never echoed, logged or written
+    device_map: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.model_name.strip():
+            raise InvalidArgument("model_name", self.model_name, "a local model folder or a hub id")
+
+    def spec_dict(self, dtype: str) -> dict[str, Any]:
+        """The `config` of the spec's unsloth_list_models entry (no token)."""
+        return {"model_name": self.model_name, "max_seq_length": self.max_seq_length, "dtype": dtype,
+                "load_in_4bit": self.load_in_4bit, "device_map": self.device_map}
+
+
+@dataclass(frozen=True, config=_STRICT)
+class UnslothTrainingConfig:
+    """What `unsloth_prepare_for_training(training_config=...)` takes (spec defaults), LoRA included."""
+
+    learning_rate: LearningRate = 2e-4
+    batch_size: BatchSize = 2
+    gradient_accumulation_steps: GradAccum = 4
+    warmup_steps: Annotated[int, Field(ge=0, le=10_000_000)] = 10
+    max_steps: MaxSteps = 100
+    num_train_epochs: Epochs = 1
+    output_dir: str = "unsloth_finetuned_model"
+    fp16: bool | None = None  # None: true where bf16 is not supported
+    bf16: bool | None = None  # None: true where supported
+    logging_steps: Steps = 1
+    save_steps: Steps = 100
+    save_total_limit: SaveLimit = 3
+    optim: Optimizer = "adamw_8bit"
+    weight_decay: WeightDecay = 0.01
+    lr_scheduler_type: LrScheduler = "cosine"
+    max_grad_norm: MaxGradNorm = 1.0
+    report_to: ReportTo = "tensorboard"
+    seed: Seed = 42
+    use_gradient_checkpointing: bool | Literal["unsloth"] = True
+    r: LoraRank = 16
+    lora_alpha: LoraAlpha = 16
+    lora_dropout: LoraDropout = 0.0
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.to_training_config()  # cross-field checks live there
+
+    def to_training_config(self) -> TrainingConfig:
+        """The engine's TrainingConfig for these values (warmup in steps, precision flags as given)."""
+        return TrainingConfig(
+            output_dir=self.output_dir, learning_rate=self.learning_rate, batch_size=self.batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps, num_train_epochs=self.num_train_epochs,
+            max_steps=self.max_steps, warmup_ratio=0.0, warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay, optim=self.optim, lr_scheduler_type=self.lr_scheduler_type,
+            max_grad_norm=self.max_grad_norm, logging_steps=self.logging_steps, save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit, report_to=self.report_to,
+            use_gradient_checkpointing=bool(self.use_gradient_checkpointing), use_flash_attention_2=False,
+            seed=self.seed, bf16=self.bf16, fp16=self.fp16,
+        )
+
+    def lora(self) -> LoraSpec:
+        return LoraSpec(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                        target_modules=self.target_modules, gradient_checkpointing=self.use_gradient_checkpointing,
+                        seed=self.seed)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -147,6 +239,7 @@ class ServerConfig:
 
     workspace: str = "."
     worker_python: str | None = None  # None: the server's own interpreter
+    unsloth_python: str | None = None  # interpreter of the unsloth family's workers; None: worker_python
     state_dir: str | None = None  # None: <workspace>/.llm-mcp
     worker_env: dict[str, str] = field(default_factory=dict)
 

@@ -15,7 +15,7 @@ import torch
 
 from llm_mcp.config import DEFAULT_TARGET_MODULES, LoadConfig
 from llm_mcp.engine.device import detect, torch_dtype
-from llm_mcp.errors import EngineError, InvalidArgument
+from llm_mcp.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +35,28 @@ DEFAULT_CHAT_TEMPLATE = (
 
 @dataclass
 class ModelBundle:
-    """A loaded model with its LoRA adapter and tokenizer, and what was done to get there."""
+    """A loaded model (with its LoRA adapter once attached) and tokenizer, and what was done to get there."""
 
-    model: Any  # peft.PeftModel
+    model: Any  # peft.PeftModel once LoRA is attached; the base model before
     tokenizer: Any
-    config: LoadConfig
     device: str
-    target_modules: list[str]
+    max_length: int
+    compute_dtype: str  # "float16" | "bfloat16" | "float32": what really runs
+    device_map: str
+    engine: str = "transformers"  # or "unsloth": who loaded the model and attaches LoRA
+    quantization: str = "none"
+    target_modules: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    is_prepared: bool = False
+
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self.model, "peft_config")
 
     def param_counts(self) -> tuple[int, int]:
-        # peft counts 4-bit packed weights at their real size (two values per byte)
-        return self.model.get_nb_trainable_parameters()
+        if self.has_lora:  # peft counts 4-bit packed weights at their real size (two values per byte)
+            return self.model.get_nb_trainable_parameters()
+        total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in self.model.parameters())
+        return 0, total
 
     def describe(self) -> dict[str, Any]:
         trainable, total = self.param_counts()
@@ -55,49 +64,77 @@ class ModelBundle:
             "trainable_params": int(trainable),
             "total_params": int(total),
             "device": self.device,
+            "dtype": self.compute_dtype,
+            "engine": self.engine,
             "target_modules": self.target_modules,
-            "quantization": self.config.effective_quant_type,
+            "quantization": self.quantization,
             "warnings": list(self.warnings),
         }
 
 
-def load_model(config: LoadConfig, *, backend: str = "qlora") -> ModelBundle:
-    if backend != "qlora":
-        raise EngineError(f"backend {backend!r} is not available in this worker")
-    hw = detect()
+def load_model(config: LoadConfig) -> ModelBundle:
+    """The qloraevolved load: base model (NF4 or unquantized) with LoRA attached."""
     warnings: list[str] = []
-    source = _check_source(config.model_name)
-    dtype = _compute_dtype(config, warnings)
-    quantization_config = _quantization(config, dtype, warnings)
-    device_map = _device_map(config, warnings)
+    dtype = _compute_dtype(config.compute_dtype, warnings)
+    quant = config.effective_quant_type
+    if quant != config.quant_type:
+        warnings.append(
+            f"load_in_4bit=false: quant_type={config.quant_type!r} is a 4-bit type, so the model is loaded "
+            "unquantized in compute_dtype (plain LoRA)."
+        )
+    assert quant in ("nf4", "none"), f"quant_type {quant} reached the engine unimplemented"
+    bundle = load_base(config.model_name, nf4=quant == "nf4", double_quant=config.use_double_quant, dtype=dtype,
+                       device_map=config.device_map, trust_remote_code=config.trust_remote_code,
+                       max_length=config.max_length, warnings=warnings)
+    attach_lora(bundle, r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                target_modules=config.target_modules)
+    return bundle
+
+
+def load_base(model_name: str, *, nf4: bool, double_quant: bool, dtype: torch.dtype, device_map: str,
+              trust_remote_code: bool, max_length: int, warnings: list[str], token: str | None = None) -> ModelBundle:
+    """Load a causal LM and its tokenizer with transformers: NF4 through bitsandbytes, or unquantized."""
+    source = check_source(model_name)
+    quantization_config = _nf4_config(dtype, double_quant) if nf4 else None
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, token=token)
         model = AutoModelForCausalLM.from_pretrained(
-            source, quantization_config=quantization_config, dtype=dtype, device_map=device_map,
-            trust_remote_code=config.trust_remote_code, attn_implementation="sdpa",
+            source, quantization_config=quantization_config, dtype=dtype,
+            device_map=_device_map(device_map, warnings), trust_remote_code=trust_remote_code,
+            attn_implementation="sdpa", token=token,
         )
     except (OSError, ValueError) as exc:
         raise InvalidArgument(
-            "model_name", config.model_name,
+            "model_name", model_name,
             f"a local Hugging Face model folder (with config.json) or a hub id reachable from here ({exc})",
         ) from None
-    _avoid_cpu_repack_bug(model)
-    _fix_tokenizer(tokenizer, model, config.max_length)
-
-    if quantization_config is not None:
+    avoid_cpu_repack_bug(model)
+    fix_tokenizer(tokenizer, model, max_length)
+    if nf4:
         from peft import prepare_model_for_kbit_training
 
-        # Freezes the base and upcasts norms; gradient checkpointing is the trainer's business (prepare step).
+        # Freezes the base and upcasts norms; gradient checkpointing is the trainer's business.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    targets = _target_modules(model, config.target_modules, warnings)
-    peft_model = _attach_lora(model, config, targets)
-    return ModelBundle(peft_model, tokenizer, config, hw.device, targets, warnings)
+    return ModelBundle(model, tokenizer, detect().device, max_length, str(dtype).removeprefix("torch."),
+                       device_map, quantization="nf4" if nf4 else "none", warnings=warnings)
 
 
-def _check_source(name: str) -> str:
+def attach_lora(bundle: ModelBundle, *, r: int, alpha: float, dropout: float,
+                target_modules: tuple[str, ...] | None) -> None:
+    """Attach a LoRA adapter with peft (the qloraevolved path, and the unsloth family's fallback)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = resolve_target_modules(bundle.model, target_modules, bundle.warnings)
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                      task_type="CAUSAL_LM")
+    bundle.model = get_peft_model(bundle.model, lora)
+    bundle.target_modules = targets
+
+
+def check_source(name: str) -> str:
     path = Path(os.path.expanduser(name))
     looks_local = name.startswith((".", "/", "~")) or path.exists()
     if looks_local:
@@ -111,9 +148,8 @@ def _check_source(name: str) -> str:
     return name
 
 
-def _compute_dtype(config: LoadConfig, warnings: list[str]) -> torch.dtype:
+def _compute_dtype(wanted: str, warnings: list[str]) -> torch.dtype:
     hw = detect()
-    wanted = config.compute_dtype
     if wanted == "bfloat16" and not hw.bf16_supported:
         warnings.append("compute_dtype='bfloat16' is not supported by this GPU; using float16 instead.")
         return torch.float16
@@ -123,33 +159,24 @@ def _compute_dtype(config: LoadConfig, warnings: list[str]) -> torch.dtype:
     return torch_dtype(wanted)
 
 
-def _quantization(config: LoadConfig, dtype: torch.dtype, warnings: list[str]) -> Any:
-    quant = config.effective_quant_type
-    if quant != config.quant_type:
-        warnings.append(
-            f"load_in_4bit=false: quant_type={config.quant_type!r} is a 4-bit type, so the model is loaded "
-            "unquantized in compute_dtype (plain LoRA)."
-        )
-    if quant == "none":
-        return None
+def _nf4_config(dtype: torch.dtype, double_quant: bool) -> Any:
     from transformers import BitsAndBytesConfig
 
-    assert quant == "nf4", f"quant_type {quant} reached the engine unimplemented"
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=config.use_double_quant,
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
     )
 
 
-def _device_map(config: LoadConfig, warnings: list[str]) -> Any:
+def _device_map(device_map: str, warnings: list[str]) -> Any:
     if detect().has_cuda:
-        return config.device_map
-    if config.device_map not in ("auto", "cpu"):
-        warnings.append(f"device_map={config.device_map!r} needs a GPU, and none is available; loaded on CPU.")
+        return device_map
+    if device_map not in ("auto", "cpu"):
+        warnings.append(f"device_map={device_map!r} needs a GPU, and none is available; loaded on CPU.")
     return {"": "cpu"}
 
 
-def _avoid_cpu_repack_bug(model: Any) -> None:
+def avoid_cpu_repack_bug(model: Any) -> None:
     # bitsandbytes 0.50 on avx512_bf16 CPUs repacks 4-bit weights in place on the first no-grad forward and never
     # unpacks them, after which LoRA gradients through those layers are wrong. Turning the fast path off avoids it.
     for module in model.modules():
@@ -157,7 +184,7 @@ def _avoid_cpu_repack_bug(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _fix_tokenizer(tokenizer: Any, model: Any, max_length: int) -> None:
+def fix_tokenizer(tokenizer: Any, model: Any, max_length: int) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.eos_token is None:
@@ -179,7 +206,7 @@ def _linear_names(model: Any) -> list[str]:
     return sorted(names)
 
 
-def _target_modules(model: Any, wanted: tuple[str, ...] | None, warnings: list[str]) -> list[str]:
+def resolve_target_modules(model: Any, wanted: tuple[str, ...] | None, warnings: list[str]) -> list[str]:
     available = _linear_names(model)
     if wanted is not None:
         missing = [m for m in wanted if m not in available]
@@ -192,13 +219,3 @@ def _target_modules(model: Any, wanted: tuple[str, ...] | None, warnings: list[s
                         f"layers instead: {available}")
         targets = available
     return targets
-
-
-def _attach_lora(model: Any, config: LoadConfig, targets: list[str]) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=targets, bias="none", task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)

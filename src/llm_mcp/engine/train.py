@@ -8,6 +8,7 @@ shapes the answer.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import os
 import shutil
@@ -36,9 +37,7 @@ _UNPAGED = {"paged_adamw_32bit": "adamw_torch", "paged_adamw_8bit": "adamw_8bit"
 
 def prepare(bundle: ModelBundle, config: TrainingConfig) -> dict[str, Any]:
     """Apply what must happen to the model before training and report what this machine cannot do."""
-    warnings = _hardware_choices(bundle, config)[1]
-    bundle.is_prepared = True
-    return {"warnings": warnings}
+    return {"warnings": _hardware_choices(bundle, config)[1]}
 
 
 def _hardware_choices(bundle: ModelBundle, config: TrainingConfig) -> tuple[dict[str, Any], list[str]]:
@@ -50,6 +49,12 @@ def _hardware_choices(bundle: ModelBundle, config: TrainingConfig) -> tuple[dict
         choices["optim"] = _UNPAGED[config.optim]
         warnings.append(f"optim={config.optim!r} pages optimizer state through CUDA unified memory, which needs a "
                         f"GPU; using {choices['optim']!r} (same update, unpaged).")
+    choices["report_to"] = [] if config.report_to == "none" else [config.report_to]
+    if config.report_to == "tensorboard" and not any(
+            importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        choices["report_to"] = []
+        warnings.append("report_to='tensorboard' but tensorboard is not installed in the worker's environment; "
+                        "no event files are written (pip install tensorboard).")
     attn = "sdpa"
     if config.use_flash_attention_2:
         if hw.has_flash_attn:
@@ -65,15 +70,31 @@ def _hardware_choices(bundle: ModelBundle, config: TrainingConfig) -> tuple[dict
                         "memory.")
     elif config.use_cpu_offload:
         warnings.append("use_cpu_offload=true: offloading is decided at load time (device_map); this model was "
-                        f"loaded with device_map={bundle.config.device_map!r}.")
-    compute = bundle.config.compute_dtype
-    choices["bf16"] = compute == "bfloat16" and hw.bf16_supported
-    choices["fp16"] = hw.has_cuda and (compute == "float16" or (compute == "bfloat16" and not hw.bf16_supported))
+                        f"loaded with device_map={bundle.device_map!r}.")
+    choices["bf16"], choices["fp16"] = _mixed_precision(bundle, config, warnings)
     choices["use_cpu"] = not hw.has_cuda
     return choices, warnings
 
 
+def _mixed_precision(bundle: ModelBundle, config: TrainingConfig, warnings: list[str]) -> tuple[bool, bool]:
+    """bf16/fp16 autocast: as asked where the hardware has it, else from the model's compute dtype."""
+    hw = detect()
+    bf16 = bundle.compute_dtype == "bfloat16" if config.bf16 is None else config.bf16
+    fp16 = hw.has_cuda and bundle.compute_dtype == "float16" if config.fp16 is None else config.fp16
+    if config.bf16 is None and config.fp16 is None and hw.has_cuda and not hw.bf16_supported:
+        bf16, fp16 = False, True
+    if bf16 and not hw.bf16_supported:
+        warnings.append("bf16=true is not supported by this GPU; training in fp16 instead.")
+        bf16, fp16 = False, True
+    if fp16 and not hw.has_cuda:
+        warnings.append("fp16 mixed precision needs a CUDA GPU; training in bf16 on CPU instead.")
+        bf16, fp16 = True, False
+    return bf16, fp16
+
+
 def _set_attention(bundle: ModelBundle, attn: str) -> None:
+    if bundle.engine == "unsloth":  # Unsloth patches attention itself
+        return
     base = bundle.model.get_base_model()
     if getattr(base.config, "_attn_implementation", None) != attn:
         base.set_attn_implementation(attn)
@@ -143,15 +164,15 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
         output_dir=str(out), learning_rate=config.learning_rate, per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
         num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
-        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        # transformers 5: a float in [0, 1) is a ratio of the total steps, an int a number of steps
+        warmup_steps=config.warmup_ratio if config.warmup_steps is None else config.warmup_steps,
         weight_decay=config.weight_decay, optim=choices["optim"], lr_scheduler_type=config.lr_scheduler_type,
         max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
-        report_to=[] if config.report_to == "none" else [config.report_to],
-        activation_checkpointing=config.use_gradient_checkpointing,  # transformers 5 name of gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.use_gradient_checkpointing else None,
+        report_to=choices["report_to"],
+        **_checkpointing_args(SFTConfig, config.use_gradient_checkpointing),
         bf16=choices["bf16"], fp16=choices["fp16"], use_cpu=choices["use_cpu"], seed=config.seed,
-        data_seed=config.seed, max_length=bundle.config.max_length,
+        data_seed=config.seed, max_length=bundle.max_length,
         assistant_only_loss=train_data.assistant_only_loss,
         eval_strategy="steps" if (eval_data and options.eval_steps) else "no", eval_steps=options.eval_steps,
         disable_tqdm=True, dataloader_pin_memory=False,
@@ -162,6 +183,7 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
         eval_dataset=eval_data.dataset if eval_data else None, processing_class=bundle.tokenizer,
         callbacks=[callback],
     )
+    warnings += _engine_changes(trainer, choices)
     result = _run_guarded(trainer, resume, config, bundle)
     metrics = {k: float(result.metrics[k]) for k in SPEC_METRICS if k in result.metrics}
     if eval_data is not None:
@@ -169,7 +191,25 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
     final = out / "final"
     trainer.save_model(str(final))
     bundle.tokenizer.save_pretrained(str(final))
-    return _answer(config, trainer, metrics, final, train_data, choices, warnings, callback, resume)
+    return _answer(bundle, config, trainer, metrics, final, train_data, choices, warnings, callback, resume)
+
+
+def _engine_changes(trainer: Any, choices: dict[str, Any]) -> list[str]:
+    """What the training engine itself changed (Unsloth's CPU mode maps 8-bit optimizers to AdamW)."""
+    optim = str(getattr(trainer.args.optim, "value", trainer.args.optim))
+    asked = choices["optim"]
+    if optim == asked:
+        return []
+    choices["optim"] = optim
+    return [f"the training engine replaced optim={asked!r} by {optim!r} on this hardware."]
+
+
+def _checkpointing_args(config_cls: type, enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing is `activation_checkpointing` from transformers 5.2x on (the old name warns) and
+    `gradient_checkpointing` before (the Unsloth environment pins an older transformers)."""
+    name = "activation" if "activation_checkpointing" in config_cls.__dataclass_fields__ else "gradient"
+    return {f"{name}_checkpointing": enabled,
+            f"{name}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def _run_guarded(trainer: Any, resume: str | None, config: TrainingConfig, bundle: ModelBundle) -> Any:
@@ -184,7 +224,7 @@ def _run_guarded(trainer: Any, resume: str | None, config: TrainingConfig, bundl
         gc.collect()
         torch.cuda.empty_cache()
         raise OutOfMemory(
-            f"training ran out of GPU memory (batch_size={config.batch_size}, max_length={bundle.config.max_length}, "
+            f"training ran out of GPU memory (batch_size={config.batch_size}, max_length={bundle.max_length}, "
             f"use_gradient_checkpointing={config.use_gradient_checkpointing}). Try batch_size="
             f"{max(1, config.batch_size // 2)} with gradient_accumulation_steps={config.gradient_accumulation_steps * 2}"
             " (same effective batch), use_gradient_checkpointing=true, or a shorter max_length at load. The model is "
@@ -192,13 +232,14 @@ def _run_guarded(trainer: Any, resume: str | None, config: TrainingConfig, bundl
         ) from None
 
 
-def _answer(config: TrainingConfig, trainer: Any, metrics: dict[str, float], final: Path, data: PreparedDataset,
+def _answer(bundle: ModelBundle, config: TrainingConfig, trainer: Any, metrics: dict[str, float], final: Path, data: PreparedDataset,
             choices: dict[str, Any], warnings: list[str], callback: _ProgressCallback,
             resume: str | None) -> dict[str, Any]:
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history
               if "loss" in h and h["step"] > callback.start_step]
     return {
         "status": "cancelled" if callback.stopped else "success",
+        "engine": bundle.engine,
         "metrics": metrics,
         "output_dir": os.path.join(config.output_dir, "final"),
         "output_path": str(final.resolve()),

@@ -14,7 +14,7 @@ from llm_mcp.config import ServerConfig
 from llm_mcp.jobs.manager import JobManager
 from llm_mcp.jobs.store import JobStore
 from llm_mcp.server.service import ModelService
-from llm_mcp.server.tools import QLORA_TOOLS
+from llm_mcp.server import qlora_tools, unsloth_tools
 from llm_mcp.workers.pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def create_server(config: ServerConfig | None = None) -> MCPServer:
         if recovered:
             log.warning("%d job(s) were running when the server last stopped; marked failed", recovered)
         pool = WorkerPool(python=config.worker_python, cwd=workspace, log_dir=state_dir / "logs",
-                          env=dict(config.worker_env))
+                          env=dict(config.worker_env), family_python={"unsloth": config.unsloth_python or ""})
         try:
             yield ModelService(pool, JobManager(store), workspace)
         finally:
@@ -49,6 +49,6 @@ def create_server(config: ServerConfig | None = None) -> MCPServer:
             store.close()
 
     server = MCPServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
-    for tool in QLORA_TOOLS:
-        server.add_tool(tool)
+    qlora_tools.register(server)
+    unsloth_tools.register(server)
     return server

@@ -1,7 +1,8 @@
 """The operations behind the tools, shared by both tool families: load, prepare, train, unload, list.
 
-A family differs only in its names and defaults (`Family`); the work goes to the model's worker process.
-Knows nothing of torch, and nothing of MCP but a progress callback.
+A family differs only in its names, its config classes and where LoRA is attached (`Family`); the work goes to
+the model's worker process. Answers shared by both families are shaped here; family-specific shapes live in the
+tool modules. Knows nothing of torch, and nothing of MCP but a progress callback.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.config import LoadConfig, RunOptions, TrainingConfig, validated
+from llm_mcp.config import LoadConfig, RunOptions, TrainingConfig, UnslothLoadConfig, UnslothTrainingConfig, validated
 from llm_mcp.errors import InvalidArgument, ModelIdTaken, TrainingFailed, WorkerBusy
 from llm_mcp.jobs.manager import JobManager
 from llm_mcp.workers.pool import LoadedModel, WorkerPool, new_request_id
@@ -28,20 +29,31 @@ def _describe_dataset(source: DatasetSource) -> str:
     return f"inline: {len(source)} rows" if isinstance(source, list) else str(source)
 
 
+TrainingSettings = TrainingConfig | UnslothTrainingConfig
+
+
 @dataclass(frozen=True)
 class Family:
-    """A tool family: its tool-name prefix, how it names models, and which engine backend loads them."""
+    """A tool family: its tool-name prefix, how it names models, and its training config class."""
 
     prefix: str  # "qloraevolved" | "unsloth"
     id_suffix: str  # model ids look like "<basename>-<suffix>[-<time>]"
-    backend: str
     with_timestamp: bool
+    training_config: type  # TrainingConfig | UnslothTrainingConfig: the defaults of prepare_for_training
 
     def tool(self, verb: str) -> str:
         return f"{self.prefix}_{verb}"
 
 
-QLORA = Family("qloraevolved", "qlora-evolved", backend="qlora", with_timestamp=True)
+QLORA = Family("qloraevolved", "qlora-evolved", with_timestamp=True, training_config=TrainingConfig)
+UNSLOTH = Family("unsloth", "unsloth", with_timestamp=False, training_config=UnslothTrainingConfig)
+
+
+_LORA_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_gradient_checkpointing"}
+
+
+def engine_training_config(settings: TrainingSettings) -> TrainingConfig:
+    return settings.to_training_config() if isinstance(settings, UnslothTrainingConfig) else settings
 
 
 class ModelService:
@@ -51,21 +63,9 @@ class ModelService:
         self.workspace = workspace
 
     # -- load / unload / list ---------------------------------------------------------------------------------
-    async def load(self, family: Family, config: LoadConfig, model_id: str | None) -> dict[str, Any]:
+    async def load(self, family: Family, config: LoadConfig | UnslothLoadConfig, model_id: str | None) -> LoadedModel:
         model_id = self._claim_id(family, config.model_name, model_id)
-        command = Load(new_request_id(), config, backend=family.backend)
-        loaded = await self.pool.load(model_id, family.prefix, command, config)
-        info = loaded.info
-        return {
-            "status": "success",
-            "model_id": model_id,
-            "model_name": config.model_name,
-            "trainable_params": info["trainable_params"],
-            "total_params": info["total_params"],
-            "config": config.spec_dict(),
-            "device": info["device"],
-            "warnings": info["warnings"],
-        }
+        return await self.pool.load(model_id, family.prefix, Load(new_request_id(), config), config)
 
     def _claim_id(self, family: Family, model_name: str, model_id: str | None) -> str:
         if model_id is not None:
@@ -91,37 +91,39 @@ class ModelService:
         await self.pool.unload(model_id)
         return {"status": "success", "message": f"Model {model_id} unloaded"}
 
-    def list(self, family: Family) -> dict[str, Any]:
-        models = {}
-        for loaded in self.pool.models(family.prefix):
-            entry: dict[str, Any] = {"config": loaded.load_config.spec_dict(), "device": loaded.device}
-            if not loaded.worker.is_alive:
-                entry["state"] = f"lost: {loaded.worker.exit_reason}; load it again"
-            elif loaded.worker.running:
-                entry["state"] = f"busy: {loaded.worker.running}"
-            else:
-                entry["state"] = "ready" if loaded.training_config is None else "prepared"
-            models[loaded.model_id] = entry
-        return {"status": "success", "models": models}
+    def models(self, family: Family) -> list[LoadedModel]:
+        return self.pool.models(family.prefix)
+
+    @staticmethod
+    def model_state(loaded: LoadedModel) -> str:
+        if not loaded.worker.is_alive:
+            return f"lost: {loaded.worker.exit_reason}; load it again"
+        if loaded.worker.running:
+            return f"busy: {loaded.worker.running}"
+        return "ready" if loaded.training_config is None else "prepared"
 
     # -- prepare / train ----------------------------------------------------------------------------------------
-    async def prepare(self, family: Family, model_id: str, config: TrainingConfig) -> dict[str, Any]:
+    async def prepare(self, family: Family, model_id: str, settings: TrainingSettings) -> dict[str, Any]:
+        """Send the training settings (and, for the unsloth family, the LoRA adapter) to the worker; return its
+        answer: parameter counts after LoRA, and warnings."""
         loaded = self._get(family, model_id)
-        result = await loaded.worker.request(Prepare(new_request_id(), config))
-        loaded.training_config = config
-        return {
-            "status": "success",
-            "message": f"Model {model_id} prepared for training",
-            "config": config.spec_dict(),
-            "warnings": result.get("warnings", []),
-        }
+        lora = settings.lora() if isinstance(settings, UnslothTrainingConfig) else None
+        result = await loaded.worker.request(Prepare(new_request_id(), engine_training_config(settings), lora))
+        loaded.training_config = settings
+        return result
 
     async def train(self, family: Family, model_id: str, train_dataset: DatasetSource,
                     eval_dataset: DatasetSource | None, overrides: dict[str, Any], wait_seconds: float,
                     on_progress: ProgressSink | None) -> dict[str, Any]:
         """Start a training job; answer its final result if it ends within wait_seconds, else 'running'."""
         loaded = self._get(family, model_id)
-        config, options, notes = self._training_plan(family, loaded, overrides)
+        settings, options = self._training_plan(family, loaded, overrides)
+        notes = []
+        if loaded.training_config is None:
+            notes.append(f"{model_id} was not prepared; prepared now with {family.tool('prepare_for_training')}'s "
+                         f"defaults (and the overrides given).")
+            notes += (await self.prepare(family, model_id, settings)).get("warnings", [])
+        config = engine_training_config(settings)
         command = Train(new_request_id(), config, train_dataset, eval_dataset, options, tuple(notes))
         record = self.jobs.start(loaded, command, family_cancel_tool=family.tool("cancel_training"),
                                  dataset_description=_describe_dataset(train_dataset))
@@ -139,7 +141,7 @@ class ModelService:
         if record.state == "failed":
             raise TrainingFailed(f"training job {record.job_id} failed: {record.error}")
         if record.is_terminal:
-            loaded.training_config = config
+            loaded.training_config = settings
             return record.result
         return {
             "status": "running",
@@ -187,19 +189,21 @@ class ModelService:
         return {"status": "success", "jobs": jobs}
 
     def _training_plan(self, family: Family, loaded: LoadedModel,
-                       overrides: dict[str, Any]) -> tuple[TrainingConfig, RunOptions, list[str]]:
-        notes = []
-        base = loaded.training_config
-        if base is None:
-            base = TrainingConfig()
-            notes.append(f"{loaded.model_id} was not prepared; trained with {family.tool('prepare_for_training')}'s "
-                         f"defaults (and any overrides given).")
+                       overrides: dict[str, Any]) -> tuple[TrainingSettings, RunOptions]:
+        """The prepared settings (or the family's defaults) with this call's overrides, validated."""
+        base = loaded.training_config or family.training_config()
         option_keys = {f.name for f in dataclasses.fields(RunOptions)}
         run_values = {k: v for k, v in overrides.items() if k in option_keys}
         train_values = {k: v for k, v in overrides.items() if k not in option_keys}
-        config = validated(TrainingConfig, {**dataclasses.asdict(base), **train_values}, where="training_config")
+        settings = validated(type(base), {**dataclasses.asdict(base), **train_values}, where="training_config")
         options = validated(RunOptions, run_values, where="training_config")
-        return config, options, notes
+        if isinstance(base, UnslothTrainingConfig) and loaded.training_config is not None \
+                and dataclasses.replace(settings.lora(), seed=0) != dataclasses.replace(base.lora(), seed=0):
+            raise InvalidArgument("training_config", {k: train_values[k] for k in train_values if k in _LORA_KEYS},
+                                  "no LoRA changes after prepare_for_training attached the adapter (r, lora_alpha, "
+                                  "lora_dropout, target_modules, use_gradient_checkpointing); load the model again "
+                                  "to change them")
+        return settings, options
 
     def _get(self, family: Family, model_id: str) -> LoadedModel:
         return self.pool.get(model_id, family=family.prefix, load_tool=family.tool("load_model"))

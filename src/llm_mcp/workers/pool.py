@@ -178,8 +178,10 @@ class LoadedModel:
 class WorkerPool:
     """All loaded models by model_id, each with its own worker process."""
 
-    def __init__(self, *, python: str | None, cwd: Path, log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *, python: str | None, cwd: Path, log_dir: Path, env: dict[str, str] | None = None,
+                 family_python: dict[str, str] | None = None) -> None:
         self.python = python or sys.executable
+        self.family_python = {k: v for k, v in (family_python or {}).items() if v}  # e.g. Unsloth's own venv
         self.cwd = cwd
         self.log_dir = log_dir
         self.env = env or {}
@@ -209,7 +211,7 @@ class WorkerPool:
         if lost is not None:
             lost.worker.stop()
         self._reserved.add(model_id)
-        worker = WorkerProcess(model_id, python=self.python, cwd=self.cwd,
+        worker = WorkerProcess(model_id, python=self.family_python.get(family, self.python), cwd=self.cwd,
                                log_path=self.log_dir / f"{model_id}.log", env=self.env)
         try:
             info = await worker.request(command)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_mcp.config import LoadConfig, RunOptions, TrainingConfig
+from llm_mcp.config import LoadConfig, LoraSpec, RunOptions, TrainingConfig, UnslothLoadConfig
 
 DatasetSource = str | list[dict[str, Any]]
 
@@ -17,14 +17,14 @@ DatasetSource = str | list[dict[str, Any]]
 @dataclass(frozen=True)
 class Load:
     request_id: str
-    config: LoadConfig
-    backend: str = "qlora"  # which engine module loads the model and attaches LoRA
+    config: LoadConfig | UnslothLoadConfig  # the type picks the engine path: QLoRA, or Unsloth
 
 
 @dataclass(frozen=True)
 class Prepare:
     request_id: str
     config: TrainingConfig
+    lora: LoraSpec | None = None  # attach this adapter now (the unsloth family attaches LoRA at prepare)
 
 
 @dataclass(frozen=True)

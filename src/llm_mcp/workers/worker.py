@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from llm_mcp.config import UnslothLoadConfig
 from llm_mcp.errors import LlmMcpError
 from llm_mcp.workers.protocol import Command, Done, Failed, Load, Prepare, Progress, Shutdown, Stop, Train
 
@@ -43,17 +44,26 @@ class WorkerState:
 
 def handle(cmd: Command, state: WorkerState, channel: _Channel, stop: "_StopFlags") -> dict[str, Any]:
     match cmd:
-        case Load(config=config, backend=backend):
+        case Load(config=UnslothLoadConfig() as config):
+            from llm_mcp.engine import unsloth_backend  # imports unsloth before transformers, as it must
+
+            state.bundle = unsloth_backend.load_model(config)
+            return state.bundle.describe()
+        case Load(config=config):
             from llm_mcp.engine import model as engine_model
 
-            state.bundle = engine_model.load_model(config, backend=backend)
+            state.bundle = engine_model.load_model(config)
             return state.bundle.describe()
-        case Prepare(config=config):
+        case Prepare(config=config, lora=lora):
+            if lora is not None and not state.bundle.has_lora:
+                from llm_mcp.engine import unsloth_backend
+
+                unsloth_backend.attach_lora(state.bundle, lora)
             from llm_mcp.engine import train as engine_train
 
             result = engine_train.prepare(state.bundle, config)
             state.training_config = config
-            return result
+            return {**state.bundle.describe(), **result, "warnings": result["warnings"]}
         case Train():
             from llm_mcp.engine import train as engine_train
 

@@ -1,21 +1,15 @@
 """The qloraevolved_* tools: typed signatures whose hints and docstrings are the schema the agent reads.
 
-Bodies stay thin: build a config, hand it to ModelService, return its answer. `agent_tool` is the one place
-where our errors become MCP tool errors.
+Bodies stay thin: build a config, hand it to ModelService, shape the spec's answer. Unload, status, cancel and
+list_jobs come from server/common.py, shared with the unsloth family.
 """
 
 from __future__ import annotations
 
-import base64
-import functools
-import json
 import logging
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import Field
 
 from llm_mcp.config import (
@@ -23,45 +17,12 @@ from llm_mcp.config import (
     LoraRank, LrScheduler, MaxGradNorm, MaxLength, MaxSteps, Optimizer, QuantType, ReportTo, SaveLimit, Seed, Steps,
     TrainingConfig, WarmupRatio, WeightDecay, validated,
 )
-from llm_mcp.errors import LlmMcpError
-from llm_mcp.server.service import QLORA, ModelService
+from llm_mcp.server.common import DatasetArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
+from llm_mcp.server.service import QLORA
 
 log = logging.getLogger(__name__)
 
-WaitSeconds = Annotated[float, Field(ge=-1, le=86400, description=(
-    "Seconds to wait for the run to finish before answering 'running' with a job_id (training goes on); "
-    "-1 waits until the end. Most clients drop calls after ~60 s, so keep it below that."))]
 ModelId = Annotated[str, Field(description="Id returned by qloraevolved_load_model.")]
-DatasetArg = Annotated[
-    str | list[dict[str, Any]],
-    Field(description=(
-        "A .jsonl/.json/.csv/.parquet/.txt file path, a datasets.save_to_disk folder (relative paths start at the "
-        "server's workspace), a hub id ('name' or 'name:split'), or inline rows. Row formats: {text}; "
-        "{instruction, input, output}; {prompt, completion}; {messages: [{role, content}]}."
-    )),
-]
-
-
-def agent_tool(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our errors into tool errors whose text reaches the agent; report unexpected ones with their message."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fn(*args, **kwargs)
-        except LlmMcpError as exc:
-            raise ToolError(str(exc)) from exc
-        except ToolError:
-            raise
-        except Exception as exc:
-            log.exception("tool %s failed unexpectedly", fn.__name__)
-            raise ToolError(f"internal error in {fn.__name__}: {type(exc).__name__}: {exc}") from exc
-
-    return wrapper
-
-
-def _service(ctx: Context) -> ModelService:
-    return ctx.request_context.lifespan_context
 
 
 @agent_tool
@@ -101,7 +62,21 @@ async def qloraevolved_load_model(
         use_double_quant=use_double_quant, compute_dtype=compute_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, target_modules=None if target_modules is None else tuple(target_modules),
         device_map=device_map, trust_remote_code=trust_remote_code), where="load_model")
-    return await _service(ctx).load(QLORA, config, model_id)
+    loaded = await service_of(ctx).load(QLORA, config, model_id)
+    return {
+        "status": "success",
+        "model_id": loaded.model_id,
+        "model_name": config.model_name,
+        "trainable_params": loaded.info["trainable_params"],
+        "total_params": loaded.info["total_params"],
+        "config": _spec_config(config, loaded.info),
+        "device": loaded.device,
+        "warnings": loaded.info["warnings"],
+    }
+
+
+def _spec_config(config: LoadConfig, info: dict[str, Any]) -> dict[str, Any]:
+    return {**config.spec_dict(), "target_modules": info["target_modules"]}
 
 
 @agent_tool
@@ -145,7 +120,9 @@ async def qloraevolved_prepare_for_training(
     """
     values = {k: v for k, v in locals().items() if k not in ("model_id", "ctx")}
     config = validated(TrainingConfig, values, where="prepare_for_training")
-    return await _service(ctx).prepare(QLORA, model_id, config)
+    result = await service_of(ctx).prepare(QLORA, model_id, config)
+    return {"status": "success", "message": f"Model {model_id} prepared for training", "config": config.spec_dict(),
+            "warnings": result["warnings"]}
 
 
 @agent_tool
@@ -184,16 +161,7 @@ async def qloraevolved_train(
     wait_seconds: WaitSeconds = 45,
     ctx: Context = None,
 ) -> dict[str, Any]:
-    """Fine-tune a loaded model's LoRA adapter with TRL's SFTTrainer and save it to <output_dir>/final.
-
-    Runs as a background job. If it ends within wait_seconds the answer is final: status 'success', metrics
-    (train_loss, train_runtime, ... and eval_loss with eval_dataset) and output_dir, a PEFT adapter folder
-    loadable with PeftModel.from_pretrained. Otherwise it answers status 'running' with a job_id: poll
-    qloraevolved_training_status(job_id=...) every 30-60 s. Progress notifications (step/total, loss) flow while
-    the call waits. Cancelling this call (MCP cancellation or a client timeout) does NOT stop training; only
-    qloraevolved_cancel_training does, saving a checkpoint. Trains on the answer part only for prompt/completion,
-    Alpaca and chat rows; every example ends with EOS. Unprepared models use the prepare defaults (see warnings).
-    """
+    """Fine-tune a loaded model's LoRA adapter with TRL's SFTTrainer and save it to <output_dir>/final."""
     given = {k: v for k, v in locals().items()
              if k not in ("model_id", "train_dataset", "eval_dataset", "training_config", "ctx", "wait_seconds")
              and v is not None}
@@ -206,64 +174,24 @@ async def qloraevolved_train(
     async def progress(step: int, total: int, message: str) -> None:
         await ctx.report_progress(step, total, message)
 
-    return await _service(ctx).train(QLORA, model_id, train_dataset, eval_dataset, overrides, wait_seconds, progress)
+    return await service_of(ctx).train(QLORA, model_id, train_dataset, eval_dataset, overrides, wait_seconds, progress)
 
 
-@agent_tool
-async def qloraevolved_training_status(
-    model_id: Annotated[str | None, Field(description="Model whose latest training job to show.")] = None,
-    job_id: Annotated[str | None, Field(description="Job id returned by qloraevolved_train.")] = None,
-    include_plot: Annotated[bool, Field(description="Also return the loss curve (train/eval loss, learning "
-                                                    "rate) as a PNG image.")] = False,
-    ctx: Context = None,
-) -> Annotated[CallToolResult, dict[str, Any]]:
-    """State of a training job (queued, running, succeeded, failed, cancelled): step/total, latest and recent
-    losses, eval loss, learning rate, samples/s, ETA, last checkpoint, output_dir, error, worker log tail.
-
-    Give model_id (its latest job) or job_id. Cheap: poll every 30-60 s while 'running'.
-    """
-    service = _service(ctx)
-    answer = service.training_status(QLORA, model_id, job_id)
-    return _with_plot(answer, service.loss_plot(QLORA, model_id, job_id) if include_plot else None)
-
-
-@agent_tool
-async def qloraevolved_cancel_training(
-    model_id: Annotated[str | None, Field(description="Model whose running job to stop.")] = None,
-    job_id: Annotated[str | None, Field(description="Job id returned by qloraevolved_train.")] = None,
-    ctx: Context = None,
-) -> dict[str, Any]:
-    """Stop a running training job at the next step boundary; a checkpoint is saved and the job ends
-    'cancelled'. Continue it later with qloraevolved_train(resume_from_checkpoint=true)."""
-    return _service(ctx).cancel_training(QLORA, model_id, job_id)
-
-
-@agent_tool
-async def qloraevolved_list_jobs(ctx: Context = None) -> dict[str, Any]:
-    """Every training job of this family, including those from before a server restart: state, step, loss,
-    output_dir and final adapter folder, last checkpoint, error."""
-    return _service(ctx).list_jobs(QLORA)
-
-
-def _with_plot(answer: dict[str, Any], png: bytes | None) -> CallToolResult:
-    content: list[Any] = [TextContent(type="text", text=json.dumps(answer, indent=2))]
-    if png is not None:
-        content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"))
-    return CallToolResult(content=content, structured_content=answer)
-
-
-@agent_tool
-async def qloraevolved_unload_model(model_id: ModelId, ctx: Context = None) -> dict[str, Any]:
-    """Unload a model: its worker process ends, so all its CPU and GPU memory is released."""
-    return await _service(ctx).unload(QLORA, model_id)
+qloraevolved_train.__doc__ += "\n\n" + train_description(QLORA)
 
 
 @agent_tool
 async def qloraevolved_list_models(ctx: Context = None) -> dict[str, Any]:
     """List the loaded models with their load config, device and state (ready, prepared, busy, lost)."""
-    return _service(ctx).list(QLORA)
+    service = service_of(ctx)
+    return {"status": "success", "models": {
+        m.model_id: {"config": _spec_config(m.load_config, m.info), "device": m.device,
+                     "state": service.model_state(m)} for m in service.models(QLORA)}}
 
 
-QLORA_TOOLS = [qloraevolved_load_model, qloraevolved_prepare_for_training, qloraevolved_train,
-               qloraevolved_unload_model, qloraevolved_list_models, qloraevolved_training_status,
-               qloraevolved_cancel_training, qloraevolved_list_jobs]
+def register(server: Any) -> None:
+    for tool in (qloraevolved_load_model, qloraevolved_prepare_for_training, qloraevolved_train,
+                 qloraevolved_list_models):
+        server.add_tool(tool)
+    for fn, name, description in shared_tools(QLORA):
+        server.add_tool(fn, name=name, description=description)

@@ -1,0 +1,125 @@
+"""The unsloth_* tools (spec: unsloth_integration.md): same pool, jobs and training engine as the qloraevolved
+family; the worker loads with Unsloth's FastLanguageModel and attaches LoRA at prepare time. Every answer says
+which engine ran ("unsloth", or "transformers" where Unsloth cannot be imported)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from mcp.server.mcpserver import Context
+from pydantic import Field
+
+from llm_mcp.config import MaxLength, UnslothLoadConfig, UnslothTrainingConfig, validated
+from llm_mcp.server.common import DatasetArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
+from llm_mcp.server.service import UNSLOTH
+
+log = logging.getLogger(__name__)
+
+ModelId = Annotated[str, Field(description="Id returned by unsloth_load_model.")]
+
+
+@agent_tool
+async def unsloth_load_model(
+    model_name: Annotated[str, Field(description="Local Hugging Face model folder, or a hub id such as "
+                                                 "'unsloth/Llama-3.2-1B' (needs the hub or its cache).")],
+    max_seq_length: MaxLength = UnslothLoadConfig.max_seq_length,
+    load_in_4bit: Annotated[bool, Field(description="Load weights in 4-bit (bitsandbytes NF4).")]
+    = UnslothLoadConfig.load_in_4bit,
+    token: Annotated[str | None, Field(description="Hugging Face token for gated models; never echoed or "
+                                                   "stored.")] = None,
+    device_map: Annotated[str, Field(description="'auto' places the model on the GPU when there is one.")]
+    = UnslothLoadConfig.device_map,
+    model_id: Annotated[str | None, Field(description="Id to give the model; default '<name>-unsloth' (numbered "
+                                                      "when taken).")] = None,
+    ctx: Context = None,
+) -> dict[str, Any]:
+    """Load a model with Unsloth's FastLanguageModel in its own worker process (LoRA is attached by
+    unsloth_prepare_for_training). Returns model_id, max_seq_length, dtype, device, engine and warnings.
+    Next: unsloth_prepare_for_training, then unsloth_train."""
+    config = validated(UnslothLoadConfig, dict(model_name=model_name, max_seq_length=max_seq_length,
+                                               load_in_4bit=load_in_4bit, token=token, device_map=device_map),
+                       where="load_model")
+    loaded = await service_of(ctx).load(UNSLOTH, config, model_id)
+    return {
+        "status": "success",
+        "model_id": loaded.model_id,
+        "model_name": model_name,
+        "max_seq_length": max_seq_length,
+        "dtype": loaded.info["dtype"],
+        "device": loaded.device,
+        "engine": loaded.info["engine"],
+        "warnings": loaded.info["warnings"],
+    }
+
+
+@agent_tool
+async def unsloth_prepare_for_training(
+    model_id: ModelId,
+    training_config: Annotated[UnslothTrainingConfig | None, Field(
+        description="Training settings and LoRA (r, lora_alpha, lora_dropout, target_modules); omitted keys take "
+                    "the defaults shown. use_gradient_checkpointing also accepts 'unsloth'.")] = None,
+    ctx: Context = None,
+) -> dict[str, Any]:
+    """Attach the LoRA adapter (Unsloth's get_peft_model) and set the training configuration.
+
+    Returns trainable_params (LoRA) and total_params. Next: unsloth_train with a dataset."""
+    settings = training_config or UnslothTrainingConfig()
+    result = await service_of(ctx).prepare(UNSLOTH, model_id, settings)
+    return {
+        "status": "success",
+        "message": f"Model {model_id} prepared for training",
+        "trainable_params": result["trainable_params"],
+        "total_params": result["total_params"],
+        "config": _asdict(settings),
+        "engine": result["engine"],
+        "warnings": result["warnings"],
+    }
+
+
+@agent_tool
+async def unsloth_train(
+    model_id: ModelId,
+    train_dataset: DatasetArg,
+    eval_dataset: Annotated[DatasetArg | None, Field(description="Optional evaluation data, same forms; eval_loss "
+                                                                 "is reported at the end.")] = None,
+    training_config: Annotated[dict[str, Any] | None, Field(
+        description="Overrides of the prepared settings by name (learning_rate, max_steps, output_dir, ...), plus "
+                    "dataset_format, resume_from_checkpoint, overwrite_output_dir, eval_steps.")] = None,
+    wait_seconds: WaitSeconds = 45,
+    ctx: Context = None,
+) -> dict[str, Any]:
+    """Fine-tune the model's LoRA adapter (TRL's SFTTrainer under Unsloth) and save it to <output_dir>/final."""
+
+    async def progress(step: int, total: int, message: str) -> None:
+        await ctx.report_progress(step, total, message)
+
+    return await service_of(ctx).train(UNSLOTH, model_id, train_dataset, eval_dataset, training_config or {},
+                                       wait_seconds, progress)
+
+
+unsloth_train.__doc__ += "\n\n" + train_description(UNSLOTH)
+
+
+@agent_tool
+async def unsloth_list_models(ctx: Context = None) -> dict[str, Any]:
+    """The loaded unsloth models as {model_id: {config, device}} (plus engine and state)."""
+    service = service_of(ctx)
+    return {m.model_id: {"config": m.load_config.spec_dict(m.info["dtype"]), "device": m.device,
+                         "engine": m.info["engine"], "state": service.model_state(m)}
+            for m in service.models(UNSLOTH)}
+
+
+def _asdict(settings: UnslothTrainingConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    values = asdict(settings)
+    values["target_modules"] = list(values["target_modules"]) if values["target_modules"] else None
+    return values
+
+
+def register(server: Any) -> None:
+    for tool in (unsloth_load_model, unsloth_prepare_for_training, unsloth_train, unsloth_list_models):
+        server.add_tool(tool)
+    for fn, name, description in shared_tools(UNSLOTH):
+        server.add_tool(fn, name=name, description=description)
