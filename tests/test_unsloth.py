@@ -1,0 +1,122 @@
+"""The unsloth_* family through the MCP client: real Unsloth (its CPU mode) in its own interpreter, and the
+transformers fallback where Unsloth cannot be imported."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import McpSession
+from llm_mcp.config import ServerConfig
+from llm_mcp.server.app import create_server
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_TRAINING_DEFAULTS = {"learning_rate": 2e-4, "batch_size": 2, "gradient_accumulation_steps": 4, "warmup_steps": 10,
+                          "max_steps": 100, "output_dir": "unsloth_finetuned_model", "logging_steps": 1,
+                          "save_steps": 100, "optim": "adamw_8bit", "weight_decay": 0.01,
+                          "lr_scheduler_type": "cosine", "seed": 42, "use_gradient_checkpointing": True}
+MEMORISE = {"learning_rate": 3e-3, "batch_size": 8, "gradient_accumulation_steps": 1, "warmup_steps": 0,
+            "max_steps": 80, "lr_scheduler_type": "constant", "logging_steps": 5, "output_dir": "u-run",
+            "report_to": "none"}
+
+
+def _unsloth_python() -> str:
+    python = os.environ.get("LLM_MCP_UNSLOTH_PYTHON") or str(ROOT / ".venv-unsloth" / "bin" / "python")
+    if not Path(python).is_file():
+        if os.environ.get("LLM_MCP_REQUIRE_UNSLOTH"):
+            pytest.fail(f"no Unsloth environment at {python} (scripts/setup-unsloth-env.sh builds it)")
+        pytest.skip("no Unsloth environment (run scripts/setup-unsloth-env.sh)")
+    return python
+
+
+@pytest.fixture(scope="module")
+def umcp(workspace):
+    config = ServerConfig(workspace=str(workspace), unsloth_python=_unsloth_python())
+    with McpSession(create_server(config)) as session:
+        yield session
+
+
+def test_unsloth_tool_schemas_carry_the_spec_defaults(mcp):
+    """unsloth_load_model and the training_config of unsloth_prepare_for_training have the spec's defaults."""
+    tools = mcp.tools()
+    load = tools["unsloth_load_model"].input_schema["properties"]
+    assert {k: load[k].get("default") for k in ("max_seq_length", "load_in_4bit", "token", "device_map")} == {
+        "max_seq_length": 2048, "load_in_4bit": True, "token": None, "device_map": "auto"}
+    prepare = tools["unsloth_prepare_for_training"].input_schema
+    fields = prepare["$defs"]["UnslothTrainingConfig"]["properties"]
+    assert {k: fields[k]["default"] for k in SPEC_TRAINING_DEFAULTS} == SPEC_TRAINING_DEFAULTS
+    assert sorted(tools["unsloth_train"].input_schema["required"]) == ["model_id", "train_dataset"]
+
+
+def test_real_unsloth_flow(umcp, tiny_model, demo_rows, workspace):
+    """load -> prepare -> train -> list -> unload with Unsloth itself: the spec's keys, engine 'unsloth', the
+    loss falls, and the adapter reloads with plain peft and reproduces trained answers."""
+    loaded = umcp.ok("unsloth_load_model", {"model_name": str(tiny_model), "max_seq_length": 128})
+    assert {"status", "model_id", "model_name", "max_seq_length", "dtype", "device"} <= set(loaded)
+    assert loaded["model_id"] == "tiny-llama-unsloth" and loaded["engine"] == "unsloth"
+    assert loaded["max_seq_length"] == 128 and loaded["device"] == "cpu"
+    second = umcp.ok("unsloth_load_model", {"model_name": str(tiny_model), "max_seq_length": 128})
+    assert second["model_id"] == "tiny-llama-unsloth-2"  # a taken id gets a number, never an overwrite
+    umcp.ok("unsloth_unload_model", {"model_id": second["model_id"]})
+
+    prepared = umcp.ok("unsloth_prepare_for_training", {"model_id": loaded["model_id"], "training_config": MEMORISE})
+    assert prepared["message"] == "Model tiny-llama-unsloth prepared for training"
+    assert 0 < prepared["trainable_params"] < prepared["total_params"] and prepared["engine"] == "unsloth"
+
+    trained = umcp.ok("unsloth_train", {"model_id": loaded["model_id"], "train_dataset": demo_rows,
+                                        "wait_seconds": -1})
+    assert trained["status"] == "success" and trained["engine"] == "unsloth"
+    assert {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch"} <= set(
+        trained["metrics"])
+    assert trained["output_dir"] == "u-run/final"
+    assert trained["loss"]["last"] < 0.3 * trained["loss"]["first"]
+
+    listed = umcp.ok("unsloth_list_models")
+    assert set(listed) == {"tiny-llama-unsloth"}
+    assert set(listed["tiny-llama-unsloth"]["config"]) == {"model_name", "max_seq_length", "dtype", "load_in_4bit",
+                                                           "device_map"}
+    assert umcp.ok("unsloth_unload_model", {"model_id": "tiny-llama-unsloth"}) == {
+        "status": "success", "message": "Model tiny-llama-unsloth unloaded"}
+    assert umcp.ok("unsloth_list_models") == {}
+    _assert_adapter_reproduces(workspace / trained["output_dir"], tiny_model, demo_rows)
+
+
+def _assert_adapter_reproduces(adapter: Path, tiny_model: Path, rows: list[dict]) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16))
+    for module in base.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    hits = 0
+    for row in rows[:6]:
+        ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+        hits += tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == row["completion"].strip()
+    assert hits >= 4, f"only {hits}/6 trained answers reproduced by the reloaded adapter"
+
+
+def test_fallback_engine_says_so(mcp, tiny_model, demo_rows):
+    """Where Unsloth cannot be imported (this environment), the unsloth tools still work through the transformers
+    engine, say engine='transformers' in every answer, and warn why."""
+    loaded = mcp.ok("unsloth_load_model", {"model_name": str(tiny_model), "max_seq_length": 128})
+    assert loaded["engine"] == "transformers"
+    assert any("Unsloth could not be imported" in w for w in loaded["warnings"])
+    prepared = mcp.ok("unsloth_prepare_for_training", {"model_id": loaded["model_id"]})
+    assert prepared["engine"] == "transformers" and prepared["config"]["r"] == 16
+    trained = mcp.ok("unsloth_train", {"model_id": loaded["model_id"], "train_dataset": demo_rows,
+                                       "wait_seconds": -1,
+                                       "training_config": {"max_steps": 3, "output_dir": "fallback"}})
+    assert trained["status"] == "success" and trained["engine"] == "transformers"
+    text = mcp.error("unsloth_train", {"model_id": loaded["model_id"], "train_dataset": demo_rows,
+                                       "training_config": {"r": 8, "output_dir": "fallback2"}})
+    assert "LoRA" in text and "load the model again" in text
+    mcp.ok("unsloth_unload_model", {"model_id": loaded["model_id"]})
