@@ -119,4 +119,12 @@ def test_fallback_engine_says_so(mcp, tiny_model, demo_rows):
     text = mcp.error("unsloth_train", {"model_id": loaded["model_id"], "train_dataset": demo_rows,
                                        "training_config": {"r": 8, "output_dir": "fallback2"}})
     assert "LoRA" in text and "load the model again" in text
+    text = mcp.error("unsloth_prepare_for_training", {"model_id": loaded["model_id"], "training_config": {"r": 8}})
+    assert "r" in text and "load the model again" in text  # a second prepare cannot silently keep the old adapter
+    text = mcp.error("unsloth_prepare_for_training", {"model_id": loaded["model_id"],
+                                                      "training_config": {"bf16": True, "fp16": True}})
+    assert "fp16" in text
+    text = mcp.error("unsloth_prepare_for_training", {"model_id": loaded["model_id"],
+                                                      "training_config": {"learing_rate": 1e-3}})
+    assert "learing_rate" in text
     mcp.ok("unsloth_unload_model", {"model_id": loaded["model_id"]})

@@ -67,7 +67,7 @@ async def _flow(workdir: Path, model_dir: Path, steps: int) -> Path:
 
         trained = await _call(client, "qloraevolved_train", {
             "model_id": "tiny-demo", "train_dataset": demo_records(), "eval_dataset": demo_records()[:8],
-            "overwrite_output_dir": True}, progress_callback=progress)
+            "overwrite_output_dir": True, "wait_seconds": -1}, progress_callback=progress)
         _show("qloraevolved_train result", trained, ["status", "metrics", "output_dir", "loss"])
         print(f"   loss before -> after: {trained['loss']['first']:.3f} -> {trained['loss']['last']:.3f}")
 

@@ -11,7 +11,7 @@
      +-- OutOfMemory          training ran out of GPU memory (message carries concrete advice)
      +-- EngineError          loading/training failed inside the worker (message carries the cause)
 
-Only server/tools.py turns these into MCP tool errors. Leaf module: imports nothing from the package.
+Only server/common.py (agent_tool) turns these into MCP tool errors. Leaf module: imports nothing from the package.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class LlmMcpError(Exception):
     """Base of every error whose message is meant for the agent."""
 
 
-class InvalidArgument(LlmMcpError):
+class InvalidArgument(LlmMcpError, ValueError):  # a ValueError so pydantic validation reports it per field
     def __init__(self, name: str, got: object, allowed: str) -> None:
         self.name = name
         super().__init__(f"{name}={got!r} is not valid; expected {allowed}.")
@@ -36,6 +36,8 @@ class InvalidArgument(LlmMcpError):
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__") or where
             if err.get("type") in ("unexpected_keyword_argument", "extra_forbidden"):
                 parts.append(f"{where}.{loc} is not a known parameter")
+            elif err.get("type") == "value_error" and isinstance(err.get("ctx", {}).get("error"), LlmMcpError):
+                parts.append(str(err["ctx"]["error"]).rstrip("."))  # our own check: its message names the field
             else:
                 parts.append(f"{where}.{loc}={err.get('input')!r}: {err.get('msg')}")
         inst = cls.__new__(cls)

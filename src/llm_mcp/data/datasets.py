@@ -154,7 +154,8 @@ def _convert(row: dict[str, Any], fmt: str) -> dict[str, Any] | None:
     if fmt == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt/completion
-            return {"messages": _clean_messages(prompt + completion)}
+            messages = _clean_messages(prompt + completion)
+            return {"messages": messages} if messages else None
         if isinstance(prompt, str) and isinstance(completion, str) and completion.strip():
             return {"prompt": prompt, "completion": completion}
         return None
@@ -166,9 +167,9 @@ def _convert(row: dict[str, Any], fmt: str) -> dict[str, Any] | None:
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
     if fmt == "sharegpt":
         turns = row.get("conversations") or []
-        messages = [{"role": _SHAREGPT_ROLES.get(str(t.get("from")), ""), "content": t.get("value")}
-                    for t in turns if isinstance(t, dict)]
-        return {"messages": _clean_messages(messages)}
+        messages = _clean_messages([{"role": _SHAREGPT_ROLES.get(str(t.get("from")), ""), "content": t.get("value")}
+                                    for t in turns if isinstance(t, dict)])
+        return {"messages": messages} if messages else None
     messages = _clean_messages(row.get("messages"))
     return {"messages": messages} if messages else None
 

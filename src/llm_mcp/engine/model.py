@@ -15,7 +15,7 @@ import torch
 
 from llm_mcp.config import DEFAULT_TARGET_MODULES, LoadConfig
 from llm_mcp.engine.device import detect, torch_dtype
-from llm_mcp.errors import InvalidArgument
+from llm_mcp.errors import EngineError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,13 @@ def load_base(model_name: str, *, nf4: bool, double_quant: bool, dtype: torch.dt
             device_map=_device_map(device_map, warnings), trust_remote_code=trust_remote_code,
             attn_implementation="sdpa", token=token,
         )
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise InvalidArgument(
             "model_name", model_name,
             f"a local Hugging Face model folder (with config.json) or a hub id reachable from here ({exc})",
         ) from None
+    except ValueError as exc:
+        raise EngineError(f"loading model_name={model_name!r} failed: {exc}") from None
     avoid_cpu_repack_bug(model)
     fix_tokenizer(tokenizer, model, max_length)
     if nf4:

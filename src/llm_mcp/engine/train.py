@@ -79,10 +79,12 @@ def _hardware_choices(bundle: ModelBundle, config: TrainingConfig) -> tuple[dict
 def _mixed_precision(bundle: ModelBundle, config: TrainingConfig, warnings: list[str]) -> tuple[bool, bool]:
     """bf16/fp16 autocast: as asked where the hardware has it, else from the model's compute dtype."""
     hw = detect()
-    bf16 = bundle.compute_dtype == "bfloat16" if config.bf16 is None else config.bf16
-    fp16 = hw.has_cuda and bundle.compute_dtype == "float16" if config.fp16 is None else config.fp16
-    if config.bf16 is None and config.fp16 is None and hw.has_cuda and not hw.bf16_supported:
-        bf16, fp16 = False, True
+    if config.bf16 is None and config.fp16 is None:
+        bf16, fp16 = bundle.compute_dtype == "bfloat16", hw.has_cuda and bundle.compute_dtype == "float16"
+        if hw.has_cuda and not hw.bf16_supported and bf16:
+            bf16, fp16 = False, True
+    else:  # one flag given: the other defaults to off
+        bf16, fp16 = bool(config.bf16), bool(config.fp16)
     if bf16 and not hw.bf16_supported:
         warnings.append("bf16=true is not supported by this GPU; training in fp16 instead.")
         bf16, fp16 = False, True
@@ -186,7 +188,7 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
     warnings += _engine_changes(trainer, choices)
     result = _run_guarded(trainer, resume, config, bundle)
     metrics = {k: float(result.metrics[k]) for k in SPEC_METRICS if k in result.metrics}
-    if eval_data is not None:
+    if eval_data is not None and not callback.stopped:  # a stopped run saves and ends quickly
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     final = out / "final"
     trainer.save_model(str(final))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from llm_mcp.errors import InvalidArgument, LlmMcpError, WorkerBusy
+from llm_mcp.errors import InvalidArgument, WorkerBusy
 from llm_mcp.jobs.store import JobRecord, JobStore
 from llm_mcp.workers.pool import LoadedModel, new_request_id
 from llm_mcp.workers.protocol import Progress, Stop, Train
@@ -66,7 +66,7 @@ class JobManager:
         self.store.transition(record.job_id, "running")  # before submit: the pump may finish it at once
         try:
             future = loaded.worker.submit(command, on_progress=lambda ev: self._on_progress(record.job_id, ev))
-        except LlmMcpError as exc:
+        except BaseException as exc:
             self._finish(record.job_id, error=exc)
             raise
         future.add_done_callback(lambda f: self._on_done(record.job_id, f))
@@ -89,17 +89,21 @@ class JobManager:
         self._finish(job_id, result=None if error else future.result(), error=error)
 
     def _finish(self, job_id: str, *, result: dict[str, Any] | None = None, error: BaseException | None = None) -> None:
-        if error is not None:
-            self.store.transition(job_id, "failed", error=str(error))
-        else:
-            result = {**result, "job_id": job_id}
-            state = "cancelled" if result.get("status") == "cancelled" else "succeeded"
-            self.store.transition(job_id, state, result=result)
-        live = self._live.pop(job_id, None)
-        if live is not None:
-            live.finished.set_result(job_id)
-            for waiter in live.waiters:
-                waiter.loop.call_soon_threadsafe(waiter.queue.put_nowait, None)
+        try:
+            if error is not None:
+                self.store.transition(job_id, "failed", error=str(error) or type(error).__name__)
+            else:
+                result = {**result, "job_id": job_id}
+                state = "cancelled" if result.get("status") == "cancelled" else "succeeded"
+                self.store.transition(job_id, state, result=result)
+        except Exception:  # the record could not be written; the model must not stay "busy" because of it
+            log.exception("could not record the end of job %s", job_id)
+        finally:
+            live = self._live.pop(job_id, None)
+            if live is not None:
+                live.finished.set_result(job_id)
+                for waiter in list(live.waiters):
+                    waiter.loop.call_soon_threadsafe(waiter.queue.put_nowait, None)
 
     # -- waiting ----------------------------------------------------------------------------------------------
     async def wait(self, job_id: str, seconds: float, on_progress: ProgressSink | None) -> JobRecord:
@@ -125,7 +129,7 @@ class JobManager:
 
     # -- reading and stopping ---------------------------------------------------------------------------------
     def active_job(self, model_id: str) -> JobRecord | None:
-        for job_id, live in self._live.items():
+        for job_id, live in list(self._live.items()):  # the pump thread may remove entries meanwhile
             if live.loaded.model_id == model_id:
                 return self.store.get(job_id)
         return None

@@ -7,6 +7,7 @@ server. One connection guarded by a lock; WAL so reads never wait on the disk.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -42,7 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_checkpoint TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error TEXT,
-    result TEXT
+    result TEXT,
+    server_pid INTEGER
 );
 CREATE TABLE IF NOT EXISTS job_points (
     job_id TEXT NOT NULL,
@@ -54,6 +56,18 @@ CREATE TABLE IF NOT EXISTS job_points (
 );
 CREATE INDEX IF NOT EXISTS job_points_by_job ON job_points (job_id, step);
 """
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,7 @@ class JobRecord:
     cancel_requested: bool
     error: str | None
     result: dict[str, Any] | None
+    server_pid: int | None
 
     @property
     def is_terminal(self) -> bool:
@@ -110,25 +125,26 @@ class JobStore:
         job_id = f"j-{uuid.uuid4().hex[:8]}"
         with self._lock:
             self._db.execute(
-                "INSERT INTO jobs (job_id, model_id, family, state, created_at, config, output_dir, log_path) "
-                "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (job_id, model_id, family, time.time(), json.dumps(config), output_dir, log_path))
+                "INSERT INTO jobs (job_id, model_id, family, state, created_at, config, output_dir, log_path, "
+                "server_pid) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (job_id, model_id, family, time.time(), json.dumps(config), output_dir, log_path, os.getpid()))
         return self.get(job_id)
 
     def transition(self, job_id: str, state: JobState, *, error: str | None = None,
                    result: dict[str, Any] | None = None) -> JobRecord:
         """Move a job to `state`; illegal moves (e.g. out of a terminal state) are refused."""
-        current = self.get(job_id)
-        if state not in _ALLOWED.get(current.state, set()):
-            raise AssertionError(f"job {job_id}: illegal transition {current.state} -> {state}")
+        sources = [s for s, targets in _ALLOWED.items() if state in targets]
         now = time.time()
-        with self._lock:
-            self._db.execute(
+        with self._lock:  # check and write in one statement: the pump thread and tool calls both transition
+            changed = self._db.execute(
                 "UPDATE jobs SET state = ?, error = COALESCE(?, error), result = COALESCE(?, result), "
                 "started_at = CASE WHEN ? = 'running' THEN ? ELSE started_at END, "
                 "finished_at = CASE WHEN ? IN ('succeeded', 'failed', 'cancelled') THEN ? ELSE finished_at END "
-                "WHERE job_id = ?",
-                (state, error, json.dumps(result) if result is not None else None, state, now, state, now, job_id))
+                f"WHERE job_id = ? AND state IN ({', '.join('?' * len(sources))})",
+                (state, error, json.dumps(result) if result is not None else None, state, now, state, now, job_id,
+                 *sources)).rowcount
+        if not changed:
+            raise AssertionError(f"job {job_id}: illegal transition {self.get(job_id).state} -> {state}")
         return self.get(job_id)
 
     def record_progress(self, job_id: str, *, step: int, total_steps: int, loss: float | None,
@@ -175,10 +191,12 @@ class JobStore:
         return [dict(r) for r in rows]
 
     def recover_after_restart(self) -> int:
-        """Jobs that were queued or running when the server stopped can no longer finish: mark them failed."""
+        """Jobs left queued or running by a server that is gone can no longer finish: mark them failed. Jobs of
+        another live server on the same workspace are left alone."""
         with self._lock:
-            rows = self._db.execute("SELECT job_id, last_checkpoint FROM jobs "
-                                    "WHERE state IN ('queued', 'running')").fetchall()
+            rows = [r for r in self._db.execute("SELECT job_id, last_checkpoint, server_pid FROM jobs "
+                                                "WHERE state IN ('queued', 'running')").fetchall()
+                    if not _process_alive(r["server_pid"])]
             for row in rows:
                 hint = (f" The last checkpoint is {row['last_checkpoint']}: load the model again and call train with "
                         "resume_from_checkpoint=true to continue from it." if row["last_checkpoint"] else "")

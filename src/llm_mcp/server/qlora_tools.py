@@ -157,6 +157,8 @@ async def qloraevolved_train(
     output_dir: str | None = None,
     report_to: ReportTo | None = None,
     use_gradient_checkpointing: bool | None = None,
+    use_flash_attention_2: bool | None = None,
+    use_cpu_offload: bool | None = None,
     seed: Seed | None = None,
     wait_seconds: WaitSeconds = 45,
     ctx: Context = None,

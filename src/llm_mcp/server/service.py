@@ -49,7 +49,15 @@ QLORA = Family("qloraevolved", "qlora-evolved", with_timestamp=True, training_co
 UNSLOTH = Family("unsloth", "unsloth", with_timestamp=False, training_config=UnslothTrainingConfig)
 
 
-_LORA_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_gradient_checkpointing"}
+_LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_gradient_checkpointing")
+
+
+def _lora_shape(lora: Any) -> Any:
+    return dataclasses.replace(lora, seed=0)  # the seed only matters when the adapter is created
+
+
+def _lora_fields(settings: UnslothTrainingConfig) -> dict[str, Any]:
+    return {k: getattr(settings, k) for k in _LORA_KEYS}
 
 
 def engine_training_config(settings: TrainingSettings) -> TrainingConfig:
@@ -76,6 +84,7 @@ class ModelService:
                 raise ModelIdTaken(model_id, family.tool("unload_model"))
             return model_id
         base = re.sub(r"[^a-z0-9._-]+", "-", Path(model_name.rstrip("/")).name.lower()).strip("-._") or "model"
+        base = base.removesuffix("-hf") or base  # the spec: meta-llama/Llama-2-7b-hf -> llama-2-7b-...
         stem = f"{base[:80]}-{family.id_suffix}" + (f"-{int(time.time())}" if family.with_timestamp else "")
         candidate, n = stem, 2
         while self.pool.is_taken(candidate):  # never a silent overwrite of a loaded model
@@ -108,6 +117,12 @@ class ModelService:
         answer: parameter counts after LoRA, and warnings."""
         loaded = self._get(family, model_id)
         lora = settings.lora() if isinstance(settings, UnslothTrainingConfig) else None
+        if lora is not None and isinstance(loaded.training_config, UnslothTrainingConfig) \
+                and _lora_shape(lora) != _lora_shape(loaded.training_config.lora()):
+            raise InvalidArgument("training_config", _lora_fields(settings), "the LoRA settings this model was "
+                                  "prepared with (r, lora_alpha, lora_dropout, target_modules, "
+                                  "use_gradient_checkpointing): the adapter is attached; load the model again "
+                                  "to change them")
         result = await loaded.worker.request(Prepare(new_request_id(), engine_training_config(settings), lora))
         loaded.training_config = settings
         return result
@@ -140,8 +155,7 @@ class ModelService:
         record = await self.jobs.wait(record.job_id, wait_seconds, forward if on_progress else None)
         if record.state == "failed":
             raise TrainingFailed(f"training job {record.job_id} failed: {record.error}")
-        if record.is_terminal:
-            loaded.training_config = settings
+        if record.is_terminal:  # a call's overrides apply to its run only; the prepared config stays
             return record.result
         return {
             "status": "running",
@@ -198,8 +212,8 @@ class ModelService:
         settings = validated(type(base), {**dataclasses.asdict(base), **train_values}, where="training_config")
         options = validated(RunOptions, run_values, where="training_config")
         if isinstance(base, UnslothTrainingConfig) and loaded.training_config is not None \
-                and dataclasses.replace(settings.lora(), seed=0) != dataclasses.replace(base.lora(), seed=0):
-            raise InvalidArgument("training_config", {k: train_values[k] for k in train_values if k in _LORA_KEYS},
+                and _lora_shape(settings.lora()) != _lora_shape(base.lora()):
+            raise InvalidArgument("training_config", _lora_fields(settings),
                                   "no LoRA changes after prepare_for_training attached the adapter (r, lora_alpha, "
                                   "lora_dropout, target_modules, use_gradient_checkpointing); load the model again "
                                   "to change them")

@@ -16,7 +16,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -85,9 +85,13 @@ class WorkerProcess:
         try:
             with self._send_lock:
                 self._conn.send(command)
-        except OSError as exc:
+        except BaseException as exc:
             self._pending.pop(command.request_id, None)
-            raise WorkerDied(f"the worker of {self.name!r} cannot be reached: {exc}") from None
+            if not is_control:
+                self._running_request, self.running = None, None
+            if isinstance(exc, OSError):
+                raise WorkerDied(f"the worker of {self.name!r} cannot be reached: {exc}") from None
+            raise
         return future
 
     async def request(self, command: Command) -> dict[str, Any]:
@@ -96,11 +100,20 @@ class WorkerProcess:
 
     def _pump(self) -> None:
         """Reader thread: route each event to its command's Future or progress listener; on EOF fail the rest."""
+        try:
+            self._route_events()
+        except Exception:  # an unreadable message (e.g. a mismatched worker environment): treat as a dead pipe
+            log.exception("event pump of %s stopped", self.name)
+            self.proc.kill()
+        finally:
+            self._fail_pending()
+
+    def _route_events(self) -> None:
         while True:
             try:
                 event: Event = self._conn.recv()
             except (EOFError, OSError):
-                break
+                return
             pending = self._pending.get(event.request_id)
             if isinstance(event, (Done, Failed)):
                 if event.request_id == self._running_request:
@@ -114,21 +127,20 @@ class WorkerProcess:
                         pending.on_progress(event)
                     except Exception:  # a listener bug must not stop the pump
                         log.exception("progress listener of %s failed", self.name)
-            elif pending.future.cancelled():  # the caller stopped waiting; the command still ran to its end
-                continue
             elif isinstance(event, Done):
-                pending.future.set_result(event.result)
+                _resolve(pending.future, result=event.result)
             else:
                 if event.traceback:
                     log.info("worker %s failed %s:\n%s", self.name, event.request_id, event.traceback)
-                pending.future.set_exception(rebuild(event.kind, event.message))
+                _resolve(pending.future, error=rebuild(event.kind, event.message))
+
+    def _fail_pending(self) -> None:
         code = self.proc.wait()
         self.exit_reason = self.exit_reason or _describe_exit(code, self.log_path)
         self._running_request, self.running = None, None
         for request_id in list(self._pending):
             pending = self._pending.pop(request_id)
-            if not pending.future.done():
-                pending.future.set_exception(WorkerDied(f"the worker of {self.name!r} ended: {self.exit_reason}"))
+            _resolve(pending.future, error=WorkerDied(f"the worker of {self.name!r} ended: {self.exit_reason}"))
 
     def stop(self) -> None:
         """Ask the worker to exit, then make sure it has; every byte it held goes back to the system."""
@@ -148,11 +160,25 @@ class WorkerProcess:
         self._conn.close()
 
 
+def _resolve(future: Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Complete a Future unless its caller cancelled it meanwhile (the command still ran to its end)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
 def _describe_exit(code: int, log_path: Path) -> str:
     if code < 0:
         import signal
 
-        reason = f"killed by signal {signal.Signals(-code).name}"
+        try:
+            reason = f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            reason = f"killed by signal {-code}"
     else:
         reason = f"exit code {code}"
     return f"{reason}; see the worker log {log_path}"

@@ -123,13 +123,17 @@ def worker_main(fd: int) -> None:
             break
         log.info("command %s %s", type(cmd).__name__, cmd.request_id)
         try:
-            channel.send(Done(cmd.request_id, handle(cmd, state, channel, stop)))
+            answer: Any = Done(cmd.request_id, handle(cmd, state, channel, stop))
         except LlmMcpError as exc:
-            channel.send(Failed(cmd.request_id, type(exc).__name__, str(exc)))
+            answer = Failed(cmd.request_id, type(exc).__name__, str(exc))
         except Exception as exc:  # report, never die: the model stays loaded for the next command
             log.exception("command %s failed", cmd.request_id)
-            channel.send(Failed(cmd.request_id, "EngineError", f"{type(exc).__name__}: {exc}",
-                                traceback.format_exc()))
+            answer = Failed(cmd.request_id, "EngineError", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        try:
+            channel.send(answer)
+        except OSError:  # the server is gone; nobody is left to answer
+            log.info("server gone; exiting")
+            break
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown of torch threads; the server waits on our exit
 
