@@ -66,10 +66,11 @@ def test_enums_and_bounds_are_in_the_schema(mcp):
         assert name in train["properties"]
 
 
-def test_server_process_never_imports_torch():
+def test_server_process_never_imports_torch(tmp_path):
     """Building the server and listing its tools leaves torch unimported (fast start, workers hold torch)."""
     code = ("import asyncio, sys\nfrom mcp import Client\nfrom llm_mcp.server.app import create_server\n"
             "async def main():\n    async with Client(create_server()) as c:\n        await c.list_tools()\n"
             "asyncio.run(main())\nprint('torch' in sys.modules, 'transformers' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                         cwd=tmp_path)
     assert out.stdout.strip().splitlines()[-1] == "False False"

@@ -70,6 +70,9 @@ def _process_alive(pid: int | None) -> bool:
     return True
 
 
+_ADDED_COLUMNS = [("server_pid", "INTEGER")]  # columns added after the first release of SCHEMA
+
+
 @dataclass(frozen=True)
 class JobRecord:
     job_id: str
@@ -115,6 +118,14 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Older state folders lack columns added since; add them (new columns are all nullable)."""
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
