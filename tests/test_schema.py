@@ -52,7 +52,7 @@ def test_parameters_and_defaults_match_the_spec(mcp, tool, defaults, required):
 def test_enums_and_bounds_are_in_the_schema(mcp):
     """Literal enums and numeric bounds reach the agent through the JSON schema."""
     load = mcp.tools()["qloraevolved_load_model"].input_schema
-    assert _enum(load, "quant_type") == ["nf4", "nf4_optimized", "int4", "fp8", "none"]
+    assert _enum(load, "quant_type") == ["nf4", "nf4_optimized", "int4", "fp8", "int8", "none"]
     assert _enum(load, "compute_dtype") == ["float16", "bfloat16", "float32"]
     assert load["properties"]["lora_rank"]["minimum"] == 1
     prepare = mcp.tools()["qloraevolved_prepare_for_training"].input_schema

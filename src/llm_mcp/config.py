@@ -15,7 +15,7 @@ from pydantic.dataclasses import dataclass
 
 from llm_mcp.errors import InvalidArgument
 
-QuantType = Literal["nf4", "nf4_optimized", "int4", "fp8", "none"]
+QuantType = Literal["nf4", "nf4_optimized", "int4", "fp8", "int8", "none"]
 ComputeDtype = Literal["float16", "bfloat16", "float32"]
 Optimizer = Literal[
     "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"
@@ -27,7 +27,7 @@ ReportTo = Literal["tensorboard", "none"]
 DatasetFormat = Literal["auto", "text", "alpaca", "prompt_completion", "messages"]
 
 # The quantization types implemented so far; the others of QuantType answer a clear "not supported yet".
-IMPLEMENTED_QUANT_TYPES: tuple[str, ...] = ("nf4", "none")
+IMPLEMENTED_QUANT_TYPES: tuple[str, ...] = ("nf4", "int4", "fp8", "int8", "none")
 FOUR_BIT_QUANT_TYPES: tuple[str, ...] = ("nf4", "nf4_optimized", "int4")
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from llm_mcp.config import DEFAULT_TARGET_MODULES, LoadConfig
+from llm_mcp.engine import quantize as quantization
 from llm_mcp.engine.device import detect, torch_dtype
 from llm_mcp.errors import EngineError, InvalidArgument
 
@@ -47,6 +48,8 @@ class ModelBundle:
     quantization: str = "none"
     target_modules: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    linear_weight_bytes: int = 0  # the linear layers' weights as stored (quantized), scales included
+    model_weight_bytes: int = 0  # every parameter and buffer as stored
 
     @property
     def has_lora(self) -> bool:
@@ -68,6 +71,7 @@ class ModelBundle:
             "engine": self.engine,
             "target_modules": self.target_modules,
             "quantization": self.quantization,
+            "memory": {"linear_weight_bytes": self.linear_weight_bytes, "model_weight_bytes": self.model_weight_bytes},
             "warnings": list(self.warnings),
         }
 
@@ -82,8 +86,7 @@ def load_model(config: LoadConfig) -> ModelBundle:
             f"load_in_4bit=false: quant_type={config.quant_type!r} is a 4-bit type, so the model is loaded "
             "unquantized in compute_dtype (plain LoRA)."
         )
-    assert quant in ("nf4", "none"), f"quant_type {quant} reached the engine unimplemented"
-    bundle = load_base(config.model_name, nf4=quant == "nf4", double_quant=config.use_double_quant, dtype=dtype,
+    bundle = load_base(config.model_name, quant=quant, double_quant=config.use_double_quant, dtype=dtype,
                        device_map=config.device_map, trust_remote_code=config.trust_remote_code,
                        max_length=config.max_length, warnings=warnings)
     attach_lora(bundle, r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
@@ -91,11 +94,12 @@ def load_model(config: LoadConfig) -> ModelBundle:
     return bundle
 
 
-def load_base(model_name: str, *, nf4: bool, double_quant: bool, dtype: torch.dtype, device_map: str,
+def load_base(model_name: str, *, quant: str, double_quant: bool, dtype: torch.dtype, device_map: str,
               trust_remote_code: bool, max_length: int, warnings: list[str], token: str | None = None) -> ModelBundle:
-    """Load a causal LM and its tokenizer with transformers: NF4 through bitsandbytes, or unquantized."""
+    """Load a causal LM and its tokenizer with transformers, its linear layers quantized as `quant`."""
     source = check_source(model_name)
-    quantization_config = _nf4_config(dtype, double_quant) if nf4 else None
+    quantization_config = quantization.quantization_config(quant, dtype, double_quant=double_quant,
+                                                           warnings=warnings)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,13 +119,16 @@ def load_base(model_name: str, *, nf4: bool, double_quant: bool, dtype: torch.dt
         raise EngineError(f"loading model_name={model_name!r} failed: {exc}") from None
     avoid_cpu_repack_bug(model)
     fix_tokenizer(tokenizer, model, max_length)
-    if nf4:
+    quantized_now = quantization.quantize_after_load(model, quant, warnings)
+    weight_bytes = quantization.linear_weight_bytes(model)
+    if quantization_config is not None:  # bitsandbytes; it would upcast (dequantize) torchao tensors
         from peft import prepare_model_for_kbit_training
 
         # Freezes the base and upcasts norms; gradient checkpointing is the trainer's business.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return ModelBundle(model, tokenizer, detect().device, max_length, str(dtype).removeprefix("torch."),
-                       device_map, quantization="nf4" if nf4 else "none", warnings=warnings)
+                       device_map, quantization=quant, warnings=warnings, linear_weight_bytes=weight_bytes,
+                       model_weight_bytes=quantization.model_weight_bytes(model))
 
 
 def attach_lora(bundle: ModelBundle, *, r: int, alpha: float, dropout: float,
@@ -159,15 +166,6 @@ def _compute_dtype(wanted: str, warnings: list[str]) -> torch.dtype:
         warnings.append("compute_dtype='float16' has no fast path on CPU; using bfloat16 instead.")
         return torch.bfloat16
     return torch_dtype(wanted)
-
-
-def _nf4_config(dtype: torch.dtype, double_quant: bool) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
-    )
 
 
 def _device_map(device_map: str, warnings: list[str]) -> Any:

@@ -52,7 +52,8 @@ def _load_with_transformers(config: UnslothLoadConfig) -> ModelBundle:
     dtype = torch.bfloat16 if hw.bf16_supported else torch.float16
     warnings = [f"Unsloth could not be imported here ({UNSLOTH_UNAVAILABLE}); the transformers engine (bitsandbytes "
                 f"+ peft + TRL) ran instead, with the same defaults. {INSTALL_HINT}"]
-    bundle = engine_model.load_base(config.model_name, nf4=config.load_in_4bit, double_quant=True, dtype=dtype,
+    bundle = engine_model.load_base(config.model_name, quant="nf4" if config.load_in_4bit else "none",
+                                    double_quant=True, dtype=dtype,
                                     device_map=config.device_map, trust_remote_code=False,
                                     max_length=config.max_seq_length, warnings=warnings, token=config.token)
     return bundle

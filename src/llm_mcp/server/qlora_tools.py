@@ -34,9 +34,11 @@ async def qloraevolved_load_model(
     max_length: MaxLength = LoadConfig.max_length,
     load_in_4bit: Annotated[bool, Field(description="Load weights in 4-bit. false with a 4-bit quant_type loads "
                                                     "the model unquantized (plain LoRA).")] = LoadConfig.load_in_4bit,
-    quant_type: Annotated[QuantType, Field(description="nf4 = bitsandbytes 4-bit NormalFloat; none = no "
-                                                       "quantization (standard LoRA). nf4_optimized, int4, fp8 are "
-                                                       "not supported yet.")] = LoadConfig.quant_type,
+    quant_type: Annotated[QuantType, Field(description=(
+        "nf4 = bitsandbytes 4-bit NormalFloat (+ use_double_quant); int4 = group-wise affine 4-bit integers "
+        "(torchao); fp8 = float8 e4m3 weights (torchao); int8 = bitsandbytes LLM.int8; none = no quantization "
+        "(standard LoRA). load_in_4bit only matters for the 4-bit types: false turns them into none. "
+        "nf4_optimized is not supported yet."))] = LoadConfig.quant_type,
     use_double_quant: Annotated[bool, Field(description="Quantize the 4-bit scales too (saves ~0.4 bit/param).")]
     = LoadConfig.use_double_quant,
     compute_dtype: Annotated[ComputeDtype, Field(description="Dtype of compute and of unquantized weights.")]
@@ -71,6 +73,8 @@ async def qloraevolved_load_model(
         "total_params": loaded.info["total_params"],
         "config": _spec_config(config, loaded.info),
         "device": loaded.device,
+        "quantization": loaded.info["quantization"],
+        "memory": loaded.info["memory"],
         "warnings": loaded.info["warnings"],
     }
 
