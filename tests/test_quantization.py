@@ -57,3 +57,42 @@ def test_fp8_and_int4_say_how_they_run_here(mcp, tiny_model):
                                                     **FAST_LOAD, "quant_type": quant_type})
         assert any(phrase in w for w in answer["warnings"]), answer["warnings"]
         mcp.ok("qloraevolved_unload_model", {"model_id": f"w-{quant_type}"})
+
+
+@pytest.fixture(scope="session")
+def outlier_model(tmp_path_factory):
+    from llm_mcp.tiny import make_outlier_model
+
+    return make_outlier_model(tmp_path_factory.mktemp("models") / "outliers")
+
+
+def test_nf4_optimized_keeps_the_outlier_layers_in_16bit_and_trains(mcp, outlier_model, demo_rows):
+    """nf4_optimized finds the two layers with outlier weights, keeps them in 16-bit within the budget, reports
+    them and their memory, and trains."""
+    from llm_mcp.tiny import OUTLIER_MODULES
+
+    plain = mcp.ok("qloraevolved_load_model", {"model_name": str(outlier_model), "model_id": "plain-nf4",
+                                               **FAST_LOAD, "compute_dtype": "bfloat16"})
+    mcp.ok("qloraevolved_unload_model", {"model_id": "plain-nf4"})
+    answer = mcp.ok("qloraevolved_load_model", {"model_name": str(outlier_model), "model_id": "opt", **FAST_LOAD,
+                                                "compute_dtype": "bfloat16", "quant_type": "nf4_optimized",
+                                                "nf4_optimized_budget": 0.2})
+    report = answer["nf4_optimized"]
+    assert {k["module"] for k in report["kept_16bit"]} == set(OUTLIER_MODULES)
+    assert report["kept_16bit_extra_bytes"] <= 0.2 * report["nf4_linear_bytes"]
+    extra = answer["memory"]["linear_weight_bytes"] / plain["memory"]["linear_weight_bytes"]
+    assert 1.0 < extra <= 1.2, extra
+    trained = mcp.ok("qloraevolved_train", {"model_id": "opt", "train_dataset": demo_rows, "wait_seconds": -1,
+                                            "training_config": {**FAST_TRAIN, "max_steps": 30, "output_dir": "q-opt"}})
+    assert trained["loss"]["last"] < 0.6 * trained["loss"]["first"]
+    mcp.ok("qloraevolved_unload_model", {"model_id": "opt"})
+
+
+def test_nf4_optimized_logits_are_closer_to_16bit_than_nf4(outlier_model, demo_rows):
+    """On the outlier model, nf4_optimized's logits are measurably closer to the bfloat16 model's than plain NF4's
+    (figures recorded by benchmarks/nf4_optimized.py in docs/benchmarks.md)."""
+    from llm_mcp.engine.sensitivity import logit_distances
+
+    got = logit_distances(outlier_model, 0.2, [r["prompt"] + r["completion"] for r in demo_rows[:8]])
+    assert got["nf4_optimized"]["kl"] < 0.85 * got["nf4"]["kl"], got
+    assert got["nf4_optimized"]["mean_abs_logit_diff"] < 0.9 * got["nf4"]["mean_abs_logit_diff"], got

@@ -27,12 +27,15 @@ ReportTo = Literal["tensorboard", "none"]
 DatasetFormat = Literal["auto", "text", "alpaca", "prompt_completion", "messages"]
 
 # The quantization types implemented so far; the others of QuantType answer a clear "not supported yet".
-IMPLEMENTED_QUANT_TYPES: tuple[str, ...] = ("nf4", "int4", "fp8", "int8", "none")
+IMPLEMENTED_QUANT_TYPES: tuple[str, ...] = ("nf4", "nf4_optimized", "int4", "fp8", "int8", "none")
 FOUR_BIT_QUANT_TYPES: tuple[str, ...] = ("nf4", "nf4_optimized", "int4")
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Typed, bounded parameters: one definition serves the tool schema and the dataclass validation.
 MaxLength = Annotated[int, Field(ge=16, le=131072, description="Maximum tokens per training example; longer ones are cut.")]
+Nf4OptimizedBudget = Annotated[float, Field(ge=0, le=4, description=(
+    "nf4_optimized only: extra weight memory allowed for keeping the linear layers that NF4 distorts most in "
+    "16-bit, as a fraction of plain NF4's linear-layer bytes (0.1 = at most 10% more)."))]
 LoraRank = Annotated[int, Field(ge=1, le=1024, description="Rank r of the LoRA matrices (8-64 is typical).")]
 LoraAlpha = Annotated[float, Field(gt=0, le=4096, description="LoRA scaling numerator: updates are scaled by alpha/r.")]
 LoraDropout = Annotated[float, Field(ge=0, lt=1, description="Dropout on the LoRA branch, in [0, 1).")]
@@ -67,6 +70,7 @@ class LoadConfig:
     target_modules: tuple[str, ...] | None = None  # None: DEFAULT_TARGET_MODULES that exist in the model
     device_map: str = "auto"
     trust_remote_code: bool = False
+    nf4_optimized_budget: Nf4OptimizedBudget = 0.10
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():

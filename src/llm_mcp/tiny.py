@@ -184,3 +184,25 @@ def make_tiny_model(output_dir: str | Path, *, seed: int = 0) -> Path:
     logger.info("tiny model written to %s (vocab %d, %d params)", out, vocab,
                 sum(p.numel() for p in model.parameters()))
     return out
+
+
+OUTLIER_MODULES = ("model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.v_proj")
+
+
+def make_outlier_model(output_dir: str | Path, *, seed: int = 0, scale: float = 60.0) -> Path:
+    """The tiny model with a few large outlier weights in OUTLIER_MODULES (as real LLMs have in some layers):
+    a test bed where NF4's per-block absmax hurts some layers far more than others."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = make_tiny_model(output_dir, seed=seed)
+    weights_file = out / "model.safetensors"
+    weights = load_file(str(weights_file))
+    generator = torch.Generator().manual_seed(seed)
+    for name in OUTLIER_MODULES:
+        weight = weights[f"{name}.weight"]
+        flat = weight.view(-1)
+        picks = torch.randperm(flat.numel(), generator=generator)[: max(4, flat.numel() // 128)]
+        flat[picks] *= scale  # one outlier per ~2 NF4 blocks: each stretches its block's absmax
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    return out

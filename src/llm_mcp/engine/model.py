@@ -48,6 +48,7 @@ class ModelBundle:
     quantization: str = "none"
     target_modules: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    nf4_optimized: dict | None = None  # which layers nf4_optimized kept in 16-bit, and why
     linear_weight_bytes: int = 0  # the linear layers' weights as stored (quantized), scales included
     model_weight_bytes: int = 0  # every parameter and buffer as stored
 
@@ -72,6 +73,7 @@ class ModelBundle:
             "target_modules": self.target_modules,
             "quantization": self.quantization,
             "memory": {"linear_weight_bytes": self.linear_weight_bytes, "model_weight_bytes": self.model_weight_bytes},
+            "nf4_optimized": self.nf4_optimized,
             "warnings": list(self.warnings),
         }
 
@@ -86,20 +88,30 @@ def load_model(config: LoadConfig) -> ModelBundle:
             f"load_in_4bit=false: quant_type={config.quant_type!r} is a 4-bit type, so the model is loaded "
             "unquantized in compute_dtype (plain LoRA)."
         )
+    choice = None
+    if quant == "nf4_optimized":
+        from llm_mcp.engine import sensitivity
+
+        layers = sensitivity.measure(check_source(config.model_name), dtype=dtype)
+        kept = sensitivity.choose_kept(layers, config.nf4_optimized_budget, bytes_per_param=dtype.itemsize)
+        choice = sensitivity.report(layers, kept, config.nf4_optimized_budget, bytes_per_param=dtype.itemsize)
     bundle = load_base(config.model_name, quant=quant, double_quant=config.use_double_quant, dtype=dtype,
                        device_map=config.device_map, trust_remote_code=config.trust_remote_code,
-                       max_length=config.max_length, warnings=warnings)
+                       max_length=config.max_length, warnings=warnings,
+                       keep_16bit=[k["module"] for k in choice["kept_16bit"]] if choice else None)
+    bundle.nf4_optimized = choice
     attach_lora(bundle, r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                 target_modules=config.target_modules)
     return bundle
 
 
 def load_base(model_name: str, *, quant: str, double_quant: bool, dtype: torch.dtype, device_map: str,
-              trust_remote_code: bool, max_length: int, warnings: list[str], token: str | None = None) -> ModelBundle:
+              trust_remote_code: bool, max_length: int, warnings: list[str], token: str | None = None,
+              keep_16bit: list[str] | None = None) -> ModelBundle:
     """Load a causal LM and its tokenizer with transformers, its linear layers quantized as `quant`."""
     source = check_source(model_name)
     quantization_config = quantization.quantization_config(quant, dtype, double_quant=double_quant,
-                                                           warnings=warnings)
+                                                           warnings=warnings, keep_16bit=keep_16bit)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -18,15 +18,19 @@ INT4_GROUP_SIZE = 32  # group-wise scales; 32 divides the in_features of every c
 _LINEAR_KINDS = ("Linear", "Linear4bit", "Linear8bitLt")
 
 
-def quantization_config(quant: str, dtype: torch.dtype, *, double_quant: bool, warnings: list[str]) -> Any:
-    """The transformers quantization_config for the routes applied at load (None for the others)."""
+def quantization_config(quant: str, dtype: torch.dtype, *, double_quant: bool, warnings: list[str],
+                        keep_16bit: list[str] | None = None) -> Any:
+    """The transformers quantization_config for the routes applied at load (None for the others).
+    keep_16bit: module names left unquantized (nf4_optimized's choice)."""
     if quant in ("none", "int4", "fp8"):
         return None
-    if quant == "nf4":
+    if quant in ("nf4", "nf4_optimized"):
         from transformers import BitsAndBytesConfig
 
+        skip = ["lm_head", *(keep_16bit or [])] if quant == "nf4_optimized" else None
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
+                                  llm_int8_skip_modules=skip)
     if quant == "int8":
         from transformers import BitsAndBytesConfig
 

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from llm_mcp.config import (
     BatchSize, ComputeDtype, DatasetFormat, Epochs, GradAccum, LearningRate, LoadConfig, LoraAlpha, LoraDropout,
-    LoraRank, LrScheduler, MaxGradNorm, MaxLength, MaxSteps, Optimizer, QuantType, ReportTo, SaveLimit, Seed, Steps,
+    LoraRank, LrScheduler, Nf4OptimizedBudget, MaxGradNorm, MaxLength, MaxSteps, Optimizer, QuantType, ReportTo, SaveLimit, Seed, Steps,
     TrainingConfig, WarmupRatio, WeightDecay, validated,
 )
 from llm_mcp.server.common import DatasetArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
@@ -37,8 +37,9 @@ async def qloraevolved_load_model(
     quant_type: Annotated[QuantType, Field(description=(
         "nf4 = bitsandbytes 4-bit NormalFloat (+ use_double_quant); int4 = group-wise affine 4-bit integers "
         "(torchao); fp8 = float8 e4m3 weights (torchao); int8 = bitsandbytes LLM.int8; none = no quantization "
-        "(standard LoRA). load_in_4bit only matters for the 4-bit types: false turns them into none. "
-        "nf4_optimized is not supported yet."))] = LoadConfig.quant_type,
+        "(standard LoRA); nf4_optimized = NF4 with double quantization, keeping the linear layers NF4 distorts "
+        "most in 16-bit within nf4_optimized_budget. load_in_4bit only matters for the 4-bit types: false "
+        "turns them into none."))] = LoadConfig.quant_type,
     use_double_quant: Annotated[bool, Field(description="Quantize the 4-bit scales too (saves ~0.4 bit/param).")]
     = LoadConfig.use_double_quant,
     compute_dtype: Annotated[ComputeDtype, Field(description="Dtype of compute and of unquantized weights.")]
@@ -52,6 +53,7 @@ async def qloraevolved_load_model(
     = LoadConfig.device_map,
     trust_remote_code: Annotated[bool, Field(description="Run code shipped with the model. Off unless you trust "
                                                          "its source.")] = LoadConfig.trust_remote_code,
+    nf4_optimized_budget: Nf4OptimizedBudget = LoadConfig.nf4_optimized_budget,
     ctx: Context = None,
 ) -> dict[str, Any]:
     """Load a causal LM (4-bit NF4 by default) and attach a LoRA adapter, in its own worker process.
@@ -63,7 +65,8 @@ async def qloraevolved_load_model(
         model_name=model_name, max_length=max_length, load_in_4bit=load_in_4bit, quant_type=quant_type,
         use_double_quant=use_double_quant, compute_dtype=compute_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, target_modules=None if target_modules is None else tuple(target_modules),
-        device_map=device_map, trust_remote_code=trust_remote_code), where="load_model")
+        device_map=device_map, trust_remote_code=trust_remote_code, nf4_optimized_budget=nf4_optimized_budget),
+        where="load_model")
     loaded = await service_of(ctx).load(QLORA, config, model_id)
     return {
         "status": "success",
@@ -75,6 +78,7 @@ async def qloraevolved_load_model(
         "device": loaded.device,
         "quantization": loaded.info["quantization"],
         "memory": loaded.info["memory"],
+        **({"nf4_optimized": loaded.info["nf4_optimized"]} if loaded.info.get("nf4_optimized") else {}),
         "warnings": loaded.info["warnings"],
     }
 
