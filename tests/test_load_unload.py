@@ -80,8 +80,9 @@ def test_load_errors_name_the_parameter(mcp, tiny_model, tmp_path):
     """Bad inputs get tool errors that name the parameter and what is allowed; the server keeps serving."""
     text = mcp.error("qloraevolved_load_model", {"model_name": str(tmp_path / "nope")})
     assert "model_name" in text and "no such folder" in text
-    text = mcp.error("qloraevolved_load_model", {"model_name": str(tiny_model), "quant_type": "nf4_optimized"})
-    assert "quant_type" in text and "not supported yet" in text
+    text = mcp.error("qloraevolved_load_model", {"model_name": str(tiny_model), "quant_type": "nf4_optimized",
+                                                 "nf4_optimized_budget": -1})
+    assert "nf4_optimized_budget" in text
     text = mcp.error("qloraevolved_load_model", {"model_name": str(tiny_model), "quant_type": "q3"})
     assert "quant_type" in text
     text = mcp.error("qloraevolved_load_model", {"model_name": str(tiny_model), "lora_rank": 0})

@@ -45,8 +45,8 @@ def test_config_errors_name_field_value_and_bound():
         validated(TrainingConfig, {"lr": 1e-3}, where="training_config")
     with pytest.raises(InvalidArgument, match=r"^max_steps=0 is not valid; expected -1"):
         validated(TrainingConfig, {"max_steps": 0}, where="training_config")
-    with pytest.raises(InvalidArgument, match="not supported yet"):
-        validated(LoadConfig, {"model_name": "x", "quant_type": "nf4_optimized"}, where="load_model")
+    with pytest.raises(InvalidArgument, match="load_model.quant_type='q3'"):
+        validated(LoadConfig, {"model_name": "x", "quant_type": "q3"}, where="load_model")
     assert LoadConfig(model_name="x", load_in_4bit=False, quant_type="int4").effective_quant_type == "none"
 
 

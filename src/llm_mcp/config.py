@@ -26,8 +26,6 @@ LrScheduler = Literal[
 ReportTo = Literal["tensorboard", "none"]
 DatasetFormat = Literal["auto", "text", "alpaca", "prompt_completion", "messages"]
 
-# The quantization types implemented so far; the others of QuantType answer a clear "not supported yet".
-IMPLEMENTED_QUANT_TYPES: tuple[str, ...] = ("nf4", "nf4_optimized", "int4", "fp8", "int8", "none")
 FOUR_BIT_QUANT_TYPES: tuple[str, ...] = ("nf4", "nf4_optimized", "int4")
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -75,11 +73,6 @@ class LoadConfig:
     def __post_init__(self) -> None:
         if not self.model_name.strip():
             raise InvalidArgument("model_name", self.model_name, "a local model folder or a hub id")
-        if self.effective_quant_type not in IMPLEMENTED_QUANT_TYPES:
-            raise InvalidArgument(
-                "quant_type", self.quant_type,
-                f"one of {list(IMPLEMENTED_QUANT_TYPES)} in this version ('{self.quant_type}' is not supported yet)",
-            )
         if self.target_modules is not None and not self.target_modules:
             raise InvalidArgument("target_modules", [], "a non-empty list of module names, or null for the default")
 
