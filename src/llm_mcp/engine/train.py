@@ -206,6 +206,17 @@ def _engine_changes(trainer: Any, choices: dict[str, Any]) -> list[str]:
     return [f"the training engine replaced optim={asked!r} by {optim!r} on this hardware."]
 
 
+def _peak_memory_bytes() -> int:
+    """Peak GPU memory allocated (CUDA), or the worker process's peak resident memory (CPU)."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def _checkpointing_args(config_cls: type, enabled: bool) -> dict[str, Any]:
     """Gradient checkpointing is `activation_checkpointing` from transformers 5.2x on (the old name warns) and
     `gradient_checkpointing` before (the Unsloth environment pins an older transformers)."""
@@ -246,6 +257,7 @@ def _answer(bundle: ModelBundle, config: TrainingConfig, trainer: Any, metrics: 
         "output_dir": os.path.join(config.output_dir, "final"),
         "output_path": str(final.resolve()),
         "global_step": trainer.state.global_step,
+        "peak_memory_bytes": _peak_memory_bytes(),
         "loss": {"first": losses[0][1], "last": losses[-1][1], "min": min(v for _, v in losses)} if losses else {},
         "loss_history": [{"step": s, "loss": round(v, 5)} for s, v in losses[-50:]],
         "resumed_from": resume,

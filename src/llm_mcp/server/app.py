@@ -14,7 +14,7 @@ from llm_mcp.config import ServerConfig
 from llm_mcp.jobs.manager import JobManager
 from llm_mcp.jobs.store import JobStore
 from llm_mcp.server.service import ModelService
-from llm_mcp.server import qlora_tools, unsloth_tools
+from llm_mcp.server import general_tools, qlora_tools, unsloth_tools
 from llm_mcp.workers.pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -51,4 +51,5 @@ def create_server(config: ServerConfig | None = None) -> MCPServer:
     server = MCPServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
     qlora_tools.register(server)
     unsloth_tools.register(server)
+    general_tools.register(server)
     return server

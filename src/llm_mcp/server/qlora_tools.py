@@ -54,6 +54,8 @@ async def qloraevolved_load_model(
     trust_remote_code: Annotated[bool, Field(description="Run code shipped with the model. Off unless you trust "
                                                          "its source.")] = LoadConfig.trust_remote_code,
     nf4_optimized_budget: Nf4OptimizedBudget = LoadConfig.nf4_optimized_budget,
+    force: Annotated[bool, Field(description="Load even when the memory estimate says the weights cannot fit.")]
+    = False,
     ctx: Context = None,
 ) -> dict[str, Any]:
     """Load a causal LM (4-bit NF4 by default) and attach a LoRA adapter, in its own worker process.
@@ -67,7 +69,7 @@ async def qloraevolved_load_model(
         lora_dropout=lora_dropout, target_modules=None if target_modules is None else tuple(target_modules),
         device_map=device_map, trust_remote_code=trust_remote_code, nf4_optimized_budget=nf4_optimized_budget),
         where="load_model")
-    loaded = await service_of(ctx).load(QLORA, config, model_id)
+    loaded = await service_of(ctx).load(QLORA, config, model_id, force=force)
     return {
         "status": "success",
         "model_id": loaded.model_id,

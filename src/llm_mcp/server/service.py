@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm_mcp import memory
 from llm_mcp.config import LoadConfig, RunOptions, TrainingConfig, UnslothLoadConfig, UnslothTrainingConfig, validated
 from llm_mcp.errors import InvalidArgument, ModelIdTaken, TrainingFailed, WorkerBusy
 from llm_mcp.jobs.manager import JobManager
@@ -23,6 +24,34 @@ from llm_mcp.workers.protocol import DatasetSource, Load, Prepare, Progress, Tra
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ProgressSink = Callable[[int, int, str], Awaitable[None]]
+
+
+def _check_fits(config: LoadConfig | UnslothLoadConfig) -> list[str]:
+    """Refuse a load whose weights alone clearly exceed free memory; warn when a default training run would not
+    fit. Only local model folders are checked (reading a hub config could block on the network)."""
+    if not Path(config.model_name).expanduser().is_dir():
+        return []
+    try:
+        shape = memory.read_shape(config.model_name)
+    except InvalidArgument:
+        return []  # the worker's load reports the folder's problem
+    quant = config.effective_quant_type if isinstance(config, LoadConfig) else (
+        "nf4" if config.load_in_4bit else "none")
+    dtype = config.compute_dtype if isinstance(config, LoadConfig) else "bfloat16"
+    rank = config.lora_rank if isinstance(config, LoadConfig) else UnslothTrainingConfig.r
+    length = config.max_length if isinstance(config, LoadConfig) else config.max_seq_length
+    run = memory.estimate(shape, quant_type=quant, compute_dtype=dtype, lora_rank=rank,
+                          batch_size=TrainingConfig.batch_size, max_length=length, use_gradient_checkpointing=True)
+    if run.free_bytes is not None and run.weights_bytes + run.runtime_bytes > run.free_bytes:
+        raise InvalidArgument("model_name", config.model_name, (
+            f"a model that fits: its weights alone need ~{(run.weights_bytes + run.runtime_bytes) / memory.GIB:.1f} "
+            f"GiB with quant_type={quant!r} and {run.device} has {run.free_bytes / memory.GIB:.1f} GiB free. "
+            f"Use a 4-bit quant_type or a smaller model, or pass force=true to try anyway"))
+    if run.fits is False:
+        return [f"a training run with batch_size={TrainingConfig.batch_size} and max_length={length} is estimated at "
+                f"{run.total_bytes / memory.GIB:.1f} GiB, more than the {run.free_bytes / memory.GIB:.1f} GiB free: "
+                f"{run.advice} (see estimate_memory)."]
+    return []
 
 
 def _describe_dataset(source: DatasetSource) -> str:
@@ -71,9 +100,13 @@ class ModelService:
         self.workspace = workspace
 
     # -- load / unload / list ---------------------------------------------------------------------------------
-    async def load(self, family: Family, config: LoadConfig | UnslothLoadConfig, model_id: str | None) -> LoadedModel:
+    async def load(self, family: Family, config: LoadConfig | UnslothLoadConfig, model_id: str | None,
+                   force: bool = False) -> LoadedModel:
         model_id = self._claim_id(family, config.model_name, model_id)
-        return await self.pool.load(model_id, family.prefix, Load(new_request_id(), config), config)
+        notes = [] if force else _check_fits(config)
+        loaded = await self.pool.load(model_id, family.prefix, Load(new_request_id(), config), config)
+        loaded.info["warnings"] = notes + loaded.info["warnings"]
+        return loaded
 
     def _claim_id(self, family: Family, model_name: str, model_id: str | None) -> str:
         if model_id is not None:

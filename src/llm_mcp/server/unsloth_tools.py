@@ -32,6 +32,8 @@ async def unsloth_load_model(
     = UnslothLoadConfig.device_map,
     model_id: Annotated[str | None, Field(description="Id to give the model; default '<name>-unsloth' (numbered "
                                                       "when taken).")] = None,
+    force: Annotated[bool, Field(description="Load even when the memory estimate says the weights cannot fit.")]
+    = False,
     ctx: Context = None,
 ) -> dict[str, Any]:
     """Load a model with Unsloth's FastLanguageModel in its own worker process (LoRA is attached by
@@ -40,7 +42,7 @@ async def unsloth_load_model(
     config = validated(UnslothLoadConfig, dict(model_name=model_name, max_seq_length=max_seq_length,
                                                load_in_4bit=load_in_4bit, token=token, device_map=device_map),
                        where="load_model")
-    loaded = await service_of(ctx).load(UNSLOTH, config, model_id)
+    loaded = await service_of(ctx).load(UNSLOTH, config, model_id, force=force)
     return {
         "status": "success",
         "model_id": loaded.model_id,

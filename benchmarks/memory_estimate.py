@@ -1,0 +1,105 @@
+"""How close is estimate_memory to the measured peak? Train a few steps and compare.
+
+For the built-in tiny model and a ~30M-parameter random Llama, per quant_type and gradient checkpointing,
+estimate with the estimate_memory tool, then load and train 4 steps through the same server on rows long
+enough to fill max_length, and compare with the worker's measured peak (RSS on CPU, max allocated on CUDA).
+
+    .venv/bin/python benchmarks/memory_estimate.py [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mcp import Client
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 1024 * 1024
+
+
+def make_small_llama(out: Path) -> Path:
+    """A ~30M-parameter random Llama with the tiny model's tokenizer (vocab padded to 8192)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm_mcp.tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                         tie_word_embeddings=False, initializer_range=0.05, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+async def run(work: Path) -> list[dict]:
+    from llm_mcp.config import ServerConfig
+    from llm_mcp.server.app import create_server
+    from llm_mcp.tiny import make_tiny_model
+
+    words = "the model learns from long examples of text that fill the context window quickly".split()
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.choice(words) for _ in range(600))} for _ in range(16)]
+    cases = [(make_tiny_model(work / "tiny"), 128), (make_small_llama(work / "small-llama"), 512)]
+    results = []
+    async with Client(create_server(ServerConfig(workspace=str(work)))) as client:
+        for model_dir, max_length in cases:
+            for quant_type, checkpointing in (("nf4", True), ("nf4", False), ("none", False)):
+                settings = {"quant_type": quant_type, "compute_dtype": "float32", "lora_rank": 16,
+                            "max_length": max_length}
+                train = {"batch_size": 4, "use_gradient_checkpointing": checkpointing, "optim": "adamw_torch"}
+                estimate = (await client.call_tool("estimate_memory", {
+                    "model_name": str(model_dir), **settings, **train})).structured_content
+                model_id = f"{model_dir.name}-{quant_type}-{int(checkpointing)}"
+                await client.call_tool("qloraevolved_load_model", {"model_name": str(model_dir), "model_id": model_id,
+                                                                   **settings})
+                answer = await client.call_tool("qloraevolved_train", {
+                    "model_id": model_id, "train_dataset": rows, "wait_seconds": -1,
+                    "training_config": {**train, "max_steps": 4, "gradient_accumulation_steps": 1,
+                                        "report_to": "none", "output_dir": f"out-{model_id}", "save_steps": 1000}})
+                measured = answer.structured_content["peak_memory_bytes"]
+                await client.call_tool("qloraevolved_unload_model", {"model_id": model_id})
+                results.append({"model": model_dir.name, "quant_type": quant_type, "checkpointing": checkpointing,
+                                "max_length": max_length, "estimate": estimate["total_bytes"], "measured": measured,
+                                "device": estimate["device"]})
+    return results
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| model | quant | grad ckpt | batch x max_length | estimate MiB | measured peak MiB | error |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        error = (r["estimate"] - r["measured"]) / r["measured"]
+        rows.append(f"| {r['model']} | {r['quant_type']} | {r['checkpointing']} | 4 x {r['max_length']} | "
+                    f"{r['estimate'] / MIB:.0f} | {r['measured'] / MIB:.0f} | {error:+.0%} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+    results = asyncio.run(run(Path(tempfile.mkdtemp(prefix="llm-mcp-mem-"))))
+    text = table(results)
+    print(text)
+    if args.record:
+        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+            f.write(f"\n## estimate_memory against measured peaks ({time.strftime('%Y-%m-%d')})\n\n"
+                    f"Command: `.venv/bin/python benchmarks/memory_estimate.py --record`; device "
+                    f"{results[0]['device']} (peak = the worker's max RSS, so the ~0.6 GB runtime of torch + "
+                    f"transformers + peft + trl is in both columns); compute float32, LoRA r=16, adamw_torch, "
+                    f"4 training steps on rows that fill max_length.\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Estimate the memory a LoRA fine-tuning run needs, from the model's config.json alone (no weights, no torch).
+
+Weights (linear layers at their quantized size, embeddings and lm_head in 16/32-bit), LoRA parameters, their
+gradients and optimizer state, activations (with or without gradient checkpointing) and logits, plus the
+runtime's own footprint. Also reads the device's free memory, and says the cheapest change that makes a run fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from llm_mcp.config import DEFAULT_TARGET_MODULES
+from llm_mcp.errors import InvalidArgument
+
+GIB = 1024**3
+# Bytes per weight of a quantized linear layer, scales included (bitsandbytes block 64 + double quant; torchao
+# int4's portable route keeps each value in a byte on CPU, packed on CUDA).
+_LINEAR_BYTES = {"nf4": 0.516, "nf4_optimized": 0.516 * 1.1, "int8": 1.01, "fp8": 1.01, "int4": 1.16}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# torch + transformers + peft + trl in a worker process before any model (measured: ~0.55 GB RSS on CPU);
+# a CUDA context plus allocator slack on a GPU.
+RUNTIME_BYTES = {"cpu": int(0.6 * GIB), "cuda": int(0.9 * GIB)}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each projection of one decoder layer."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
+                "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
+                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
+
+
+def read_shape(model_name: str) -> ModelShape:
+    """The dimensions that matter, from config.json of a local folder or the hub (cached)."""
+    path = Path(os.path.expanduser(model_name))
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise InvalidArgument("model_name", model_name, "a model folder containing config.json")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config_file = Path(hf_hub_download(model_name, "config.json"))
+        except Exception as exc:
+            raise InvalidArgument("model_name", model_name, f"a local model folder or a reachable hub id ({exc})")
+    config = json.loads(config_file.read_text())
+    config = config.get("text_config", config)  # multimodal wrappers keep the LM's config inside
+    hidden = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    if not hidden or not heads:
+        raise InvalidArgument("model_name", model_name, "a decoder-only LM config with hidden_size and "
+                                                        "num_attention_heads")
+    return ModelShape(
+        hidden=hidden, intermediate=config.get("intermediate_size") or 4 * hidden,
+        layers=config.get("num_hidden_layers") or config.get("n_layer"), heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads, head_dim=config.get("head_dim") or hidden // heads,
+        vocab=config["vocab_size"], tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    lora_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    runtime_bytes: int
+    total_bytes: int
+    device: str
+    free_bytes: int | None
+    fits: bool | None
+    advice: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["total_gib"] = round(self.total_bytes / GIB, 3)
+        out["free_gib"] = None if self.free_bytes is None else round(self.free_bytes / GIB, 3)
+        return out
+
+
+def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_rank: int, batch_size: int,
+             max_length: int, use_gradient_checkpointing: bool, optim: str = "adamw_torch",
+             target_modules: tuple[str, ...] | None = None, device: str | None = None,
+             free_bytes: int | None = None, with_advice: bool = True) -> MemoryEstimate:
+    device = device or detect_device()
+    dtype_bytes = _DTYPE_BYTES[compute_dtype]
+    linear_params = sum(i * o for i, o in shape.linear_shapes().values()) * shape.layers
+    # bitsandbytes' k-bit preparation upcasts the unquantized parameters (embeddings, lm_head) to float32
+    other_bytes = 4 if quant_type in ("nf4", "nf4_optimized", "int8") else dtype_bytes
+    embed_params = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
+    linear_bytes = _LINEAR_BYTES.get(quant_type, dtype_bytes)
+    if quant_type == "int4" and device == "cuda":
+        linear_bytes = 0.53
+    weights = int(linear_params * linear_bytes + embed_params * other_bytes)
+
+    targets = [t for t in (target_modules or DEFAULT_TARGET_MODULES) if t in shape.linear_shapes()]
+    lora_params = sum(lora_rank * sum(shape.linear_shapes()[t]) for t in targets) * shape.layers
+    lora = lora_params * 4  # peft keeps adapters in float32
+    gradients = lora_params * 4
+    optimizer = lora_params * (2 if "8bit" in optim else 8)  # Adam's two moments, 8-bit or 32-bit
+
+    tokens = batch_size * max_length
+    act_bytes = 4 if compute_dtype == "float32" else 2
+    # saved for backward per decoder layer: norms, q/k/v (+rope), attention and o_proj inputs, residuals (~14 h)
+    # and the MLP's gate, up, activation, product and down input (~5 I)
+    per_layer_full = tokens * (14 * shape.hidden + 5 * shape.intermediate) * act_bytes
+    if use_gradient_checkpointing:
+        activations = tokens * shape.hidden * act_bytes * shape.layers + per_layer_full
+    else:
+        activations = per_layer_full * shape.layers
+    # float32 logits live in ~8 copies at the peak: upcast, log-softmax, loss gradient, and TRL's entropy and
+    # token-accuracy metrics (calibrated on a 30M-parameter model, docs/benchmarks.md)
+    activations += tokens * shape.vocab * 4 * 8
+    runtime = RUNTIME_BYTES["cuda" if device == "cuda" else "cpu"]
+    total = weights + lora + gradients + optimizer + activations + runtime
+    free = free_bytes if free_bytes is not None else free_memory(device)
+    fits = None if free is None else total <= free
+    advice = None
+    if fits is False and with_advice:
+        advice = _cheapest_fix(shape, free, quant_type=quant_type, compute_dtype=compute_dtype, lora_rank=lora_rank,
+                               batch_size=batch_size, max_length=max_length, optim=optim,
+                               use_gradient_checkpointing=use_gradient_checkpointing, target_modules=target_modules,
+                               device=device)
+    return MemoryEstimate(weights, lora, gradients, optimizer, activations, runtime, total, device, free, fits,
+                          advice)
+
+
+def _cheapest_fix(shape: ModelShape, free: int, **settings: Any) -> str:
+    """Try changes from least to most costly for the result; name the first that fits."""
+    tries = [
+        ("use_gradient_checkpointing=true", {"use_gradient_checkpointing": True}),
+        (f"batch_size={max(1, settings['batch_size'] // 2)} (double gradient_accumulation_steps to keep the "
+         f"effective batch)", {"batch_size": max(1, settings["batch_size"] // 2)}),
+        ("batch_size=1", {"batch_size": 1, "use_gradient_checkpointing": True}),
+        (f"max_length={max(256, settings['max_length'] // 2)}", {"batch_size": 1, "use_gradient_checkpointing": True,
+                                                                 "max_length": max(256, settings["max_length"] // 2)}),
+        ("an 8-bit optimizer (optim='adamw_8bit')", {"optim": "adamw_8bit", "batch_size": 1,
+                                                     "use_gradient_checkpointing": True}),
+        ("quant_type='nf4'", {"quant_type": "nf4", "batch_size": 1, "use_gradient_checkpointing": True}),
+    ]
+    for label, change in tries:
+        if all(settings.get(k) == v for k, v in change.items()):
+            continue
+        candidate = estimate(shape, **{**settings, **change}, free_bytes=free, with_advice=False)
+        if candidate.fits:
+            return f"it would fit with {label} (estimated {candidate.total_bytes / GIB:.2f} GiB)"
+    return "it does not fit even with NF4, batch_size=1 and gradient checkpointing: use a smaller model or a " \
+           "device with more memory"
+
+
+def detect_device() -> str:
+    """'cuda' when an NVIDIA GPU is visible (without importing torch), else 'cpu'."""
+    return "cuda" if _gpu_free_bytes() is not None else "cpu"
+
+
+def free_memory(device: str) -> int | None:
+    if device == "cuda":
+        return _gpu_free_bytes()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gpu_free_bytes() -> int | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return int(out[0]) * 1024 * 1024 if out else None

@@ -1,0 +1,38 @@
+"""Family-neutral tools: estimate_memory (from the model's config alone, before anything is loaded)."""
+
+# No `from __future__ import annotations`, as in common.py.
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from llm_mcp import memory
+from llm_mcp.config import BatchSize, ComputeDtype, LoadConfig, LoraRank, MaxLength, Optimizer, QuantType, TrainingConfig
+from llm_mcp.server.common import agent_tool
+
+
+@agent_tool
+async def estimate_memory(
+    model_name: Annotated[str, Field(description="Local model folder or hub id; only its config.json is read.")],
+    quant_type: QuantType = LoadConfig.quant_type,
+    lora_rank: LoraRank = LoadConfig.lora_rank,
+    batch_size: BatchSize = TrainingConfig.batch_size,
+    max_length: MaxLength = LoadConfig.max_length,
+    use_gradient_checkpointing: bool = TrainingConfig.use_gradient_checkpointing,
+    compute_dtype: ComputeDtype = LoadConfig.compute_dtype,
+    optim: Optimizer = TrainingConfig.optim,
+    target_modules: Annotated[list[str] | None, Field(description="LoRA targets; default the 7 projections.")]
+    = None,
+) -> dict[str, Any]:
+    """Estimate the memory a LoRA fine-tuning run needs before loading anything: bytes for weights, LoRA
+    parameters, gradients, optimizer state, activations and the runtime, the device's free memory, whether it
+    fits, and if not the cheapest change that would make it fit. Reads only config.json (no weights)."""
+    shape = memory.read_shape(model_name)
+    result = memory.estimate(shape, quant_type=quant_type, compute_dtype=compute_dtype, lora_rank=lora_rank,
+                             batch_size=batch_size, max_length=max_length,
+                             use_gradient_checkpointing=use_gradient_checkpointing, optim=optim,
+                             target_modules=tuple(target_modules) if target_modules else None)
+    return {"status": "success", **result.to_dict(), "model_shape": shape.__dict__}
+
+
+def register(server: Any) -> None:
+    server.add_tool(estimate_memory)

@@ -1,0 +1,70 @@
+"""estimate_memory from config.json alone, the load refusal it drives, and its accuracy on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import FAST_LOAD, FAST_TRAIN
+
+LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+             "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+             "vocab_size": 128256, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def huge_config(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "llama-70b-config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_70B))
+    return folder
+
+
+def test_estimate_reports_each_part_and_advice(mcp, huge_config):
+    """The estimate names bytes for weights, LoRA, gradients, optimizer, activations and runtime; a 70B model in
+    16-bit does not fit this machine, and the advice says so."""
+    answer = mcp.ok("estimate_memory", {"model_name": str(huge_config), "quant_type": "none"})
+    parts = ("weights_bytes", "lora_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
+             "runtime_bytes")
+    assert answer["total_bytes"] == sum(answer[p] for p in parts)
+    assert 130e9 < answer["weights_bytes"] < 150e9  # 69B linear + 2 x 1B embedding params in bfloat16
+    assert answer["fits"] is False and "does not fit" in answer["advice"]
+    nf4 = mcp.ok("estimate_memory", {"model_name": str(huge_config), "quant_type": "nf4"})
+    assert nf4["weights_bytes"] < 0.35 * answer["weights_bytes"]
+
+
+def test_advice_names_the_cheapest_change(mcp, tiny_model):
+    """When a run does not fit, the advice names a concrete change that would make it fit."""
+    from llm_mcp import memory
+
+    shape = memory.read_shape(str(tiny_model))
+    base = dict(quant_type="nf4", compute_dtype="bfloat16", lora_rank=16, batch_size=64, max_length=4096,
+                use_gradient_checkpointing=False, device="cpu")
+    full = memory.estimate(shape, **base, free_bytes=10**12)
+    tight = memory.estimate(shape, **base, free_bytes=full.total_bytes - 1)
+    assert tight.fits is False and tight.advice.startswith("it would fit with use_gradient_checkpointing=true")
+
+
+def test_load_refuses_a_model_that_clearly_cannot_fit(mcp, huge_config):
+    """Loading weights larger than free memory is refused before any worker starts, naming force=true."""
+    text = mcp.error("qloraevolved_load_model", {"model_name": str(huge_config), "quant_type": "none"})
+    assert "model_name" in text and "GiB" in text and "force=true" in text
+    assert mcp.ok("qloraevolved_list_models")["models"] == {}
+
+
+def test_estimate_is_within_25_percent_of_the_measured_peak(mcp, tiny_model, demo_rows):
+    """On the tiny model (CPU, runtime-dominated) the estimate is within 25% of the worker's measured peak RSS;
+    benchmarks/memory_estimate.py records larger models in docs/benchmarks.md."""
+    settings = {**FAST_LOAD, "quant_type": "nf4"}
+    estimate = mcp.ok("estimate_memory", {"model_name": str(tiny_model), "quant_type": "nf4",
+                                          "compute_dtype": settings["compute_dtype"], "lora_rank": settings["lora_rank"],
+                                          "max_length": settings["max_length"], "batch_size": FAST_TRAIN["batch_size"],
+                                          "use_gradient_checkpointing": False, "optim": "adamw_torch"})
+    mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "mem", **settings})
+    trained = mcp.ok("qloraevolved_train", {"model_id": "mem", "train_dataset": demo_rows, "wait_seconds": -1,
+                                            "training_config": {**FAST_TRAIN, "max_steps": 3, "optim": "adamw_torch",
+                                                                "output_dir": "mem-run"}})
+    measured = trained["peak_memory_bytes"]
+    assert abs(estimate["total_bytes"] - measured) / measured < 0.25, (estimate["total_bytes"], measured)
+    mcp.ok("qloraevolved_unload_model", {"model_id": "mem"})
