@@ -28,9 +28,10 @@ def quantization_config(quant: str, dtype: torch.dtype, *, double_quant: bool, w
         from transformers import BitsAndBytesConfig
 
         skip = ["lm_head", *(keep_16bit or [])] if quant == "nf4_optimized" else None
+        # on a GPU, device_map="auto" may place layers that do not fit in CPU memory (kept in float32 there)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
                                   bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
-                                  llm_int8_skip_modules=skip)
+                                  llm_int8_skip_modules=skip, llm_int8_enable_fp32_cpu_offload=detect().has_cuda)
     if quant == "int8":
         from transformers import BitsAndBytesConfig
 

@@ -69,8 +69,9 @@ def _hardware_choices(bundle: ModelBundle, config: TrainingConfig) -> tuple[dict
         warnings.append("use_cpu_offload=true has no effect on a CPU-only machine: the model already lives in CPU "
                         "memory.")
     elif config.use_cpu_offload:
-        warnings.append("use_cpu_offload=true: offloading is decided at load time (device_map); this model was "
-                        f"loaded with device_map={bundle.device_map!r}.")
+        warnings.append("use_cpu_offload=true: offloading is decided at load time: with device_map='auto' layers that "
+                        "do not fit the GPU were placed in CPU memory; this model was loaded with "
+                        f"device_map={bundle.device_map!r}.")
     choices["bf16"], choices["fp16"] = _mixed_precision(bundle, config, warnings)
     choices["use_cpu"] = not hw.has_cuda
     return choices, warnings
