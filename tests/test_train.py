@@ -84,26 +84,11 @@ def test_tensorboard_event_files_are_written(trained, workspace):
 
 def test_adapter_reloads_with_peft_and_reproduces_a_trained_answer(trained, workspace, tiny_model, demo_rows):
     """The saved adapter loads with PeftModel.from_pretrained and greedy generation gives a trained answer."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from llm_mcp.engine.generate import count_reproduced
 
     final = workspace / trained[0]["output_dir"]
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    base = AutoModelForCausalLM.from_pretrained(
-        tiny_model, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32))
-    for module in base.modules():  # the bitsandbytes CPU repack bug (see stack facts)
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    model = PeftModel.from_pretrained(base, final).eval()
-    hits = 0
-    for row in demo_rows[:6]:
-        ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=12, do_sample=False)
-        hits += tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == row["completion"].strip()
+    hits = count_reproduced(final, tiny_model, demo_rows[:6])
     assert hits >= 4, f"only {hits}/6 trained answers reproduced"
 
 

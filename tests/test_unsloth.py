@@ -84,23 +84,9 @@ def test_real_unsloth_flow(umcp, tiny_model, demo_rows, workspace):
 
 
 def _assert_adapter_reproduces(adapter: Path, tiny_model: Path, rows: list[dict]) -> None:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from llm_mcp.engine.generate import count_reproduced
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16))
-    for module in base.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    model = PeftModel.from_pretrained(base, adapter).eval()
-    hits = 0
-    for row in rows[:6]:
-        ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=12, do_sample=False)
-        hits += tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == row["completion"].strip()
+    hits = count_reproduced(adapter, tiny_model, rows[:6], compute_dtype="bfloat16")
     assert hits >= 4, f"only {hits}/6 trained answers reproduced by the reloaded adapter"
 
 

@@ -79,30 +79,19 @@ async def _flow(workdir: Path, model_dir: Path, steps: int) -> Path:
 
 
 def _learned_answers(model_dir: Path, adapter_dir: Path, n: int = 3) -> None:
-    """Greedy answers of the base model and of base + trained adapter, for a few training questions."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    """Greedy answers of the base model and of base + trained adapter (loaded with plain peft)."""
+    from transformers import AutoTokenizer
+
+    from llm_mcp.engine.generate import greedy_answer, load_base_nf4, with_adapter
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32))
-    for module in base.modules():  # bitsandbytes CPU repack bug: see engine/model.py
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-    def answer(model: Any, prompt: str) -> str:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-
+    base = load_base_nf4(model_dir)
     rows = demo_records()[:n]
-    before = [answer(base, r["prompt"]) for r in rows]
-    tuned = PeftModel.from_pretrained(base, adapter_dir).eval()
+    before = [greedy_answer(base, tokenizer, r["prompt"]) for r in rows]
+    tuned = with_adapter(base, adapter_dir)
     print("\n== answers (greedy) before -> after fine-tuning")
     for row, old in zip(rows, before):
-        new = answer(tuned, row["prompt"])
+        new = greedy_answer(tuned, tokenizer, row["prompt"])
         mark = "learned" if new == row["completion"].strip() else "not yet"
         print(f"   Q: {row['prompt']}\n      before: {old!r}\n      after:  {new!r}   [{mark}]")
 
