@@ -120,6 +120,11 @@ class TrainingConfig:
     warmup_steps: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
     bf16: bool | None = None
     fp16: bool | None = None
+    # Engine choices that make training faster or leaner without changing what is learned; each can be turned
+    # off, and the train answer reports what was chosen (engine_choices).
+    packing: bool | None = None  # None: pack examples padding-free (position ids keep them apart) where supported
+    auto_gradient_checkpointing: bool = True  # skip checkpointing when memory is ample (it only costs time then)
+    auto_precision: bool = True  # on CPU, compute in float32 (faster than bf16 autocast there)
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
@@ -135,7 +140,9 @@ class TrainingConfig:
         return {k: values[k] for k in _QLORA_PREPARE_KEYS}
 
 
-_QLORA_PREPARE_KEYS = [f for f in TrainingConfig.__dataclass_fields__ if f not in ("warmup_steps", "bf16", "fp16")]
+_QLORA_PREPARE_KEYS = [f for f in TrainingConfig.__dataclass_fields__
+                       if f not in ("warmup_steps", "bf16", "fp16", "packing", "auto_gradient_checkpointing",
+                                    "auto_precision")]
 
 
 @dataclass(frozen=True, config=_STRICT)

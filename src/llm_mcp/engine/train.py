@@ -77,6 +77,61 @@ def _hardware_choices(bundle: ModelBundle, config: TrainingConfig) -> tuple[dict
     return choices, warnings
 
 
+def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[str, Any],
+                    data: PreparedDataset) -> list[str]:
+    """Speed/memory choices of the transformers engine (Unsloth makes its own); each reported, each can be off."""
+    notes: list[str] = []
+    choices["packing"] = bool(config.packing)
+    choices["use_gradient_checkpointing"] = config.use_gradient_checkpointing
+    if bundle.engine != "transformers":
+        return notes
+    if config.packing is None:
+        choices["packing"] = True
+        notes.append("packing: examples are packed padding-free (position ids keep each example's attention to "
+                     "itself), so no compute goes to padding; set packing=false to turn it off.")
+    if config.use_gradient_checkpointing and config.auto_gradient_checkpointing and _memory_is_ample(bundle, config):
+        choices["use_gradient_checkpointing"] = False
+        notes.append("gradient checkpointing: off, since the memory estimate without it is under half of the free "
+                     "memory (it would only cost time); set auto_gradient_checkpointing=false to force it on.")
+    if config.auto_precision and config.bf16 is None and config.fp16 is None and choices["use_cpu"] \
+            and choices["bf16"]:
+        choices["bf16"] = False
+        notes.append("precision: float32 compute instead of bf16 autocast, which is slower on CPUs; set "
+                     "auto_precision=false (or bf16=true) to keep bf16.")
+    return notes
+
+
+def _memory_is_ample(bundle: ModelBundle, config: TrainingConfig) -> bool:
+    from llm_mcp import memory
+
+    c = bundle.model.config
+    heads = c.num_attention_heads
+    shape = memory.ModelShape(hidden=c.hidden_size, intermediate=getattr(c, "intermediate_size", 4 * c.hidden_size),
+                              layers=c.num_hidden_layers, heads=heads,
+                              kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                              head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, vocab=c.vocab_size,
+                              tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
+    device = "cuda" if detect().has_cuda else "cpu"
+    free = _free_bytes(device)
+    if free is None:
+        return False
+    run = memory.estimate(shape, quant_type=bundle.quantization, compute_dtype=bundle.compute_dtype,
+                          lora_rank=int(next(iter(bundle.model.peft_config.values())).r), batch_size=config.batch_size,
+                          max_length=bundle.max_length, use_gradient_checkpointing=False, optim=config.optim,
+                          device=device, free_bytes=free, with_advice=False)
+    return run.total_bytes < 0.5 * free
+
+
+def _free_bytes(device: str) -> int | None:
+    import torch
+
+    from llm_mcp import memory
+
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    return memory.free_memory("cpu")
+
+
 def _mixed_precision(bundle: ModelBundle, config: TrainingConfig, warnings: list[str]) -> tuple[bool, bool]:
     """bf16/fp16 autocast: as asked where the hardware has it, else from the model's compute dtype."""
     hw = detect()
@@ -162,6 +217,7 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
     eval_data = None if eval_source is None else prepare_dataset(
         eval_source, dataset_format=options.dataset_format, chat_template=template, param="eval_dataset")
     warnings += train_data.warnings + (eval_data.warnings if eval_data else [])
+    engine_notes = _engine_choices(bundle, config, choices, train_data)
 
     args = SFTConfig(
         output_dir=str(out), learning_rate=config.learning_rate, per_device_train_batch_size=config.batch_size,
@@ -173,7 +229,8 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
         max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
         report_to=choices["report_to"],
-        **_checkpointing_args(SFTConfig, config.use_gradient_checkpointing),
+        **_checkpointing_args(SFTConfig, choices["use_gradient_checkpointing"]),
+        packing=choices["packing"],
         bf16=choices["bf16"], fp16=choices["fp16"], use_cpu=choices["use_cpu"], seed=config.seed,
         data_seed=config.seed, max_length=bundle.max_length,
         assistant_only_loss=train_data.assistant_only_loss,
@@ -194,7 +251,9 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
     final = out / "final"
     trainer.save_model(str(final))
     bundle.tokenizer.save_pretrained(str(final))
-    return _answer(bundle, config, trainer, metrics, final, train_data, choices, warnings, callback, resume)
+    answer = _answer(bundle, config, trainer, metrics, final, train_data, choices, warnings, callback, resume)
+    answer["engine_choices"] = engine_notes
+    return answer
 
 
 def _engine_changes(trainer: Any, choices: dict[str, Any]) -> list[str]:
