@@ -30,10 +30,18 @@ def main(argv: list[str] | None = None) -> int:
                                                       "(default: a temporary folder)")
     demo.add_argument("--steps", type=int, default=60)
 
+    sub.add_parser("bench", help="benchmark the baseline, qloraevolved and unsloth on the same job",
+                   add_help=False)
+
     tiny = sub.add_parser("make-tiny-model", help="write the built-in tiny Llama model as a Hugging Face folder")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options: llm-mcp bench --help
+        from llm_mcp.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)

@@ -137,7 +137,16 @@ def make_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE):
     return fast
 
 
-def make_tiny_model(output_dir: str | Path, *, seed: int = 0) -> Path:
+def make_sized_model(output_dir: str | Path, *, hidden: int, layers: int, seed: int = 0) -> Path:
+    """A larger random Llama with the same tokenizer, for benchmarks: head_dim 64, kv heads = heads / 2,
+    intermediate ~2.7 x hidden (a multiple of 32)."""
+    heads = max(2, hidden // 64)
+    return make_tiny_model(output_dir, seed=seed, hidden=hidden, layers=layers, heads=heads,
+                           intermediate=_round_up(int(hidden * 2.7)), initializer_range=0.05)
+
+
+def make_tiny_model(output_dir: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
+                    intermediate: int = 128, initializer_range: float = 0.2) -> Path:
     """Write a random-init tiny ``LlamaForCausalLM`` plus tokenizer to ``output_dir`` and return its path.
 
     hidden 64, intermediate 128, 2 layers, 4 heads / 2 kv heads (head_dim 16), untied lm_head,
@@ -156,14 +165,14 @@ def make_tiny_model(output_dir: str | Path, *, seed: int = 0) -> Path:
 
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        initializer_range=0.2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=hidden // heads,
+        max_position_embeddings=1024,
+        initializer_range=initializer_range,
         tie_word_embeddings=False,
         bos_token_id=ids["bos"],
         eos_token_id=ids["eos"],

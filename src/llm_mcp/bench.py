@@ -1,0 +1,250 @@
+"""`llm-mcp bench`: the same fine-tuning job through the hand-written baseline, our qloraevolved engine and
+(where an Unsloth environment exists) the unsloth family; tokens/s, peak memory, time to first step and losses,
+each as a ratio to the baseline.
+
+Each variant runs in its own child process (so its peak memory is its own) on the same model, data, seed and
+hyper-parameters: NF4 + double quantization, LoRA r=64 on the 7 projections, the spec's optimizer settings.
+The baseline is what a user writes by hand today: transformers + peft + bitsandbytes + TRL's SFTTrainer with its
+defaults (dynamic padding, no packing) and gradient checkpointing on. Output is for a person: print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+_PROCESS_START = time.monotonic()  # time to first step counts imports too, the same for every variant
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The job every variant runs: the qloraevolved spec's hyper-parameters (paged optimizer -> its CPU twin).
+JOB = {"learning_rate": 2e-4, "batch_size": 8, "gradient_accumulation_steps": 1, "warmup_ratio": 0.03,
+       "weight_decay": 0.01, "lr_scheduler_type": "cosine", "max_grad_norm": 0.3, "seed": 42}
+WORDS = ("the a model data learns answer question support ticket customer order refund shipping account password "
+         "reset please thanks help issue error update install version server request time days week").split()
+
+
+def make_dataset(rows: int, max_length: int, seed: int = 0) -> list[dict[str, str]]:
+    """Prompt/completion rows with a long-tailed length distribution: most short, a few near max_length."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(rows):
+        words = min(int(rng.lognormvariate(math.log(max_length / 12), 0.9)) + 4, max_length)  # ~1-2 tokens/word
+        split = max(2, words // 3)
+        text = [rng.choice(WORDS) for _ in range(words)]
+        out.append({"prompt": " ".join(text[:split]) + "?", "completion": " " + " ".join(text[split:]) + "."})
+    return out
+
+
+# -- one variant, in a child process ----------------------------------------------------------------------------
+def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, epochs: float) -> dict[str, Any]:
+    started = _PROCESS_START
+    data = json.loads(Path(data_file).read_text())
+    train_rows, eval_rows = data["train"], data["eval"]
+    output_dir = tempfile.mkdtemp(prefix=f"bench-{variant}-")
+    first_step: list[float] = []
+
+    def on_progress(step: int, total: int, logs: dict) -> None:
+        if step >= 1 and not first_step:
+            first_step.append(time.monotonic() - started)
+
+    if variant == "baseline":
+        result, tokenizer = _run_baseline(model_dir, train_rows, eval_rows, max_length, epochs, output_dir,
+                                          on_progress)
+        choices: dict[str, Any] = {"packing": False, "use_gradient_checkpointing": True}
+    else:
+        result, tokenizer, choices = _run_engine(variant, model_dir, train_rows, eval_rows, max_length, epochs,
+                                                 output_dir, on_progress)
+    tokens = sum(min(len(tokenizer(r["prompt"] + r["completion"]).input_ids) + 1, max_length)
+                 for r in train_rows) * epochs
+    return {"variant": variant, "tokens_per_second": tokens / result["train_runtime"],
+            "train_runtime": result["train_runtime"], "time_to_first_step": first_step[0] if first_step else None,
+            "peak_memory_bytes": _peak_memory(), "train_loss": result["train_loss"],
+            "eval_loss": result["eval_loss"], "choices": choices}
+
+
+def _run_baseline(model_dir: str, train_rows: list, eval_rows: list, max_length: int, epochs: float,
+                  output_dir: str, on_progress: Any) -> tuple[dict, Any]:
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from llm_mcp.engine.model import avoid_cpu_repack_bug
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+        device_map={"": 0} if cuda else {"": "cpu"})
+    avoid_cpu_repack_bug(model)  # without it, LoRA gradients are wrong on avx512_bf16 CPUs (stack facts)
+    model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+
+    class FirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            on_progress(state.global_step, state.max_steps, {})
+
+    args = SFTConfig(output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=JOB["batch_size"],
+                     per_device_eval_batch_size=JOB["batch_size"],
+                     gradient_accumulation_steps=JOB["gradient_accumulation_steps"],
+                     learning_rate=JOB["learning_rate"], warmup_steps=JOB["warmup_ratio"],
+                     weight_decay=JOB["weight_decay"], lr_scheduler_type=JOB["lr_scheduler_type"],
+                     max_grad_norm=JOB["max_grad_norm"], seed=JOB["seed"], max_length=max_length,
+                     optim="paged_adamw_32bit" if cuda else "adamw_torch", save_strategy="no", report_to=[],
+                     logging_steps=10, disable_tqdm=True, use_cpu=not cuda, bf16=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
+                         eval_dataset=datasets.Dataset.from_list(eval_rows), processing_class=tokenizer,
+                         callbacks=[FirstStep()])
+    metrics = trainer.train().metrics
+    return {"train_runtime": metrics["train_runtime"], "train_loss": metrics["train_loss"],
+            "eval_loss": trainer.evaluate()["eval_loss"]}, tokenizer
+
+
+def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list, max_length: int, epochs: float,
+                output_dir: str, on_progress: Any) -> tuple[dict, Any, dict]:
+    from llm_mcp.config import LoadConfig, LoraSpec, RunOptions, TrainingConfig, UnslothLoadConfig
+
+    if variant == "unsloth":
+        from llm_mcp.engine import unsloth_backend
+
+        bundle = unsloth_backend.load_model(UnslothLoadConfig(model_name=model_dir, max_seq_length=max_length))
+        unsloth_backend.attach_lora(bundle, LoraSpec(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=tuple(TARGETS),
+                                                     gradient_checkpointing=True, seed=JOB["seed"]))
+    else:
+        from llm_mcp.engine.model import load_model
+
+        bundle = load_model(LoadConfig(model_name=model_dir, max_length=max_length, lora_rank=64))
+    from llm_mcp.engine.train import train
+
+    config = TrainingConfig(output_dir=output_dir, num_train_epochs=epochs, max_steps=-1, logging_steps=10,
+                            save_steps=10**6, report_to="none", optim="paged_adamw_32bit", **JOB)
+    answer = train(bundle, config, train_rows, eval_rows, RunOptions(), on_progress=on_progress,
+                   should_stop=lambda: False, notes=[])
+    if variant == "unsloth" and answer["engine"] != "unsloth":
+        raise RuntimeError("Unsloth could not be imported in this interpreter")
+    metrics = answer["metrics"]
+    return ({"train_runtime": metrics["train_runtime"], "train_loss": metrics["train_loss"],
+             "eval_loss": metrics["eval_loss"]}, bundle.tokenizer,
+            {k: answer["effective_config"][k] for k in ("packing", "use_gradient_checkpointing", "bf16")})
+
+
+def _peak_memory() -> int:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# -- the orchestrating run -------------------------------------------------------------------------------------
+def _unsloth_python() -> str | None:
+    python = os.environ.get("LLM_MCP_UNSLOTH_PYTHON") or str(ROOT / ".venv-unsloth" / "bin" / "python")
+    return python if Path(python).is_file() else None
+
+
+def _child(variant: str, python: str, model_dir: Path, data_file: Path, max_length: int, epochs: float) -> dict:
+    out = data_file.with_name(f"{variant}-{model_dir.name}-{max_length}.json")
+    cmd = [python, "-m", "llm_mcp.bench", "--variant", variant, "--model-dir", str(model_dir), "--data",
+           str(data_file), "--max-length", str(max_length), "--epochs", str(epochs), "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode != 0:
+        return {"variant": variant, "error": done.stderr.strip().splitlines()[-1][:300] if done.stderr else "failed"}
+    return json.loads(out.read_text())
+
+
+def _models(work: Path, quick: bool) -> list[Path]:
+    from llm_mcp.tiny import make_sized_model, make_tiny_model
+
+    models = [make_tiny_model(work / "tiny-0.3M")]
+    if not quick:
+        models += [make_sized_model(work / "llama-3.5M", hidden=256, layers=4),
+                   make_sized_model(work / "llama-25M", hidden=512, layers=8)]
+    return models
+
+
+def run_bench(quick: bool, record: bool, json_path: str | None) -> int:
+    work = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
+    lengths = [128] if quick else [256, 512]
+    rows, epochs = (64, 1.0) if quick else (256, 1.0)
+    variants = [("baseline", sys.executable), ("qloraevolved", sys.executable)]
+    if _unsloth_python():
+        variants.append(("unsloth", _unsloth_python()))
+    results = []
+    for model_dir in _models(work, quick):
+        for max_length in lengths:
+            data = make_dataset(rows + rows // 8, max_length)
+            data_file = work / f"data-{max_length}.json"
+            data_file.write_text(json.dumps({"train": data[:rows], "eval": data[rows:]}))
+            runs = [_child(v, py, model_dir, data_file, max_length, epochs) for v, py in variants]
+            results.append({"model": model_dir.name, "max_length": max_length, "rows": rows, "runs": runs})
+            print(_table([results[-1]]), flush=True)
+    text = _table(results)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+    if record:
+        command = "llm-mcp bench" + (" --quick" if quick else "") + " --record"
+        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+            f.write(f"\n## llm-mcp bench ({time.strftime('%Y-%m-%d')})\n\nCommand: `{command}`; machine: "
+                    f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU; NF4 + LoRA r=64, batch 8, "
+                    f"{epochs:g} epoch, long-tailed prompt/completion rows. Ratios are against the baseline "
+                    f"(TRL defaults + gradient checkpointing); tokens are real (non-padding) tokens.\n\n{text}\n")
+    return 0
+
+
+def _table(results: list[dict]) -> str:
+    rows = ["| model | max_length | variant | tokens/s | x baseline | peak MiB | x baseline | first step s | "
+            "train loss | eval loss | eval x baseline | engine choices |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for res in results:
+        base = next((r for r in res["runs"] if r["variant"] == "baseline" and "error" not in r), None)
+        for r in res["runs"]:
+            if "error" in r:
+                rows.append(f"| {res['model']} | {res['max_length']} | {r['variant']} | failed: {r['error']} |"
+                            + " |" * 8)
+                continue
+            ratio = (lambda k: f"{r[k] / base[k]:.2f}" if base else "-")
+            choices = ", ".join(f"{k}={v}" for k, v in r["choices"].items())
+            rows.append(f"| {res['model']} | {res['max_length']} | {r['variant']} | {r['tokens_per_second']:.0f} | "
+                        f"{ratio('tokens_per_second')} | {r['peak_memory_bytes'] / 2**20:.0f} | "
+                        f"{ratio('peak_memory_bytes')} | {r['time_to_first_step'] or 0:.1f} | {r['train_loss']:.3f} | "
+                        f"{r['eval_loss']:.3f} | {ratio('eval_loss')} | {choices} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-mcp bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, one length: under a minute")
+    parser.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
+    parser.add_argument("--json", default=None, help="write the results (or, with --variant, one run) as JSON")
+    parser.add_argument("--variant", choices=["baseline", "qloraevolved", "unsloth"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--max-length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.variant:  # a child run
+        if args.variant == "unsloth":
+            import unsloth  # noqa: F401  (before transformers, as Unsloth requires)
+        result = run_variant(args.variant, args.model_dir, args.data, args.max_length, args.epochs)
+        Path(args.json).write_text(json.dumps(result))
+        return 0
+    return run_bench(args.quick, args.record, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
