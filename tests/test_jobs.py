@@ -162,3 +162,19 @@ def test_store_marks_jobs_of_a_crashed_server_failed(tmp_path):
     assert record.state == "failed" and "checkpoint-30" in record.error and "resume_from_checkpoint" in record.error
     with pytest.raises(AssertionError, match="illegal transition"):
         reopened.transition(job.job_id, "running")
+
+
+def test_two_models_train_at_once(mcp, tiny_model, demo_rows):
+    """Two loaded models train side by side in their own workers, and both runs succeed."""
+    for model_id in ("left", "right"):
+        mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": model_id, **FAST_LOAD})
+    jobs = [mcp.ok("qloraevolved_train", {"model_id": model_id, "train_dataset": demo_rows, "wait_seconds": 0,
+                                          "training_config": {**FAST_TRAIN, "max_steps": 300,
+                                                              "output_dir": f"side-{model_id}"}})["job_id"]
+            for model_id in ("left", "right")]
+    states = [mcp.ok("qloraevolved_training_status", {"job_id": j})["state"] for j in jobs]
+    assert states == ["running", "running"]  # both started; neither waited for the other
+    for job_id in jobs:
+        assert poll(mcp, job_id, {"succeeded", "failed"})["state"] == "succeeded"
+    listed = {j["job_id"]: j for j in mcp.ok("qloraevolved_list_jobs")["jobs"]}
+    assert all(listed[j]["final_dir"].endswith("/final") for j in jobs)

@@ -92,6 +92,8 @@ def test_load_errors_name_the_parameter(mcp, tiny_model, tmp_path):
     text = mcp.error("qloraevolved_load_model", {"model_name": str(tiny_model), "target_modules": ["w_nope"],
                                                  **FAST_LOAD})
     assert "target_modules" in text and "q_proj" in text
+    text = mcp.error("qloraevolved_load_model", {"model_name": str(tiny_model), "lora_rnk": 8})
+    assert "lora_rnk" in text and "lora_rank" in text  # a misspelt argument is refused, not silently dropped
     text = mcp.error("qloraevolved_unload_model", {"model_id": "ghost"})
     assert "ghost" in text and "tiny-nf4" in text
     text = mcp.error("qloraevolved_prepare_for_training", {"model_id": "ghost"})

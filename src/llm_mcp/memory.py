@@ -54,6 +54,8 @@ def read_shape(model_name: str) -> ModelShape:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise InvalidArgument("model_name", model_name, "a model folder containing config.json")
+    elif model_name.startswith((".", "/", "~")):
+        raise InvalidArgument("model_name", model_name, "an existing model folder (no such folder) or a hub id")
     else:
         try:
             from huggingface_hub import hf_hub_download

@@ -5,6 +5,7 @@ shape is the same in both (unload, training status, cancel, list jobs), built on
 # SDK must see evaluated.
 import base64
 import functools
+import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -36,8 +37,11 @@ WaitSeconds = Annotated[float, Field(ge=-1, le=86400, description=(
 def agent_tool(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn our errors into tool errors whose text reaches the agent; report unexpected ones with their message."""
 
+    known = set(inspect.signature(fn).parameters) - {"ctx"}
+
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _refuse_unknown_arguments(kwargs.get("ctx"), known)
         try:
             return await fn(*args, **kwargs)
         except LlmMcpError as exc:
@@ -49,6 +53,14 @@ def agent_tool(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise ToolError(f"internal error in {fn.__name__}: {type(exc).__name__}: {exc}") from exc
 
     return wrapper
+
+
+def _refuse_unknown_arguments(ctx: Any, known: set[str]) -> None:
+    """The SDK drops arguments a tool does not declare; a misspelt one must not pass silently."""
+    params = getattr(ctx, "_input_params", None)
+    unknown = sorted(set(getattr(params, "arguments", None) or {}) - known)
+    if unknown:
+        raise ToolError(f"unknown argument(s) {unknown}; accepted: {sorted(known)}.")
 
 
 def service_of(ctx: Context) -> ModelService:
