@@ -131,7 +131,7 @@ def load_base(model_name: str, *, quant: str, double_quant: bool, dtype: torch.d
         raise EngineError(f"loading model_name={model_name!r} failed: {exc}") from None
     avoid_cpu_repack_bug(model)
     fix_tokenizer(tokenizer, model, max_length)
-    quantized_now = quantization.quantize_after_load(model, quant, warnings)
+    quantization.quantize_after_load(model, quant, warnings)  # int4/fp8: torchao, in place
     weight_bytes = quantization.linear_weight_bytes(model)
     if quantization_config is not None:  # bitsandbytes; it would upcast (dequantize) torchao tensors
         from peft import prepare_model_for_kbit_training

@@ -41,10 +41,10 @@ def quantization_config(quant: str, dtype: torch.dtype, *, double_quant: bool, w
     raise AssertionError(f"no quantization route for {quant!r}")
 
 
-def quantize_after_load(model: Any, quant: str, warnings: list[str]) -> bool:
-    """Apply the torchao routes in place to every linear layer but lm_head; False when `quant` is not one."""
+def quantize_after_load(model: Any, quant: str, warnings: list[str]) -> None:
+    """Apply the torchao routes in place to every linear layer but lm_head (nothing for the other types)."""
     if quant not in ("int4", "fp8"):
-        return False
+        return
     from torchao.quantization import Float8WeightOnlyConfig, quantize_
 
     if quant == "int4":
@@ -55,7 +55,6 @@ def quantize_after_load(model: Any, quant: str, warnings: list[str]) -> bool:
                             "has no native FP8 matmul, so they are computed in the compute dtype.")
         config = Float8WeightOnlyConfig()
     quantize_(model, config, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
-    return True
 
 
 def _int4_config(warnings: list[str]) -> Any:

@@ -17,12 +17,12 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.config import LoadConfig, TrainingConfig
+from llm_mcp.config import LoadConfig, TrainingConfig, UnslothLoadConfig, UnslothTrainingConfig
 from llm_mcp.errors import ModelNotLoaded, WorkerBusy, WorkerDied, rebuild
 from llm_mcp.workers.protocol import Command, Done, Event, Failed, Progress, Shutdown, Stop
 
@@ -190,11 +190,10 @@ class LoadedModel:
 
     model_id: str
     family: str  # "qloraevolved" | "unsloth"
-    load_config: LoadConfig
+    load_config: LoadConfig | UnslothLoadConfig
     info: dict[str, Any]  # the load answer: params, device, warnings
     worker: WorkerProcess
-    training_config: TrainingConfig | None = None
-    warnings: list[str] = field(default_factory=list)
+    training_config: TrainingConfig | UnslothTrainingConfig | None = None  # what prepare_for_training set
 
     @property
     def device(self) -> str:
