@@ -120,7 +120,9 @@ def test_killed_worker_fails_the_job_and_a_fresh_load_resumes(mcp, model, tiny_m
                                                                 "save_steps": 10, "output_dir": "crash",
                                                                 "resume_from_checkpoint": True}})
     assert resumed["status"] == "success" and resumed["global_step"] == checkpoint_step + 20
-    assert resumed["resumed_from"].endswith(f"checkpoint-{checkpoint_step}")
+    # the latest complete checkpoint: the reported one, or one saved just before the kill (a folder the kill
+    # left half-written is skipped)
+    assert int(resumed["resumed_from"].rsplit("-", 1)[1]) >= checkpoint_step
 
 
 def test_jobs_survive_a_server_restart(tmp_path, tiny_model, demo_rows):

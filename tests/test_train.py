@@ -159,3 +159,14 @@ def test_packing_keeps_examples_apart(mcp, trained, demo_rows):
         losses[packing] = answer["metrics"]["eval_loss"]
         assert answer["effective_config"]["packing"] is packing
     assert abs(losses[True] - losses[False]) / losses[False] < 0.005, losses
+
+
+def test_resume_skips_a_half_written_checkpoint(tmp_path):
+    """A worker killed while saving leaves a checkpoint folder without trainer_state.json; resume=true picks the
+    latest complete checkpoint instead of failing on it."""
+    from llm_mcp.engine.train import _resolve_resume
+
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-20").mkdir()  # half-written: no trainer_state.json
+    assert _resolve_resume(tmp_path, True) == str(tmp_path / "checkpoint-10")

@@ -328,16 +328,19 @@ def _answer(bundle: ModelBundle, config: TrainingConfig, trainer: Any, metrics: 
     }
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                  key=lambda p: int(p.name.split("-")[-1]))
+def _checkpoints(out: Path, *, complete_only: bool = False) -> list[Path]:
+    """checkpoint-N folders by N. complete_only: those with trainer_state.json, which the trainer writes last (a
+    worker killed mid-save leaves a folder without it)."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+             and (not complete_only or (p / "trainer_state.json").is_file())]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def _resolve_resume(out: Path, resume: bool | str) -> str | None:
     if resume is False:
         return None
     if resume is True:
-        found = _checkpoints(out) if out.is_dir() else []
+        found = _checkpoints(out, complete_only=True) if out.is_dir() else []
         if not found:
             raise InvalidArgument("resume_from_checkpoint", True,
                                   f"a run with checkpoints in output_dir={str(out)!r}; none found there "
