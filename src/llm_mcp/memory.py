@@ -63,13 +63,20 @@ def read_shape(model_name: str) -> ModelShape:
             config_file = Path(hf_hub_download(model_name, "config.json"))
         except Exception as exc:
             raise InvalidArgument("model_name", model_name, f"a local model folder or a reachable hub id ({exc})")
-    config = json.loads(config_file.read_text())
-    config = config.get("text_config", config)  # multimodal wrappers keep the LM's config inside
+    shape = shape_from_config(json.loads(config_file.read_text()))
+    if shape is None:
+        raise InvalidArgument("model_name", model_name, "a decoder-only LM config with hidden_size and "
+                                                        "num_attention_heads")
+    return shape
+
+
+def shape_from_config(config: dict[str, Any]) -> ModelShape | None:
+    """The dimensions from a config.json mapping (or a transformers config's to_dict()); None if not an LM's."""
+    config = config.get("text_config") or config  # multimodal wrappers keep the LM's config inside
     hidden = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
     heads = config.get("num_attention_heads") or config.get("n_head")
     if not hidden or not heads:
-        raise InvalidArgument("model_name", model_name, "a decoder-only LM config with hidden_size and "
-                                                        "num_attention_heads")
+        return None
     return ModelShape(
         hidden=hidden, intermediate=config.get("intermediate_size") or 4 * hidden,
         layers=config.get("num_hidden_layers") or config.get("n_layer"), heads=heads,

@@ -104,16 +104,10 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
 def _memory_is_ample(bundle: ModelBundle, config: TrainingConfig) -> bool:
     from llm_mcp import memory
 
-    c = bundle.model.config
-    heads = c.num_attention_heads
-    shape = memory.ModelShape(hidden=c.hidden_size, intermediate=getattr(c, "intermediate_size", 4 * c.hidden_size),
-                              layers=c.num_hidden_layers, heads=heads,
-                              kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-                              head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, vocab=c.vocab_size,
-                              tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
+    shape = memory.shape_from_config(bundle.model.config.to_dict())
     device = "cuda" if detect().has_cuda else "cpu"
     free = _free_bytes(device)
-    if free is None:
+    if shape is None or free is None:
         return False
     run = memory.estimate(shape, quant_type=bundle.quantization, compute_dtype=bundle.compute_dtype,
                           lora_rank=int(next(iter(bundle.model.peft_config.values())).r), batch_size=config.batch_size,

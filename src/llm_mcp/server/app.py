@@ -43,7 +43,7 @@ def create_server(config: ServerConfig | None = None) -> MCPServer:
         pool = WorkerPool(python=config.worker_python, cwd=workspace, log_dir=state_dir / "logs",
                           env=dict(config.worker_env), family_python={"unsloth": config.unsloth_python or ""})
         try:
-            yield ModelService(pool, JobManager(store), workspace)
+            yield ModelService(pool, JobManager(store))
         finally:
             pool.close()  # every worker ends with the server; running jobs stop with a checkpoint
             store.close()

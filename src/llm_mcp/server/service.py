@@ -94,10 +94,9 @@ def engine_training_config(settings: TrainingSettings) -> TrainingConfig:
 
 
 class ModelService:
-    def __init__(self, pool: WorkerPool, jobs: JobManager, workspace: Path) -> None:
+    def __init__(self, pool: WorkerPool, jobs: JobManager) -> None:
         self.pool = pool
         self.jobs = jobs
-        self.workspace = workspace
 
     # -- load / unload / list ---------------------------------------------------------------------------------
     async def load(self, family: Family, config: LoadConfig | UnslothLoadConfig, model_id: str | None,
