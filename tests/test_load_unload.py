@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from pathlib import Path
 
 from conftest import FAST_LOAD
 
@@ -22,12 +23,22 @@ def _alive(pid: int) -> bool:
 
 
 def worker_pids(model_id: str) -> list[int]:
-    """Pids of this test process's worker children for model_id (workers name their model in argv)."""
+    """Pids of this test process's worker children for model_id (workers name their model in argv).
+
+    Reads /proc rather than running `ps`, which a minimal machine (CI's) may not have."""
     pids = []
-    for line in os.popen("ps -eo pid,ppid,args").read().splitlines()[1:]:
-        pid, ppid, args = line.split(None, 2)
-        if int(ppid) == os.getpid() and "llm_mcp.workers.worker" in args and args.endswith(f" {model_id}"):
-            pids.append(int(pid))
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        args = [a.decode(errors="replace") for a in argv if a]
+        if ppid == os.getpid() and "llm_mcp.workers.worker" in args and args[-1] == model_id:
+            pids.append(int(proc.name))
     return pids
 
 
@@ -101,14 +112,15 @@ def test_load_errors_name_the_parameter(mcp, tiny_model, tmp_path):
     assert "tiny-nf4" in mcp.ok("qloraevolved_list_models")["models"]
 
 
-def test_unload_ends_the_worker_process(mcp, workspace):
+def test_unload_ends_the_worker_process(mcp, tiny_model):
     """Unloading ends the model's worker process, so its memory returns to the system."""
-    [pid] = worker_pids("tiny-nf4")
+    mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "to-unload", **FAST_LOAD})
+    [pid] = worker_pids("to-unload")
     assert _alive(pid)
-    answer = mcp.ok("qloraevolved_unload_model", {"model_id": "tiny-nf4"})
-    assert answer == {"status": "success", "message": "Model tiny-nf4 unloaded"}
+    answer = mcp.ok("qloraevolved_unload_model", {"model_id": "to-unload"})
+    assert answer == {"status": "success", "message": "Model to-unload unloaded"}
     deadline = time.time() + 10
     while _alive(pid) and time.time() < deadline:
         time.sleep(0.1)
     assert not _alive(pid)
-    assert mcp.ok("qloraevolved_list_models")["models"] == {}
+    assert "to-unload" not in mcp.ok("qloraevolved_list_models")["models"]
