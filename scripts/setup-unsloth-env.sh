@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv-unsloth}"
-if ! { [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import unsloth, tensorboard" >/dev/null 2>&1; }; then
+if ! { [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import unsloth, tensorboard, gguf" >/dev/null 2>&1; }; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip
     # CPU torch from local disk here; on a GPU machine install the CUDA build of torch instead.

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--unsloth-python", default=os.environ.get("LLM_MCP_UNSLOTH_PYTHON"),
                        help="Python interpreter for the unsloth_* family's workers, e.g. a separate venv where "
                             "`import unsloth` works (default: --worker-python; env LLM_MCP_UNSLOTH_PYTHON)")
+    serve.add_argument("--token", default=os.environ.get("LLM_MCP_TOKEN"), metavar="TOKEN",
+                       help="HTTP only: every request must send 'Authorization: Bearer TOKEN'; required for a "
+                            "non-loopback --host. Prefer env LLM_MCP_TOKEN (arguments show in the process list)")
+    serve.add_argument("--allow-read", action="append", default=[], metavar="DIR",
+                       help="a folder outside the workspace that datasets and models may be read from (repeatable)")
+    serve.add_argument("--allow-remote-code", action="store_true",
+                       help="let a tool call ask for trust_remote_code=true (runs code shipped with a model)")
     serve.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     demo = sub.add_parser("demo", help="run load -> prepare -> train -> list -> unload through a real MCP client")
@@ -44,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "serve":
+        _check_serve_args(serve, args)
         return _serve(args)
     if args.command == "demo":
         from llm_mcp.demo import run_demo
@@ -55,18 +64,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_serve_args(serve: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a bad serve command line before anything binds a port (argparse's error: message, exit 2)."""
+    from llm_mcp.server.http_auth import exposure_problem, normalize_token
+
+    # stdio is the client's own child process: no token applies there, so none is kept.
+    args.token = normalize_token(args.token) if args.transport == "streamable-http" else None
+    if args.transport == "streamable-http" and (problem := exposure_problem(args.host, args.token)):
+        serve.error(problem)
+    resolved = [Path(d).expanduser().resolve() for d in args.allow_read]
+    for given, path in zip(args.allow_read, resolved):
+        if not path.exists():
+            serve.error(f"--allow-read {given!r}: {path} does not exist")
+    args.allow_read = tuple(str(p) for p in resolved)
+
+
 def _serve(args: argparse.Namespace) -> int:
     # stdout is the protocol stream in stdio mode: logs go to stderr only.
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     from llm_mcp.config import ServerConfig
     from llm_mcp.server.app import create_server
 
-    server = create_server(ServerConfig(workspace=args.workspace, worker_python=args.worker_python,
-                                        unsloth_python=args.unsloth_python))
+    config = ServerConfig(workspace=args.workspace, worker_python=args.worker_python,
+                          unsloth_python=args.unsloth_python, allow_read=args.allow_read,
+                          allow_remote_code=args.allow_remote_code)
+    server = create_server(config, token=args.token)
     if args.transport == "stdio":
         server.run("stdio")
     else:
-        server.run("streamable-http", host=args.host, port=args.port)
+        from llm_mcp.server.http_auth import transport_security
+
+        server.run("streamable-http", host=args.host, port=args.port,
+                   transport_security=transport_security(args.host, args.port))
     return 0
 
 

@@ -237,6 +237,53 @@ class RunOptions:
     eval_steps: int | None = None  # None: evaluate at the end only
 
 
+ExportFormat = Literal["adapter", "merged_16bit", "gguf"]
+GgufQuantization = Literal["f16", "q8_0", "q4_k_m"]
+MaxNewTokens = Annotated[int, Field(ge=1, le=8192, description="Most tokens to generate; generation stops at EOS.")]
+Temperature = Annotated[float, Field(ge=0, le=5, description="Sampling temperature; 0 = greedy (deterministic).")]
+TopP = Annotated[float, Field(gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this "
+                                                     "probability mass (used when temperature > 0).")]
+MAX_PROMPT_CHARS = 200_000
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ChatMessage:
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class GenerationConfig:
+    """What `*_generate` takes: a prompt (raw text) or chat messages (rendered with the model's chat template)."""
+
+    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    max_new_tokens: MaxNewTokens = 256
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    use_adapter: bool = True
+    seed: Seed = 42
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidArgument("prompt", self.prompt, "exactly one of prompt (text) or messages (a list of "
+                                                         "{role, content})")
+        if self.messages is not None and not self.messages:
+            raise InvalidArgument("messages", [], "a non-empty list of {role, content}")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ExportConfig:
+    """What `*_export` takes: which artefact to write, where, and how to check it."""
+
+    format: ExportFormat = "adapter"
+    output_dir: str = "./exported_model"
+    gguf_quantization: GgufQuantization = "q8_0"
+    save_dtype: Literal["float16", "bfloat16"] = "float16"
+    verify: bool = True
+    overwrite: bool = False
+
+
 @dataclass(frozen=True, config=_STRICT)
 class ServerConfig:
     """How the server runs: where it may write, and which Python runs the model workers."""
@@ -246,6 +293,8 @@ class ServerConfig:
     unsloth_python: str | None = None  # interpreter of the unsloth family's workers; None: worker_python
     state_dir: str | None = None  # None: <workspace>/.llm-mcp
     worker_env: dict[str, str] = field(default_factory=dict)
+    allow_read: tuple[str, ...] = ()  # folders outside the workspace that datasets and models may be read from
+    allow_remote_code: bool = False  # whether a tool call may ask for trust_remote_code=true
 
 
 def validated(cls: type, values: dict[str, Any], *, where: str) -> Any:

@@ -118,7 +118,21 @@ def detect_format(columns: list[str]) -> str | None:
 def prepare(source: str | list[dict[str, Any]], *, dataset_format: str, chat_template: str | None,
             param: str) -> PreparedDataset:
     """Read, detect, check and convert a dataset for SFTTrainer; errors name the columns found."""
-    raw = read_source(source, param=param)
+    fmt, rows = convert_rows(read_source(source, param=param), dataset_format=dataset_format, param=param)
+    usable = [r for r in rows if r is not None]
+    if not usable:
+        raise DatasetError(f"{param}: none of its {len(rows)} rows has usable content for format {fmt!r}; "
+                           f"check for empty fields.")
+    warnings = []
+    if len(usable) < len(rows):
+        warnings.append(f"{param}: skipped {len(rows) - len(usable)} of {len(rows)} rows with empty or "
+                        f"malformed fields.")
+    return _to_trl(usable, fmt, chat_template, warnings)
+
+
+def convert_rows(raw: Any, *, dataset_format: str, param: str) -> tuple[str, list[dict[str, Any] | None]]:
+    """The format (detected, or the one asked for) and each raw row converted to TRL's columns, None where the
+    row is unusable."""
     if len(raw) == 0:
         raise DatasetError(f"{param} has no rows.")
     found = detect_format(raw.column_names)
@@ -128,16 +142,17 @@ def prepare(source: str | list[dict[str, Any]], *, dataset_format: str, chat_tem
         raise DatasetError(f"{param}: columns {raw.column_names} match no known format"
                            f"{'' if dataset_format == 'auto' else f' (dataset_format={dataset_format!r})'}; "
                            f"expected {FORMATS_HELP}.")
-    rows = [_convert(row, fmt) for row in raw]
-    usable = [r for r in rows if r is not None]
-    if not usable:
-        raise DatasetError(f"{param}: none of its {len(rows)} rows has usable content for format {fmt!r} "
-                           f"(columns found: {raw.column_names}); check for empty fields.")
-    warnings = []
-    if len(usable) < len(rows):
-        warnings.append(f"{param}: skipped {len(rows) - len(usable)} of {len(rows)} rows with empty or "
-                        f"malformed fields.")
-    return _to_trl(usable, fmt, chat_template, warnings)
+    return fmt, [_convert(row, fmt) for row in raw]
+
+
+def row_format(row: dict[str, Any]) -> str | None:
+    """The format a single row's non-empty fields fit (rows of inline lists share the union of all columns)."""
+    return detect_format([k for k, v in row.items() if v not in (None, "", [])])
+
+
+def to_training_rows(rows: list[dict[str, Any]], fmt: str, chat_template: str | None) -> PreparedDataset:
+    """Converted rows -> the dataset SFTTrainer gets (chat rows may become conversational prompt/completion)."""
+    return _to_trl(rows, fmt, chat_template, [])
 
 
 def _has_columns(columns: list[str], fmt: str) -> bool:

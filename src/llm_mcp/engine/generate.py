@@ -1,15 +1,75 @@
-"""Greedy generation from a base model with a saved LoRA adapter: used by the demo and the tests to check what a
-run learned, loading the adapter exactly as a user would (peft.PeftModel.from_pretrained)."""
+"""Text generation: with a loaded model (the *_generate tools, with or without its adapter), and greedy answers
+from a base model plus a saved LoRA adapter loaded exactly as a user would (peft.PeftModel.from_pretrained), which
+the demo, the tests and export verification use to check what a run learned."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llm_mcp.config import GenerationConfig
+
 from llm_mcp.engine.device import torch_dtype
 from llm_mcp.engine.model import avoid_cpu_repack_bug
+
+
+def generate(bundle: Any, config: GenerationConfig) -> dict[str, Any]:
+    """Answer a prompt or a chat with the loaded model; use_adapter=false answers with the base model alone."""
+    tokenizer, model = bundle.tokenizer, bundle.model
+    if config.messages is not None:
+        messages = [{"role": m.role, "content": m.content} for m in config.messages]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # the template writes BOS itself where the model wants one
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    else:
+        ids = tokenizer(config.prompt, return_tensors="pt").input_ids
+    ids = ids.to(_input_device(model))
+    sampling = config.temperature > 0
+    kwargs: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "do_sample": sampling,
+                              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": _stop_ids(tokenizer, model),
+                              "use_cache": True}
+    if sampling:
+        kwargs.update(temperature=config.temperature, top_p=config.top_p)
+        torch.manual_seed(config.seed)
+    without_adapter = (model.disable_adapter() if not config.use_adapter and hasattr(model, "disable_adapter")
+                       else contextlib.nullcontext())
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    try:
+        with torch.no_grad(), without_adapter:
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    finally:
+        model.train(was_training)
+    new = out[0, ids.shape[1]:].tolist()
+    stopped = bool(new) and new[-1] in kwargs["eos_token_id"]
+    seconds = time.perf_counter() - started
+    return {
+        "text": tokenizer.decode(new, skip_special_tokens=True),
+        "finish_reason": "eos" if stopped else "length",
+        "prompt_tokens": int(ids.shape[1]),
+        "completion_tokens": len(new),
+        "tokens_per_second": round(len(new) / seconds, 2) if seconds > 0 else None,
+        "used_adapter": bool(config.use_adapter and hasattr(model, "disable_adapter")),
+        "sampling": {"temperature": config.temperature, "top_p": config.top_p, "seed": config.seed}
+        if sampling else "greedy",
+    }
+
+
+def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
+    """EOS of the tokenizer and of the generation config (chat models often end turns with another token)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def _input_device(model: Any) -> torch.device:
+    return next(p.device for p in model.parameters())
 
 
 def load_base_nf4(base_dir: str | Path, *, compute_dtype: str = "float32") -> Any:

@@ -13,8 +13,9 @@ from llm_mcp import __version__
 from llm_mcp.config import ServerConfig
 from llm_mcp.jobs.manager import JobManager
 from llm_mcp.jobs.store import JobStore
-from llm_mcp.server.service import ModelService
 from llm_mcp.server import general_tools, qlora_tools, unsloth_tools
+from llm_mcp.server.http_auth import StaticTokenVerifier, auth_settings
+from llm_mcp.server.service import ModelService
 from llm_mcp.workers.pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,9 @@ INSTRUCTIONS = (
 )
 
 
-def create_server(config: ServerConfig | None = None) -> MCPServer:
+def create_server(config: ServerConfig | None = None, *, token: str | None = None) -> MCPServer:
+    """The server with every tool; with `token`, each HTTP request must carry `Authorization: Bearer <token>`
+    (stdio ignores it). The token stays out of ServerConfig so no config repr, log or pickle can carry it."""
     config = config or ServerConfig()
     workspace = Path(config.workspace).expanduser().resolve()
     state_dir = Path(config.state_dir).expanduser().resolve() if config.state_dir else workspace / ".llm-mcp"
@@ -48,7 +51,8 @@ def create_server(config: ServerConfig | None = None) -> MCPServer:
             pool.close()  # every worker ends with the server; running jobs stop with a checkpoint
             store.close()
 
-    server = MCPServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
+    auth = {"token_verifier": StaticTokenVerifier(token), "auth": auth_settings()} if token else {}
+    server = MCPServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, **auth)
     qlora_tools.register(server)
     unsloth_tools.register(server)
     general_tools.register(server)

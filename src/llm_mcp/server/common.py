@@ -9,13 +9,17 @@ import inspect
 import json
 import logging
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import Field
 
+from llm_mcp.config import (
+    BatchSize, ChatMessage, DatasetFormat, ExportConfig, ExportFormat, GenerationConfig, GgufQuantization,
+    MaxNewTokens, Seed, Temperature, TopP, validated,
+)
 from llm_mcp.errors import LlmMcpError
 from llm_mcp.server.service import Family, ModelService
 
@@ -119,6 +123,64 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
     async def list_jobs(ctx: Context = None) -> dict[str, Any]:
         return service_of(ctx).list_jobs(family)
 
+    @agent_tool
+    async def generate(
+        model_id: Annotated[str, Field(description=f"Id returned by {load_tool}.")],
+        prompt: Annotated[str | None, Field(description="Raw text to continue (no chat template). Give this or "
+                                                        "messages.")] = None,
+        messages: Annotated[list[ChatMessage] | None, Field(description="A chat, rendered with the model's chat "
+                                                                        "template plus the assistant prompt.")] = None,
+        max_new_tokens: MaxNewTokens = GenerationConfig.max_new_tokens,
+        temperature: Temperature = GenerationConfig.temperature,
+        top_p: TopP = GenerationConfig.top_p,
+        use_adapter: Annotated[bool, Field(description="false answers with the base model alone (LoRA off), to "
+                                                       "compare before and after training.")] = True,
+        seed: Seed = GenerationConfig.seed,
+        ctx: Context = None,
+    ) -> dict[str, Any]:
+        config = validated(GenerationConfig, dict(
+            prompt=prompt, messages=None if messages is None else tuple(messages), max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, use_adapter=use_adapter, seed=seed), where="generate")
+        return await service_of(ctx).generate(family, model_id, config)
+
+    @agent_tool
+    async def evaluate(
+        model_id: Annotated[str, Field(description=f"Id returned by {load_tool}.")],
+        eval_dataset: DatasetArg,
+        dataset_format: Annotated[DatasetFormat, Field(description="Row format; 'auto' detects it.")] = "auto",
+        batch_size: BatchSize = 4,
+        ctx: Context = None,
+    ) -> dict[str, Any]:
+        return await service_of(ctx).evaluate(family, model_id, eval_dataset, dataset_format, batch_size)
+
+    @agent_tool
+    async def export(
+        model_id: Annotated[str, Field(description=f"Id returned by {load_tool}, trained with "
+                                                   f"{family.tool('train')}.")],
+        format: Annotated[ExportFormat, Field(description=(
+            "adapter = PEFT LoRA folder; merged_16bit = base weights dequantized and LoRA merged, a plain "
+            "transformers/vLLM folder; gguf = the merged model as GGUF for llama.cpp/Ollama, with a Modelfile "
+            "(also keeps adapter/ and merged/ beside it)."))] = ExportConfig.format,
+        output_dir: Annotated[str, Field(description="Folder to write (relative to the workspace); must be new or "
+                                                     "empty unless overwrite=true.")] = ExportConfig.output_dir,
+        gguf_quantization: Annotated[GgufQuantization, Field(description=(
+            "gguf only: f16, q8_0, or q4_k_m (needs llama.cpp's llama-quantize on PATH)."))]
+        = ExportConfig.gguf_quantization,
+        save_dtype: Annotated[Literal["float16", "bfloat16"], Field(description="Dtype of merged weights.")]
+        = ExportConfig.save_dtype,
+        verify: Annotated[bool, Field(description="Load the export back and compare its greedy answer with the "
+                                                  "adapter model's.")] = ExportConfig.verify,
+        overwrite: Annotated[bool, Field(description="Replace an earlier export in output_dir (other files are "
+                                                     "never deleted).")] = ExportConfig.overwrite,
+        probe_prompt: Annotated[str | None, Field(max_length=10_000, description=(
+            "Prompt for the verification's greedy comparison; default a short chat."))] = None,
+        ctx: Context = None,
+    ) -> dict[str, Any]:
+        config = validated(ExportConfig, dict(format=format, output_dir=output_dir,
+                                              gguf_quantization=gguf_quantization, save_dtype=save_dtype,
+                                              verify=verify, overwrite=overwrite), where="export")
+        return await service_of(ctx).export(family, model_id, config, probe_prompt)
+
     return [
         (unload_model, family.tool("unload_model"),
          "Unload a model: its worker process ends, so all its CPU and GPU memory is released. Refused while it "
@@ -130,6 +192,18 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
         (cancel_training, family.tool("cancel_training"),
          "Stop a running training job at the next step boundary; a checkpoint is saved and the job ends "
          f"'cancelled'. Continue it later with {family.tool('train')}(resume_from_checkpoint=true)."),
+        (generate, family.tool("generate"),
+         "Generate text with a loaded model: a raw prompt, or chat messages rendered with its chat template. Stops "
+         "at EOS (finish_reason 'eos') or after max_new_tokens ('length'). temperature=0 is greedy. "
+         "use_adapter=false answers with the base model, to compare before/after training."),
+        (evaluate, family.tool("evaluate"),
+         "Eval loss and perplexity of the loaded model (with its adapter) on a dataset, computed as training "
+         "computes eval_loss (answer tokens only for prompt/completion and chat rows)."),
+        (export, family.tool("export"),
+         "Export the trained model: 'adapter' (PEFT folder), 'merged_16bit' (LoRA merged into the dequantized "
+         "base, safetensors that plain transformers loads, EOS and generation config kept), or 'gguf' (f16/q8_0/"
+         "q4_k_m for llama.cpp, plus an Ollama Modelfile with the chat template and stop tokens). Each export is "
+         "loaded back to verify it. Merging runs module by module on the CPU."),
         (list_jobs, family.tool("list_jobs"),
          "Every training job of this family, including those from before a server restart: state, step, loss, "
          "output_dir and final adapter folder, last checkpoint, error."),

@@ -6,8 +6,12 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from llm_mcp import memory
-from llm_mcp.config import BatchSize, ComputeDtype, LoadConfig, LoraRank, MaxLength, Optimizer, QuantType, TrainingConfig
-from llm_mcp.server.common import agent_tool
+from mcp.server.mcpserver import Context
+
+from llm_mcp.config import (
+    BatchSize, ComputeDtype, DatasetFormat, LoadConfig, LoraRank, MaxLength, Optimizer, QuantType, TrainingConfig,
+)
+from llm_mcp.server.common import DatasetArg, agent_tool, service_of
 
 
 @agent_tool
@@ -34,5 +38,22 @@ async def estimate_memory(
     return {"status": "success", **result.to_dict(), "model_shape": shape.__dict__}
 
 
+@agent_tool
+async def inspect_dataset(
+    dataset: DatasetArg,
+    dataset_format: Annotated[DatasetFormat, Field(description="Row format; 'auto' detects it.")] = "auto",
+    model_id: Annotated[str | None, Field(description=(
+        "A loaded model (either family): examples are rendered with its chat template, lengths counted with its "
+        "tokenizer and checked against its max_length. Without it, a generic layout and character counts."))]
+    = None,
+    ctx: Context = None,
+) -> dict[str, Any]:
+    """Check a dataset before training on it: detected format, row and usable-row counts, columns, two examples
+    exactly as training sees them (trained part between [[TRAIN]] and [[/TRAIN]]), token length statistics, rows
+    max_length would cut, and problems found (empty fields, mixed formats, missing EOS, duplicates). Needs no GPU."""
+    return await service_of(ctx).inspect_dataset(dataset, dataset_format, model_id)
+
+
 def register(server: Any) -> None:
     server.add_tool(estimate_memory)
+    server.add_tool(inspect_dataset)

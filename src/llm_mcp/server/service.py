@@ -7,6 +7,7 @@ tool modules. Knows nothing of torch, and nothing of MCP but a progress callback
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
@@ -16,11 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp import memory
-from llm_mcp.config import LoadConfig, RunOptions, TrainingConfig, UnslothLoadConfig, UnslothTrainingConfig, validated
+from llm_mcp.config import (
+    ExportConfig, GenerationConfig, LoadConfig, RunOptions, TrainingConfig, UnslothLoadConfig, UnslothTrainingConfig,
+    validated,
+)
 from llm_mcp.errors import InvalidArgument, ModelIdTaken, TrainingFailed, WorkerBusy
 from llm_mcp.jobs.manager import JobManager
 from llm_mcp.workers.pool import LoadedModel, WorkerPool, new_request_id
-from llm_mcp.workers.protocol import DatasetSource, Load, Prepare, Progress, Train
+from llm_mcp.workers.protocol import (
+    DatasetSource, Evaluate, Export, Generate, InspectDataset, Load, Prepare, Progress, Train,
+)
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ProgressSink = Callable[[int, int, str], Awaitable[None]]
@@ -201,6 +207,37 @@ class ModelService:
                         f"(job_id={record.job_id!r}) every 30-60 s until state is 'succeeded'; "
                         f"{family.tool('cancel_training')} stops it with a checkpoint."),
         }
+
+    # -- try, evaluate, ship ------------------------------------------------------------------------------------
+    async def generate(self, family: Family, model_id: str, config: GenerationConfig) -> dict[str, Any]:
+        answer = await self._get(family, model_id).worker.request(Generate(new_request_id(), config))
+        return {"status": "success", "model_id": model_id, **answer}
+
+    async def evaluate(self, family: Family, model_id: str, dataset: DatasetSource, dataset_format: str,
+                       batch_size: int) -> dict[str, Any]:
+        loaded = self._get(family, model_id)
+        return {**await loaded.worker.request(Evaluate(new_request_id(), dataset, dataset_format, batch_size)),
+                "model_id": model_id}
+
+    async def export(self, family: Family, model_id: str, config: ExportConfig,
+                     probe_prompt: str | None) -> dict[str, Any]:
+        loaded = self._get(family, model_id)
+        if loaded.training_config is None and family is UNSLOTH:
+            raise InvalidArgument("model_id", model_id, f"a model with a LoRA adapter: call "
+                                                        f"{family.tool('prepare_for_training')} and "
+                                                        f"{family.tool('train')} first")
+        return {**await loaded.worker.request(Export(new_request_id(), config, probe_prompt)), "model_id": model_id}
+
+    async def inspect_dataset(self, dataset: DatasetSource, dataset_format: str,
+                              model_id: str | None) -> dict[str, Any]:
+        """With a model: its tokenizer, chat template and max_length, in its worker. Without: here, no torch."""
+        if model_id is None:
+            from llm_mcp.data.inspect import inspect_dataset
+
+            return await asyncio.to_thread(inspect_dataset, dataset, dataset_format=dataset_format)
+        loaded = self.pool.find(model_id)
+        return {**await loaded.worker.request(InspectDataset(new_request_id(), dataset, dataset_format)),
+                "model_id": model_id}
 
     # -- jobs -----------------------------------------------------------------------------------------------------
     def training_status(self, family: Family, model_id: str | None, job_id: str | None) -> dict[str, Any]:

@@ -227,6 +227,13 @@ class WorkerPool:
             raise ModelNotLoaded(model_id, self.ids(family), load_tool)
         return loaded
 
+    def find(self, model_id: str) -> LoadedModel:
+        """A loaded model of either family."""
+        loaded = self._models.get(model_id)
+        if loaded is None:
+            raise ModelNotLoaded(model_id, self.ids(), "qloraevolved_load_model or unsloth_load_model")
+        return loaded
+
     def models(self, family: str) -> list[LoadedModel]:
         return [lm for lm in self._models.values() if lm.family == family]
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_mcp.config import LoadConfig, LoraSpec, RunOptions, TrainingConfig, UnslothLoadConfig
+from llm_mcp.config import (
+    ExportConfig, GenerationConfig, LoadConfig, LoraSpec, RunOptions, TrainingConfig, UnslothLoadConfig,
+)
 
 DatasetSource = str | list[dict[str, Any]]
 
@@ -38,6 +40,34 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Generate:
+    request_id: str
+    config: GenerationConfig
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    request_id: str
+    dataset: DatasetSource
+    dataset_format: str = "auto"
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class Export:
+    request_id: str
+    config: ExportConfig
+    probe_prompt: str | None = None  # verification compares greedy answers to this (default: a fixed chat)
+
+
+@dataclass(frozen=True)
+class InspectDataset:
+    request_id: str
+    dataset: DatasetSource
+    dataset_format: str = "auto"
+
+
+@dataclass(frozen=True)
 class Stop:
     """Stop the running Train at the next step boundary (a checkpoint is saved). Answered at once by the
     worker's reader thread, while the Train itself ends with its own Done (status 'cancelled')."""
@@ -50,7 +80,7 @@ class Shutdown:
     request_id: str = "shutdown"
 
 
-Command = Load | Prepare | Train | Stop | Shutdown
+Command = Load | Prepare | Train | Generate | Evaluate | Export | InspectDataset | Stop | Shutdown
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ from typing import Any
 
 from llm_mcp.config import UnslothLoadConfig
 from llm_mcp.errors import LlmMcpError
-from llm_mcp.workers.protocol import Command, Done, Failed, Load, Prepare, Progress, Shutdown, Stop, Train
+from llm_mcp.workers.protocol import (
+    Command, Done, Evaluate, Export, Failed, Generate, InspectDataset, Load, Prepare, Progress, Shutdown, Stop, Train,
+)
 
 log = logging.getLogger("llm_mcp.worker")
 
@@ -76,6 +78,23 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, stop: "_StopFlag
                 state.bundle, cmd.config, cmd.train_dataset, cmd.eval_dataset, cmd.options,
                 on_progress=on_progress, should_stop=stop.should_stop, notes=list(cmd.warnings),
             )
+        case Generate(config=config):
+            from llm_mcp.engine.generate import generate
+
+            return generate(state.bundle, config)
+        case Evaluate(dataset=dataset, dataset_format=fmt, batch_size=batch_size):
+            from llm_mcp.engine.evaluate import evaluate
+
+            return evaluate(state.bundle, dataset, dataset_format=fmt, batch_size=batch_size)
+        case Export(config=config, probe_prompt=probe):
+            from llm_mcp.engine.export import export
+
+            return export(state.bundle, config, probe_prompt=probe)
+        case InspectDataset(dataset=dataset, dataset_format=fmt):
+            from llm_mcp.data.inspect import inspect_dataset
+
+            return inspect_dataset(dataset, dataset_format=fmt, tokenizer=state.bundle.tokenizer,
+                                   max_length=state.bundle.max_length)
     raise AssertionError(f"unknown command {type(cmd).__name__}")
 
 

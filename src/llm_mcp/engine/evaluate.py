@@ -1,0 +1,46 @@
+"""Eval loss and perplexity of a loaded model on a dataset, computed exactly as training computes its eval loss:
+the same dataset preparation (answer-only loss, EOS) and TRL's SFTTrainer.evaluate."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Any
+
+from llm_mcp.data.datasets import prepare as prepare_dataset
+from llm_mcp.engine.device import detect
+from llm_mcp.engine.model import ModelBundle
+
+
+def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_size: int) -> dict[str, Any]:
+    from trl import SFTConfig, SFTTrainer
+
+    data = prepare_dataset(source, dataset_format=dataset_format,
+                           chat_template=getattr(bundle.tokenizer, "chat_template", None), param="eval_dataset")
+    hw = detect()
+    with tempfile.TemporaryDirectory(prefix="llm-mcp-eval-") as scratch:  # evaluate() writes nothing we keep
+        args = SFTConfig(
+            output_dir=scratch, per_device_eval_batch_size=batch_size, max_length=bundle.max_length,
+            assistant_only_loss=data.assistant_only_loss, packing=False, report_to=[], use_cpu=not hw.has_cuda,
+            # fp32 on CPU (bf16 autocast is slower there); the compute dtype's autocast on a GPU
+            bf16=hw.has_cuda and bundle.compute_dtype == "bfloat16",
+            fp16=hw.has_cuda and bundle.compute_dtype == "float16",
+            disable_tqdm=True, dataloader_pin_memory=False,
+        )
+        # SFTTrainer insists on a train_dataset; one row keeps its preprocessing cheap
+        trainer = SFTTrainer(model=bundle.model, args=args, train_dataset=data.dataset.select(range(1)),
+                             eval_dataset=data.dataset, processing_class=bundle.tokenizer)
+        started = time.perf_counter()
+        metrics = trainer.evaluate()
+    loss = float(metrics["eval_loss"])
+    return {
+        "status": "success",
+        "eval_loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "rows": len(data.dataset),
+        "dataset_format": data.source_format,
+        "loss_on": "answers only" if data.source_format != "text" else "all tokens",
+        "eval_runtime": round(time.perf_counter() - started, 3),
+        "warnings": data.warnings,
+    }

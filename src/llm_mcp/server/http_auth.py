@@ -1,0 +1,108 @@
+"""Who may talk to the HTTP transport: the static bearer token, the bind-address rule and Host/Origin checks.
+
+The token is checked by the SDK's own bearer middleware (`token_verifier=` + `AuthSettings`), with a
+constant-time compare. It is never logged, echoed or written: keep it out of every message and repr here.
+Nothing here touches stdio, where the client owns the server process and no token applies.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import socket
+
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.transport_security import TransportSecuritySettings
+
+TOKEN_ENV = "LLM_MCP_TOKEN"
+CLIENT_ID = "llm-mcp-bearer"  # the one principal a static token stands for
+# The SDK requires an issuer URL, but advertises it only with an authorization server or a resource_server_url,
+# and we configure neither: a static token has no issuer.
+_UNUSED_ISSUER = "http://127.0.0.1"
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+class StaticTokenVerifier:
+    """A `TokenVerifier` that accepts exactly one bearer token, compared in constant time."""
+
+    def __init__(self, token: str) -> None:
+        assert token, "an empty token would accept 'Authorization: Bearer ' alone"
+        self._expected = token.encode()
+
+    def __repr__(self) -> str:  # never show the token
+        return "StaticTokenVerifier(token=***)"
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if not hmac.compare_digest(token.encode(), self._expected):
+            return None
+        return AccessToken(token=token, client_id=CLIENT_ID, scopes=[])
+
+
+def auth_settings() -> AuthSettings:
+    """Bearer auth on /mcp with no scopes and no OAuth metadata routes (there is no authorization server)."""
+    return AuthSettings(issuer_url=_UNUSED_ISSUER, resource_server_url=None, required_scopes=None)
+
+
+def normalize_token(token: str | None) -> str | None:
+    """None for a missing or blank token (an empty LLM_MCP_TOKEN means no token, not an empty password)."""
+    token = (token or "").strip()
+    return token or None
+
+
+def is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(host: str, token: str | None) -> str | None:
+    """Why serving HTTP on `host` must not start, or None: any non-loopback bind needs a token."""
+    if token or is_loopback(host):
+        return None
+    return (f"refusing to serve HTTP on non-loopback host {host!r} without a bearer token: anyone who can reach it "
+            f"could load models and run training. Pass --token TOKEN (or set {TOKEN_ENV}; the environment keeps it "
+            "out of the process list), or bind --host 127.0.0.1.")
+
+
+def transport_security(host: str, port: int) -> TransportSecuritySettings:
+    """DNS-rebinding protection for any bind address: only Host/Origin values naming this server pass."""
+    names = list(_LOOPBACK_NAMES) if is_loopback(host) or host in _WILDCARD_HOSTS else []
+    if host in _WILDCARD_HOSTS:  # clients reach a wildcard bind by this machine's own names and addresses
+        names += _machine_names()
+    elif host not in names:
+        names.append(host.strip("[]"))
+    hosts = [_host_port(name, port) for name in dict.fromkeys(names)]
+    if port == 80:  # a client leaves the default port out of Host
+        hosts += [h.rsplit(":", 1)[0] for h in hosts]
+    origins = [f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
+                                     allowed_origins=origins)
+
+
+def _host_port(name: str, port: int) -> str:
+    return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+
+
+def _machine_names() -> list[str]:
+    """This machine's host names, their addresses and the primary outbound address (for a wildcard bind).
+
+    A client using another address of a multi-homed machine is refused (421): bind that address instead.
+    """
+    hostname = socket.gethostname()
+    names = [hostname, socket.getfqdn()]
+    try:
+        names += [str(info[4][0]) for info in socket.getaddrinfo(hostname, None)]
+    except OSError:  # an unresolvable hostname still leaves the names themselves
+        pass
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # UDP connect sends nothing; it only picks the outbound interface
+            names.append(probe.getsockname()[0])
+    except OSError:  # no IPv4 route at all
+        pass
+    return [n.split("%", 1)[0] for n in names if n]
