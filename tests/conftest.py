@@ -101,9 +101,14 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("workspace")
 
 
+def server_config(workspace: Path, tiny_model: Path, **options: Any) -> ServerConfig:
+    """A server on `workspace` that may also read the tiny model's folder (outside it, as a user's models are)."""
+    return ServerConfig(workspace=str(workspace), allow_read=(str(tiny_model.parent),), **options)
+
+
 @pytest.fixture(scope="module")
-def mcp(workspace: Path) -> McpSession:
-    with McpSession(create_server(ServerConfig(workspace=str(workspace)))) as session:
+def mcp(workspace: Path, tiny_model: Path) -> McpSession:
+    with McpSession(create_server(server_config(workspace, tiny_model))) as session:
         yield session
 
 

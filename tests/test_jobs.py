@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import FAST_LOAD, FAST_TRAIN, McpSession
+from conftest import FAST_LOAD, FAST_TRAIN, McpSession, server_config
 from llm_mcp.config import ServerConfig
 from llm_mcp.jobs.store import JobStore
 from llm_mcp.server.app import create_server
@@ -128,7 +128,7 @@ def test_killed_worker_fails_the_job_and_a_fresh_load_resumes(mcp, model, tiny_m
 def test_jobs_survive_a_server_restart(tmp_path, tiny_model, demo_rows):
     """A server stopped mid-run cancels the job with a checkpoint; a new server on the same workspace lists the
     job history, and resume continues the run."""
-    config = ServerConfig(workspace=str(tmp_path))
+    config = server_config(tmp_path, tiny_model)
     with McpSession(create_server(config)) as first:
         first.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "r", **FAST_LOAD})
         done = first.ok("qloraevolved_train", {"model_id": "r", "train_dataset": demo_rows, "wait_seconds": -1,

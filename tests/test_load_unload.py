@@ -89,7 +89,7 @@ def test_unplain_lora_and_load_in_4bit_false(mcp, tiny_model):
 
 def test_load_errors_name_the_parameter(mcp, tiny_model, tmp_path):
     """Bad inputs get tool errors that name the parameter and what is allowed; the server keeps serving."""
-    text = mcp.error("qloraevolved_load_model", {"model_name": str(tmp_path / "nope")})
+    text = mcp.error("qloraevolved_load_model", {"model_name": str(tiny_model.parent / "nope")})
     assert "model_name" in text and "no such folder" in text
     text = mcp.error("qloraevolved_load_model", {"model_name": str(tiny_model), "quant_type": "nf4_optimized",
                                                  "nf4_optimized_budget": -1})

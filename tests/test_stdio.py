@@ -20,7 +20,8 @@ EXE = Path(sys.executable).with_name("llm-mcp")
 def test_stdio_server_runs_the_flow(tiny_model, tmp_path, demo_rows):
     """Over stdio: list tools, load, train a few steps with progress, list, unload; stdout stays pure JSON-RPC
     (a single stray print from a worker or library would break this session)."""
-    params = StdioServerParameters(command=str(EXE), args=["serve", "--workspace", str(tmp_path)])
+    params = StdioServerParameters(command=str(EXE), args=["serve", "--workspace", str(tmp_path),
+                                                                "--allow-read", str(tiny_model.parent)])
     with McpSession(params) as mcp:
         assert "qloraevolved_train" in mcp.tools()
         mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "stdio", **FAST_LOAD})

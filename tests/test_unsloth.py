@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import McpSession
+from conftest import McpSession, server_config
 from llm_mcp.config import ServerConfig
 from llm_mcp.server.app import create_server
 
@@ -32,8 +32,8 @@ def _unsloth_python() -> str:
 
 
 @pytest.fixture(scope="module")
-def umcp(workspace):
-    config = ServerConfig(workspace=str(workspace), unsloth_python=_unsloth_python())
+def umcp(workspace, tiny_model):
+    config = server_config(workspace, tiny_model, unsloth_python=_unsloth_python())
     with McpSession(create_server(config)) as session:
         yield session
 

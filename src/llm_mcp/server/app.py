@@ -15,6 +15,7 @@ from llm_mcp.jobs.manager import JobManager
 from llm_mcp.jobs.store import JobStore
 from llm_mcp.server import general_tools, qlora_tools, unsloth_tools
 from llm_mcp.server.http_auth import StaticTokenVerifier, auth_settings
+from llm_mcp.server.sandbox import Sandbox
 from llm_mcp.server.service import ModelService
 from llm_mcp.workers.pool import WorkerPool
 
@@ -46,7 +47,8 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
         pool = WorkerPool(python=config.worker_python, cwd=workspace, log_dir=state_dir / "logs",
                           env=dict(config.worker_env), family_python={"unsloth": config.unsloth_python or ""})
         try:
-            yield ModelService(pool, JobManager(store))
+            yield ModelService(pool, JobManager(store), Sandbox.create(str(workspace), config.allow_read),
+                               allow_remote_code=config.allow_remote_code)
         finally:
             pool.close()  # every worker ends with the server; running jobs stop with a checkpoint
             store.close()

@@ -23,6 +23,7 @@ from llm_mcp.config import (
 )
 from llm_mcp.errors import InvalidArgument, ModelIdTaken, TrainingFailed, WorkerBusy
 from llm_mcp.jobs.manager import JobManager
+from llm_mcp.server.sandbox import Sandbox
 from llm_mcp.workers.pool import LoadedModel, WorkerPool, new_request_id
 from llm_mcp.workers.protocol import (
     DatasetSource, Evaluate, Export, Generate, InspectDataset, Load, Prepare, Progress, Train,
@@ -100,13 +101,22 @@ def engine_training_config(settings: TrainingSettings) -> TrainingConfig:
 
 
 class ModelService:
-    def __init__(self, pool: WorkerPool, jobs: JobManager) -> None:
+    def __init__(self, pool: WorkerPool, jobs: JobManager, sandbox: Sandbox, *,
+                 allow_remote_code: bool = False) -> None:
         self.pool = pool
         self.jobs = jobs
+        self.sandbox = sandbox
+        self.allow_remote_code = allow_remote_code
 
     # -- load / unload / list ---------------------------------------------------------------------------------
     async def load(self, family: Family, config: LoadConfig | UnslothLoadConfig, model_id: str | None,
                    force: bool = False) -> LoadedModel:
+        self.sandbox.model_source("model_name", config.model_name)
+        if getattr(config, "trust_remote_code", False) and not self.allow_remote_code:
+            raise InvalidArgument("trust_remote_code", True, "false: this server was started without "
+                                                             "--allow-remote-code, so code shipped with a model "
+                                                             "never runs; the operator can restart it with "
+                                                             "--allow-remote-code for models they trust")
         model_id = self._claim_id(family, config.model_name, model_id)
         notes = [] if force else _check_fits(config)
         loaded = await self.pool.load(model_id, family.prefix, Load(new_request_id(), config), config)
@@ -154,6 +164,7 @@ class ModelService:
         """Send the training settings (and, for the unsloth family, the LoRA adapter) to the worker; return its
         answer: parameter counts after LoRA, and warnings."""
         loaded = self._get(family, model_id)
+        self.sandbox.writable("output_dir", settings.output_dir)
         lora = settings.lora() if isinstance(settings, UnslothTrainingConfig) else None
         if lora is not None and isinstance(loaded.training_config, UnslothTrainingConfig) \
                 and _lora_shape(lora) != _lora_shape(loaded.training_config.lora()):
@@ -171,6 +182,12 @@ class ModelService:
         """Start a training job; answer its final result if it ends within wait_seconds, else 'running'."""
         loaded = self._get(family, model_id)
         settings, options = self._training_plan(family, loaded, overrides)
+        self.sandbox.dataset("train_dataset", train_dataset)
+        if eval_dataset is not None:
+            self.sandbox.dataset("eval_dataset", eval_dataset)
+        self.sandbox.writable("output_dir", settings.output_dir)
+        if isinstance(options.resume_from_checkpoint, str):
+            self.sandbox.writable("resume_from_checkpoint", options.resume_from_checkpoint)
         notes = []
         if loaded.training_config is None:
             notes.append(f"{model_id} was not prepared; prepared now with {family.tool('prepare_for_training')}'s "
@@ -216,12 +233,14 @@ class ModelService:
     async def evaluate(self, family: Family, model_id: str, dataset: DatasetSource, dataset_format: str,
                        batch_size: int) -> dict[str, Any]:
         loaded = self._get(family, model_id)
+        self.sandbox.dataset("eval_dataset", dataset)
         return {**await loaded.worker.request(Evaluate(new_request_id(), dataset, dataset_format, batch_size)),
                 "model_id": model_id}
 
     async def export(self, family: Family, model_id: str, config: ExportConfig,
                      probe_prompt: str | None) -> dict[str, Any]:
         loaded = self._get(family, model_id)
+        self.sandbox.writable("output_dir", config.output_dir)
         if loaded.training_config is None and family is UNSLOTH:
             raise InvalidArgument("model_id", model_id, f"a model with a LoRA adapter: call "
                                                         f"{family.tool('prepare_for_training')} and "
@@ -231,6 +250,7 @@ class ModelService:
     async def inspect_dataset(self, dataset: DatasetSource, dataset_format: str,
                               model_id: str | None) -> dict[str, Any]:
         """With a model: its tokenizer, chat template and max_length, in its worker. Without: here, no torch."""
+        self.sandbox.dataset("dataset", dataset)
         if model_id is None:
             from llm_mcp.data.inspect import inspect_dataset
 

@@ -1,0 +1,108 @@
+"""Where the agent's paths may point: writes stay inside the workspace, reads inside the workspace, the folders
+the operator allowed (--allow-read) and the Hugging Face cache. Paths are resolved (`..`, symbolic links) before
+they are judged, and relative ones start at the workspace, as the workers' working directory does.
+
+The agent may be steered by untrusted text (a dataset row, a web page), so a refusal says which server option
+would allow the path rather than trusting the call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm_mcp.errors import InvalidArgument
+
+MAX_PATH_CHARS = 4096
+# Inline rows travel in the JSON of one tool call: past these, a file in the workspace is the better carrier.
+MAX_INLINE_ROWS = 50_000
+MAX_INLINE_BYTES = 32 * 1024 * 1024
+
+
+def huggingface_cache() -> Path:
+    """The hub cache, as huggingface_hub finds it (HF_HUB_CACHE, HF_HOME, or ~/.cache/huggingface)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser()
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    workspace: Path
+    allow_read: tuple[Path, ...] = ()
+
+    @classmethod
+    def create(cls, workspace: str, allow_read: tuple[str, ...] = ()) -> "Sandbox":
+        root = Path(workspace).expanduser().resolve()
+        extra = tuple(Path(p).expanduser().resolve() for p in allow_read) + (huggingface_cache().resolve(),)
+        return cls(root, extra)
+
+    def resolve(self, param: str, value: str) -> Path:
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidArgument(param, value, "a non-empty path")
+        if len(value) > MAX_PATH_CHARS or "\x00" in value:
+            raise InvalidArgument(param, value[:80] + "...", f"a path of at most {MAX_PATH_CHARS} characters")
+        path = Path(value).expanduser()
+        return (path if path.is_absolute() else self.workspace / path).resolve()
+
+    def writable(self, param: str, value: str) -> Path:
+        """A folder the server may write: inside the workspace, and not the workspace itself or its state."""
+        path = self.resolve(param, value)
+        if not _inside(path, self.workspace):
+            raise InvalidArgument(param, value, f"a path inside the workspace {self.workspace} (it resolves to "
+                                                f"{path}); start the server with --workspace set to a folder "
+                                                f"that contains it to write there")
+        if path == self.workspace or _inside(path, self.workspace / ".llm-mcp"):
+            raise InvalidArgument(param, value, "a sub-folder of the workspace, not the workspace itself or its "
+                                                ".llm-mcp state folder")
+        return path
+
+    def readable(self, param: str, value: str) -> Path:
+        path = self.resolve(param, value)
+        if _inside(path, self.workspace) or any(_inside(path, root) for root in self.allow_read):
+            return path
+        raise InvalidArgument(param, value, f"a path inside the workspace {self.workspace} or a folder allowed "
+                                            f"with --allow-read (it resolves to {path}); restart the server with "
+                                            f"--allow-read {path.parent} to allow it")
+
+    def looks_local(self, value: str) -> bool:
+        """Whether a model or dataset name means a local path rather than a hub id."""
+        return value.startswith((".", "/", "~", "\\")) or ".." in Path(value).parts or \
+            (self.workspace / value).exists()
+
+    def dataset(self, param: str, source: Any) -> Any:
+        """Check a dataset argument: a path must be readable, inline rows within the size limits."""
+        if isinstance(source, list):
+            if len(source) > MAX_INLINE_ROWS:
+                raise InvalidArgument(param, f"{len(source)} rows", f"at most {MAX_INLINE_ROWS} inline rows; "
+                                                                     "write larger data to a .jsonl file in the "
+                                                                     "workspace and pass its path")
+            size = _json_size(source)
+            if size > MAX_INLINE_BYTES:
+                raise InvalidArgument(param, f"{size} bytes of inline rows", f"at most {MAX_INLINE_BYTES} bytes "
+                                                                             "inline; pass a .jsonl file path")
+            return source
+        if isinstance(source, str) and self.looks_local(source):
+            self.readable(param, source)
+        elif isinstance(source, str) and len(source) > MAX_PATH_CHARS:
+            raise InvalidArgument(param, source[:80] + "...", f"at most {MAX_PATH_CHARS} characters")
+        return source
+
+    def model_source(self, param: str, name: str) -> None:
+        if self.looks_local(name):
+            self.readable(param, name)
+        elif len(name) > 256:
+            raise InvalidArgument(param, name[:80] + "...", "a hub id of at most 256 characters, or a local folder")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _json_size(rows: list[Any]) -> int:
+    import json
+
+    return len(json.dumps(rows, default=str))
