@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 SHARD_BYTES = 2 * 1024**3
 DEFAULT_PROBE = [{"role": "user", "content": "Hello! What can you do?"}]
-_EXPORT_MARKERS = ("adapter_config.json", "config.json", "Modelfile", "adapter", "merged", "export.json")
+EXPORT_RECORD = "export.json"  # written last into every export folder: what was exported, and its checks
 
 
 def export(bundle: ModelBundle, config: ExportConfig, *, probe_prompt: str | None = None) -> dict[str, Any]:
@@ -51,24 +51,25 @@ def export(bundle: ModelBundle, config: ExportConfig, *, probe_prompt: str | Non
         from llm_mcp.engine.gguf_export import export_gguf
 
         answer.update(export_gguf(merged, out, config.gguf_quantization))
-    (out / "export.json").write_text(json.dumps({k: v for k, v in answer.items() if k != "status"}, indent=2))
+    (out / EXPORT_RECORD).write_text(json.dumps({k: v for k, v in answer.items() if k != "status"}, indent=2))
     answer["warnings"] = warnings
     return answer
 
 
 def _claim_output_dir(out: Path, overwrite: bool) -> Path:
-    """An empty or new folder; an earlier export is replaced only with overwrite=true, other files never."""
+    """An empty or new folder; an earlier export (it holds our export.json) is replaced only with
+    overwrite=true, and a folder of anything else never."""
     if out.exists() and not out.is_dir():
         raise InvalidArgument("output_dir", str(out), "a folder path (a file of that name exists)")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise InvalidArgument("output_dir", str(out), "a new or empty folder; it holds files. Pass "
                                                           "overwrite=true to replace an earlier export there")
-        foreign = [p.name for p in out.iterdir() if p.name not in _EXPORT_MARKERS and not p.name.endswith(
-            (".safetensors", ".partial", ".gguf", ".json", ".jinja", ".txt", ".model"))]
-        if foreign:
-            raise InvalidArgument("output_dir", str(out), f"a folder holding only an earlier export; it also holds "
-                                                          f"{sorted(foreign)[:10]}, which overwrite never deletes")
+        if not (out / EXPORT_RECORD).is_file():
+            held = sorted(p.name for p in out.iterdir())[:10]
+            raise InvalidArgument("output_dir", str(out), f"a new, empty, or earlier-export folder; it holds "
+                                                          f"{held} and no {EXPORT_RECORD}, and overwrite only "
+                                                          f"replaces an earlier export")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out

@@ -74,7 +74,8 @@ class Sandbox:
             (self.workspace / value).exists()
 
     def dataset(self, param: str, source: Any) -> Any:
-        """Check a dataset argument: a path must be readable, inline rows within the size limits."""
+        """Check a dataset argument: a path must be readable (returned resolved), inline rows within the size
+        limits; a hub id passes as is."""
         if isinstance(source, list):
             if len(source) > MAX_INLINE_ROWS:
                 raise InvalidArgument(param, f"{len(source)} rows", f"at most {MAX_INLINE_ROWS} inline rows; "
@@ -86,8 +87,8 @@ class Sandbox:
                                                                              "inline; pass a .jsonl file path")
             return source
         if isinstance(source, str) and self.looks_local(source):
-            self.readable(param, source)
-        elif isinstance(source, str) and len(source) > MAX_PATH_CHARS:
+            return str(self.readable(param, source))  # resolved: the server's cwd is not the workspace
+        if isinstance(source, str) and len(source) > MAX_PATH_CHARS:
             raise InvalidArgument(param, source[:80] + "...", f"at most {MAX_PATH_CHARS} characters")
         return source
 

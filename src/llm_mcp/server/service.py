@@ -182,9 +182,9 @@ class ModelService:
         """Start a training job; answer its final result if it ends within wait_seconds, else 'running'."""
         loaded = self._get(family, model_id)
         settings, options = self._training_plan(family, loaded, overrides)
-        self.sandbox.dataset("train_dataset", train_dataset)
+        train_dataset = self.sandbox.dataset("train_dataset", train_dataset)
         if eval_dataset is not None:
-            self.sandbox.dataset("eval_dataset", eval_dataset)
+            eval_dataset = self.sandbox.dataset("eval_dataset", eval_dataset)
         self.sandbox.writable("output_dir", settings.output_dir)
         if isinstance(options.resume_from_checkpoint, str):
             self.sandbox.writable("resume_from_checkpoint", options.resume_from_checkpoint)
@@ -233,7 +233,7 @@ class ModelService:
     async def evaluate(self, family: Family, model_id: str, dataset: DatasetSource, dataset_format: str,
                        batch_size: int) -> dict[str, Any]:
         loaded = self._get(family, model_id)
-        self.sandbox.dataset("eval_dataset", dataset)
+        dataset = self.sandbox.dataset("eval_dataset", dataset)
         return {**await loaded.worker.request(Evaluate(new_request_id(), dataset, dataset_format, batch_size)),
                 "model_id": model_id}
 
@@ -250,7 +250,7 @@ class ModelService:
     async def inspect_dataset(self, dataset: DatasetSource, dataset_format: str,
                               model_id: str | None) -> dict[str, Any]:
         """With a model: its tokenizer, chat template and max_length, in its worker. Without: here, no torch."""
-        self.sandbox.dataset("dataset", dataset)
+        dataset = self.sandbox.dataset("dataset", dataset)
         if model_id is None:
             from llm_mcp.data.inspect import inspect_dataset
 

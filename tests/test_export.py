@@ -1,0 +1,130 @@
+"""Try, evaluate, inspect and ship a trained model through the MCP client: generate (with and without the
+adapter), evaluate, inspect_dataset, and export as adapter, merged 16-bit model and GGUF, each loaded back."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST_LOAD, FAST_TRAIN
+
+MODEL = "shipper"
+
+
+@pytest.fixture(scope="module")
+def trained(mcp, tiny_model, demo_rows):
+    mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": MODEL, **FAST_LOAD})
+    before = mcp.ok("qloraevolved_evaluate", {"model_id": MODEL, "eval_dataset": demo_rows[:8]})
+    mcp.ok("qloraevolved_train", {"model_id": MODEL, "train_dataset": demo_rows, "wait_seconds": -1,
+                                  "training_config": {**FAST_TRAIN, "max_steps": 60, "output_dir": "ship-run"}})
+    return before
+
+
+def test_generate_answers_what_was_trained_and_stops_at_eos(mcp, trained, demo_rows):
+    """With the adapter the model answers a trained prompt exactly and stops at EOS; without it (the base model)
+    it does not know the answer."""
+    row = demo_rows[0]
+    tuned = mcp.ok("qloraevolved_generate", {"model_id": MODEL, "prompt": row["prompt"], "max_new_tokens": 24})
+    assert tuned["text"].strip() == row["completion"].strip()
+    assert tuned["finish_reason"] == "eos" and tuned["completion_tokens"] < 24 and tuned["used_adapter"] is True
+    base = mcp.ok("qloraevolved_generate", {"model_id": MODEL, "prompt": row["prompt"], "max_new_tokens": 24,
+                                            "use_adapter": False})
+    assert base["used_adapter"] is False and base["text"].strip() != row["completion"].strip()
+
+
+def test_generate_chat_and_sampling(mcp, trained):
+    """messages go through the chat template; sampling with a seed is reproducible; bad input is refused."""
+    chat = {"model_id": MODEL, "messages": [{"role": "user", "content": "Tell me about Zorbland."}],
+            "max_new_tokens": 16, "temperature": 0.9, "top_p": 0.9, "seed": 7}
+    first, second = mcp.ok("qloraevolved_generate", chat), mcp.ok("qloraevolved_generate", chat)
+    assert first["text"] == second["text"] and first["sampling"] == {"temperature": 0.9, "top_p": 0.9, "seed": 7}
+    assert first["prompt_tokens"] > 5  # the template wrapped the message
+    assert "prompt" in mcp.error("qloraevolved_generate", {"model_id": MODEL})
+    assert "temperature" in mcp.error("qloraevolved_generate", {"model_id": MODEL, "prompt": "x",
+                                                                "temperature": -1})
+    assert "role" in mcp.error("qloraevolved_generate", {"model_id": MODEL,
+                                                         "messages": [{"role": "wizard", "content": "x"}]})
+
+
+def test_evaluate_reports_loss_and_perplexity(mcp, trained, demo_rows):
+    """Eval loss on the trained rows fell far below the untrained model's; perplexity is exp(loss)."""
+    after = mcp.ok("qloraevolved_evaluate", {"model_id": MODEL, "eval_dataset": demo_rows[:8]})
+    assert after["rows"] == 8 and after["loss_on"] == "answers only"
+    assert after["eval_loss"] < 0.2 * trained["eval_loss"], (trained["eval_loss"], after["eval_loss"])
+    assert math.isclose(after["perplexity"], math.exp(after["eval_loss"]), rel_tol=1e-6)
+
+
+def test_inspect_dataset_shows_examples_as_trained_and_finds_problems(mcp, trained, demo_rows, workspace):
+    """With a model: examples rendered with the trained part marked and ending in EOS, token statistics, rows
+    max_length would cut; problems found: empty fields, mixed formats, duplicates."""
+    long_row = {"prompt": "word " * 300, "completion": "long answer"}
+    rows = demo_rows[:6] + [demo_rows[0], long_row, {"prompt": "empty answer", "completion": ""}]
+    answer = mcp.ok("inspect_dataset", {"dataset": rows, "model_id": MODEL})
+    assert answer["format"] == "prompt_completion" and answer["rows"] == 9 and answer["usable_rows"] == 8
+    example = answer["examples"][0]
+    assert example.startswith(demo_rows[0]["prompt"]) and example.endswith("</s>[[/TRAIN]]")
+    assert answer["length_tokens"]["max"] > 128 and answer["truncated_rows"] == 1 and answer["max_length"] == 128
+    problems = " ".join(answer["problems"])
+    assert "empty" in problems and "duplicate" in problems and "max_length=128" in problems
+
+    mixed = demo_rows[:3] + [{"text": "plain text row"}]
+    problems = " ".join(mcp.ok("inspect_dataset", {"dataset": mixed})["problems"])
+    assert "mixed row formats" in problems
+    chat_file = workspace / "chat.jsonl"
+    chat_file.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                          {"role": "assistant", "content": r["completion"]}]}) + "\n"
+                                 for r in demo_rows[:4]))
+    chat = mcp.ok("inspect_dataset", {"dataset": "chat.jsonl", "model_id": MODEL})
+    assert chat["format"] == "messages" and chat["problems"] == []
+    assert "[[TRAIN]]" in chat["examples"][0] and chat["examples"][0].rstrip().endswith("[[/TRAIN]]")
+    plain = mcp.ok("inspect_dataset", {"dataset": "chat.jsonl"})  # no model: generic layout, character counts
+    assert "length_chars" in plain and "length_tokens" not in plain
+
+
+def test_export_adapter_reloads_with_peft(mcp, trained, tiny_model, demo_rows, workspace):
+    answer = mcp.ok("qloraevolved_export", {"model_id": MODEL, "format": "adapter", "output_dir": "exp/adapter"})
+    assert answer["status"] == "success" and (workspace / "exp/adapter/adapter_config.json").is_file()
+    from llm_mcp.engine.generate import count_reproduced
+
+    assert count_reproduced(workspace / "exp/adapter", tiny_model, demo_rows[:4]) >= 3
+
+
+def test_export_merged_loads_with_plain_transformers(mcp, trained, demo_rows, workspace):
+    """The merged folder has no quantization config, keeps EOS and the chat template, and plain transformers
+    generates the trained answer from it, as the adapter model does."""
+    row = demo_rows[1]
+    answer = mcp.ok("qloraevolved_export", {"model_id": MODEL, "format": "merged_16bit", "output_dir": "exp/merged",
+                                            "probe_prompt": row["prompt"]})
+    assert answer["verified"]["greedy_matches_adapter_model"] is True
+    merged = workspace / "exp/merged"
+    config = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float16"
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] is not None
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert tokenizer.chat_template and tokenizer.eos_token == "</s>"
+    ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert out[0, -1].item() == tokenizer.eos_token_id  # it stops by itself
+    assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == row["completion"].strip()
+
+
+def test_export_never_overwrites_unasked(mcp, trained, workspace):
+    text = mcp.error("qloraevolved_export", {"model_id": MODEL, "format": "adapter", "output_dir": "exp/adapter"})
+    assert "output_dir" in text and "overwrite" in text
+    (workspace / "mine").mkdir()
+    (workspace / "mine" / "notes.md").write_text("keep me")
+    text = mcp.error("qloraevolved_export", {"model_id": MODEL, "format": "adapter", "output_dir": "mine",
+                                             "overwrite": True})
+    assert "notes.md" in text and "overwrite only replaces an earlier export" in text
+    assert (workspace / "mine" / "notes.md").read_text() == "keep me"
+    again = mcp.ok("qloraevolved_export", {"model_id": MODEL, "format": "adapter", "output_dir": "exp/adapter",
+                                           "overwrite": True})
+    assert again["status"] == "success"
