@@ -128,3 +128,42 @@ def test_export_never_overwrites_unasked(mcp, trained, workspace):
     again = mcp.ok("qloraevolved_export", {"model_id": MODEL, "format": "adapter", "output_dir": "exp/adapter",
                                            "overwrite": True})
     assert again["status"] == "success"
+
+
+def test_export_gguf_with_modelfile_reads_back(mcp, trained, workspace, demo_rows):
+    """gguf: adapter/ and merged/ beside a q8_0 GGUF that the gguf reader (and transformers) loads back, and an
+    Ollama Modelfile with the chat template and the EOS stop token."""
+    answer = mcp.ok("qloraevolved_export", {"model_id": MODEL, "format": "gguf", "output_dir": "exp/gguf",
+                                            "gguf_quantization": "q8_0", "probe_prompt": demo_rows[2]["prompt"]})
+    out = workspace / "exp/gguf"
+    assert (out / "adapter/adapter_config.json").is_file() and (out / "merged/config.json").is_file()
+    assert answer["verified_merged"]["greedy_matches_adapter_model"] is True
+    verified = answer["verified"]
+    assert verified["architecture"] == "llama" and verified["has_tokenizer"] and verified["has_chat_template"]
+    assert verified["tensor_count"] == 2 * 9 + 3 and "Q8_0" in verified["tensor_types"]
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./model-q8_0.gguf" in modelfile and "{{ .Prompt }}" in modelfile and 'stop "</s>"' in modelfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reread = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-q8_0.gguf", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 14, 30]])
+    with torch.no_grad():
+        assert (reread(ids).logits - merged(ids).logits).abs().max() < 0.6  # q8_0 rounding only
+
+
+def test_gguf_step_failure_keeps_adapter_and_merged(mcp, trained, workspace):
+    """q4_k_m without llama.cpp's quantizer: a typed error that says what to do, and the adapter, the merged model
+    and the f16 GGUF stay in place."""
+    text = mcp.error("qloraevolved_export", {"model_id": MODEL, "format": "gguf", "output_dir": "exp/q4",
+                                             "gguf_quantization": "q4_k_m", "verify": False})
+    assert "llama-quantize" in text
+    out = workspace / "exp/q4"
+    assert (out / "adapter/adapter_model.safetensors").is_file() and (out / "merged/model.safetensors").is_file()
+    assert (out / "model-f16.gguf").is_file()
+    # the partial export can be replaced
+    again = mcp.ok("qloraevolved_export", {"model_id": MODEL, "format": "gguf", "output_dir": "exp/q4",
+                                           "gguf_quantization": "f16", "verify": False, "overwrite": True})
+    assert again["quantization"] == "f16"

@@ -147,18 +147,22 @@ def test_unprepared_model_trains_with_defaults_and_says_so(mcp, tiny_model, demo
     mcp.ok("qloraevolved_unload_model", {"model_id": "fresh"})
 
 
-def test_packing_keeps_examples_apart(mcp, trained, demo_rows):
-    """Padding-free packing (the engine's default) computes the same loss as unpacked batches: evaluated on the same
-    weights, packed and unpacked eval losses agree within 0.5%, so packing changes speed, not what is learned."""
+def test_padding_free_and_packing_keep_examples_apart(mcp, trained, demo_rows):
+    """Padding-free batches (the engine's default) and packing compute the same loss as padded batches: evaluated
+    on the same weights, their eval losses agree within 0.5%, so they change speed, not what is learned."""
     losses = {}
-    for packing in (True, False):
+    for name, choice in {"padding_free": {}, "packing": {"packing": True}, "padded": {"padding_free": False}}.items():
         answer = mcp.ok("qloraevolved_train", {
             "wait_seconds": -1, "model_id": "tiny", "train_dataset": demo_rows[:1], "eval_dataset": demo_rows,
-            "training_config": {"max_steps": 1, "learning_rate": 1e-9, "batch_size": 32, "packing": packing,
-                                "output_dir": f"pack-{packing}", "save_steps": 1000}})
-        losses[packing] = answer["metrics"]["eval_loss"]
-        assert answer["effective_config"]["packing"] is packing
-    assert abs(losses[True] - losses[False]) / losses[False] < 0.005, losses
+            "training_config": {"max_steps": 1, "learning_rate": 1e-9, "batch_size": 32, **choice,
+                                "output_dir": f"layout-{name}", "save_steps": 1000}})
+        losses[name] = answer["metrics"]["eval_loss"]
+        config = answer["effective_config"]
+        assert (config["padding_free"], config["packing"]) == {"padding_free": (True, False), "packing": (
+            False, True), "padded": (False, False)}[name]
+        assert config["group_by_length"] is (name == "padded")  # grouping only where padding remains
+    for name in ("padding_free", "packing"):
+        assert abs(losses[name] - losses["padded"]) / losses["padded"] < 0.005, losses
 
 
 def test_resume_skips_a_half_written_checkpoint(tmp_path):

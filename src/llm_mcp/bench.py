@@ -60,7 +60,7 @@ def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, e
     if variant == "baseline":
         result, tokenizer = _run_baseline(model_dir, train_rows, eval_rows, max_length, epochs, output_dir,
                                           on_progress)
-        choices: dict[str, Any] = {"packing": False, "use_gradient_checkpointing": True}
+        choices: dict[str, Any] = {"padding_free": False, "packing": False, "use_gradient_checkpointing": True}
     else:
         result, tokenizer, choices = _run_engine(variant, model_dir, train_rows, eval_rows, max_length, epochs,
                                                  output_dir, on_progress)
@@ -138,7 +138,8 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
     metrics = answer["metrics"]
     return ({"train_runtime": metrics["train_runtime"], "train_loss": metrics["train_loss"],
              "eval_loss": metrics["eval_loss"]}, bundle.tokenizer,
-            {k: answer["effective_config"][k] for k in ("packing", "use_gradient_checkpointing", "bf16")})
+            {k: answer["effective_config"][k] for k in ("padding_free", "packing", "use_gradient_checkpointing",
+                                                         "bf16", "optim")})
 
 
 def _peak_memory() -> int:
@@ -167,25 +168,31 @@ def _child(variant: str, python: str, model_dir: Path, data_file: Path, max_leng
     return json.loads(out.read_text())
 
 
-def _models(work: Path, quick: bool) -> list[Path]:
+MODEL_SIZES = {"tiny-0.3M": None, "llama-3.5M": (256, 4), "llama-25M": (512, 8), "llama-100M": (768, 12)}
+
+
+def _models(work: Path, names: list[str]) -> list[Path]:
     from llm_mcp.tiny import make_sized_model, make_tiny_model
 
-    models = [make_tiny_model(work / "tiny-0.3M")]
-    if not quick:
-        models += [make_sized_model(work / "llama-3.5M", hidden=256, layers=4),
-                   make_sized_model(work / "llama-25M", hidden=512, layers=8)]
+    models = []
+    for name in names:
+        shape = MODEL_SIZES[name]
+        models.append(make_tiny_model(work / name) if shape is None
+                      else make_sized_model(work / name, hidden=shape[0], layers=shape[1]))
     return models
 
 
-def run_bench(quick: bool, record: bool, json_path: str | None) -> int:
+def run_bench(quick: bool, record: bool, json_path: str | None, models: list[str] | None = None,
+              lengths: list[int] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
-    lengths = [128] if quick else [256, 512]
+    models = models or (["tiny-0.3M"] if quick else ["tiny-0.3M", "llama-3.5M", "llama-25M"])
+    lengths = lengths or ([128] if quick else [256, 512])
     rows, epochs = (64, 1.0) if quick else (256, 1.0)
     variants = [("baseline", sys.executable), ("qloraevolved", sys.executable)]
     if _unsloth_python():
         variants.append(("unsloth", _unsloth_python()))
     results = []
-    for model_dir in _models(work, quick):
+    for model_dir in _models(work, models):
         for max_length in lengths:
             data = make_dataset(rows + rows // 8, max_length)
             data_file = work / f"data-{max_length}.json"
@@ -198,6 +205,10 @@ def run_bench(quick: bool, record: bool, json_path: str | None) -> int:
         Path(json_path).write_text(json.dumps(results, indent=2))
     if record:
         command = "llm-mcp bench" + (" --quick" if quick else "") + " --record"
+        if models != ["tiny-0.3M", "llama-3.5M", "llama-25M"] and not quick:
+            command += f" --models {','.join(models)}"
+        if lengths != [256, 512] and not quick:
+            command += f" --lengths {','.join(map(str, lengths))}"
         with open(ROOT / "docs" / "benchmarks.md", "a") as f:
             f.write(f"\n## llm-mcp bench ({time.strftime('%Y-%m-%d')})\n\nCommand: `{command}`; machine: "
                     f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU; NF4 + LoRA r=64, batch 8, "
@@ -231,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, one length: under a minute")
     parser.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
     parser.add_argument("--json", default=None, help="write the results (or, with --variant, one run) as JSON")
+    parser.add_argument("--models", default=None, help=f"comma-separated subset of {list(MODEL_SIZES)}")
+    parser.add_argument("--lengths", default=None, help="comma-separated max_length values (default 256,512)")
     parser.add_argument("--variant", choices=["baseline", "qloraevolved", "unsloth"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -243,7 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         result = run_variant(args.variant, args.model_dir, args.data, args.max_length, args.epochs)
         Path(args.json).write_text(json.dumps(result))
         return 0
-    return run_bench(args.quick, args.record, args.json)
+    for name in (args.models or "").split(","):
+        if name and name not in MODEL_SIZES:
+            parser.error(f"--models: {name!r} is not one of {list(MODEL_SIZES)}")
+    return run_bench(args.quick, args.record, args.json,
+                     models=args.models.split(",") if args.models else None,
+                     lengths=[int(n) for n in args.lengths.split(",")] if args.lengths else None)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,10 @@ class TrainingConfig:
     fp16: bool | None = None
     # Engine choices that make training faster or leaner without changing what is learned; each can be turned
     # off, and the train answer reports what was chosen (engine_choices).
-    packing: bool | None = None  # None: pack examples padding-free (position ids keep them apart) where supported
+    padding_free: bool | None = None  # None: each batch's examples in one row, no padding (position ids keep them
+    # apart), so no compute goes to padding and the batches are the baseline's own
+    packing: bool = False  # pack examples into max_length rows: fewer, fuller steps (an epoch then has fewer steps)
+    group_by_length: bool | None = None  # None: group similar lengths into batches when padding is used
     auto_gradient_checkpointing: bool = True  # skip checkpointing when memory is ample (it only costs time then)
     auto_precision: bool = True  # on CPU, compute in float32 (faster than bf16 autocast there)
 
@@ -141,8 +144,8 @@ class TrainingConfig:
 
 
 _QLORA_PREPARE_KEYS = [f for f in TrainingConfig.__dataclass_fields__
-                       if f not in ("warmup_steps", "bf16", "fp16", "packing", "auto_gradient_checkpointing",
-                                    "auto_precision")]
+                       if f not in ("warmup_steps", "bf16", "fp16", "padding_free", "packing", "group_by_length",
+                                    "auto_gradient_checkpointing", "auto_precision")]
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -10,6 +10,7 @@
      +-- TrainingFailed       a training job ended in failure (message carries the job and the cause)
      +-- OutOfMemory          training ran out of GPU memory (message carries concrete advice)
      +-- EngineError          loading/training failed inside the worker (message carries the cause)
+     +-- ExportError          exporting a merged model (GGUF) failed; .kind says why
 
 Only server/common.py (agent_tool) turns these into MCP tool errors. Leaf module: imports nothing from the package.
 """
@@ -86,8 +87,22 @@ class EngineError(LlmMcpError):
     """Loading, preparing or training failed inside the worker; the message carries the cause."""
 
 
+class ExportError(LlmMcpError):
+    """Exporting a merged model (e.g. to GGUF) failed; `kind` says why, the message says what to do next.
+
+    kind: "unsupported_architecture" | "quantizer_missing" | "quantize_failed" | "unreadable_output" | "export_failed"
+    """
+
+    kind: str = "export_failed"  # class default, so an ExportError rebuilt from (name, message) still has one
+
+    def __init__(self, message: str, kind: str = "export_failed") -> None:
+        self.kind = kind
+        super().__init__(message)
+
+
 # Worker -> server: errors cross the process boundary as (class name, message) and are rebuilt here.
-_BY_NAME = {c.__name__: c for c in (InvalidArgument, DatasetError, EngineError, OutOfMemory, WorkerBusy, WorkerDied)}
+_BY_NAME = {c.__name__: c for c in (InvalidArgument, DatasetError, EngineError, ExportError, OutOfMemory, WorkerBusy,
+                                     WorkerDied)}
 
 
 def rebuild(kind: str, message: str) -> LlmMcpError:

@@ -48,12 +48,19 @@ def export(bundle: ModelBundle, config: ExportConfig, *, probe_prompt: str | Non
         answer["merged_dir"] = str(merged)
         if config.verify:
             answer["verified_merged"] = verify_merged(bundle, merged, probe_prompt, warnings)
+        _record(out, {**answer, "gguf": "not written yet"})  # a failed GGUF step leaves a replaceable export
         from llm_mcp.engine.gguf_export import export_gguf
 
-        answer.update(export_gguf(merged, out, config.gguf_quantization))
-    (out / EXPORT_RECORD).write_text(json.dumps({k: v for k, v in answer.items() if k != "status"}, indent=2))
+        gguf = export_gguf(merged, out, config.gguf_quantization)
+        warnings += gguf.pop("warnings", [])
+        answer.update(gguf)
+    _record(out, answer)
     answer["warnings"] = warnings
     return answer
+
+
+def _record(out: Path, answer: dict[str, Any]) -> None:
+    (out / EXPORT_RECORD).write_text(json.dumps({k: v for k, v in answer.items() if k != "status"}, indent=2))
 
 
 def _claim_output_dir(out: Path, overwrite: bool) -> Path:

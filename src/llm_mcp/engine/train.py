@@ -81,14 +81,21 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
                     data: PreparedDataset) -> list[str]:
     """Speed/memory choices of the transformers engine (Unsloth makes its own); each reported, each can be off."""
     notes: list[str] = []
-    choices["packing"] = bool(config.packing)
+    choices["packing"] = config.packing
+    choices["padding_free"] = bool(config.padding_free) and not config.packing
+    choices["group_by_length"] = bool(config.group_by_length)
     choices["use_gradient_checkpointing"] = config.use_gradient_checkpointing
     if bundle.engine != "transformers":
         return notes
-    if config.packing is None:
-        choices["packing"] = True
-        notes.append("packing: examples are packed padding-free (position ids keep each example's attention to "
-                     "itself), so no compute goes to padding; set packing=false to turn it off.")
+    if config.padding_free is None and not config.packing:
+        choices["padding_free"] = True
+        notes.append("padding-free batches: each batch's examples run as one row without padding (position ids "
+                     "keep their attention apart), so no compute goes to padding and every batch holds the same "
+                     "examples as with padding; set padding_free=false to pad instead.")
+    if config.group_by_length is None and not (choices["padding_free"] or config.packing):
+        choices["group_by_length"] = True
+        notes.append("length-grouped batches: examples of similar length share a batch, so little compute goes to "
+                     "padding; set group_by_length=false for fully random batches.")
     if config.use_gradient_checkpointing and config.auto_gradient_checkpointing and _memory_is_ample(bundle, config):
         choices["use_gradient_checkpointing"] = False
         notes.append("gradient checkpointing: off, since the memory estimate without it is under half of the free "
@@ -98,6 +105,9 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
         choices["bf16"] = False
         notes.append("precision: float32 compute instead of bf16 autocast, which is slower on CPUs; set "
                      "auto_precision=false (or bf16=true) to keep bf16.")
+    if choices["optim"] == "adamw_torch":
+        choices["optim"] = "adamw_torch_fused"
+        notes.append("optimizer: AdamW with its fused kernel (one kernel for all parameters; the same update).")
     return notes
 
 
@@ -225,6 +235,7 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
         report_to=choices["report_to"],
         **_checkpointing_args(SFTConfig, choices["use_gradient_checkpointing"]),
         packing=choices["packing"],
+        train_sampling_strategy="group_by_length" if choices["group_by_length"] else "random",
         bf16=choices["bf16"], fp16=choices["fp16"], use_cpu=choices["use_cpu"], seed=config.seed,
         data_seed=config.seed, max_length=bundle.max_length,
         assistant_only_loss=train_data.assistant_only_loss,
@@ -237,6 +248,8 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
         eval_dataset=eval_data.dataset if eval_data else None, processing_class=bundle.tokenizer,
         callbacks=[callback],
     )
+    if choices["padding_free"]:
+        _make_padding_free(trainer)
     warnings += _engine_changes(trainer, choices)
     result = _run_guarded(trainer, resume, config, bundle)
     metrics = {k: float(result.metrics[k]) for k in SPEC_METRICS if k in result.metrics}
@@ -248,6 +261,14 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
     answer = _answer(bundle, config, trainer, metrics, final, train_data, choices, warnings, callback, resume)
     answer["engine_choices"] = engine_notes
     return answer
+
+
+def _make_padding_free(trainer: Any) -> None:
+    """Flatten each batch into one row without padding. TRL refuses padding_free with max_length unless packing
+    (it would not truncate), so the trainer is built padded, which truncates the dataset to max_length, and its
+    collator is then switched to padding-free."""
+    trainer.data_collator.padding_free = True
+    trainer.padding_free = True
 
 
 def _engine_changes(trainer: Any, choices: dict[str, Any]) -> list[str]:
