@@ -51,8 +51,9 @@ def test_unsloth_tool_schemas_carry_the_spec_defaults(mcp):
 
 
 def test_real_unsloth_flow(umcp, tiny_model, demo_rows, workspace):
-    """load -> prepare -> train -> list -> unload with Unsloth itself: the spec's keys, engine 'unsloth', the
-    loss falls, and the adapter reloads with plain peft and reproduces trained answers."""
+    """load -> prepare -> train -> generate -> export -> list -> unload with Unsloth itself: the spec's keys,
+    engine 'unsloth', the loss falls, the model answers what it learned, the merged export matches it, and the
+    adapter reloads with plain peft and reproduces trained answers."""
     loaded = umcp.ok("unsloth_load_model", {"model_name": str(tiny_model), "max_seq_length": 128})
     assert {"status", "model_id", "model_name", "max_seq_length", "dtype", "device"} <= set(loaded)
     assert loaded["model_id"] == "tiny-llama-unsloth" and loaded["engine"] == "unsloth"
@@ -72,6 +73,14 @@ def test_real_unsloth_flow(umcp, tiny_model, demo_rows, workspace):
         trained["metrics"])
     assert trained["output_dir"] == "u-run/final"
     assert trained["loss"]["last"] < 0.3 * trained["loss"]["first"]
+
+    row = demo_rows[0]
+    answer = umcp.ok("unsloth_generate", {"model_id": loaded["model_id"], "prompt": row["prompt"],
+                                          "max_new_tokens": 16})
+    assert answer["text"].strip() == row["completion"].strip() and answer["finish_reason"] == "eos"
+    exported = umcp.ok("unsloth_export", {"model_id": loaded["model_id"], "format": "merged_16bit",
+                                          "output_dir": "u-merged", "probe_prompt": row["prompt"]})
+    assert exported["verified"]["greedy_matches_adapter_model"] is True  # Unsloth's LoRA layers merge too
 
     listed = umcp.ok("unsloth_list_models")
     assert set(listed) == {"tiny-llama-unsloth"}
