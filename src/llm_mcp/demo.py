@@ -1,7 +1,8 @@
 """`llm-mcp demo`: the whole flow as a user's agent runs it, through a real MCP client over stdio.
 
-Starts `llm-mcp serve` as a subprocess, builds the built-in tiny model and dataset, then load -> prepare ->
-train (live progress) -> list -> unload, and shows answers the model learned. Output is for a person: print.
+Starts `llm-mcp serve` as a subprocess, builds the built-in tiny model and dataset, then load -> inspect_dataset ->
+prepare -> train (live progress) -> generate (before/after) -> export (GGUF) -> list -> unload. Output is for a
+person: print.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _show(title: str, answer: dict[str, Any], keys: list[str]) -> None:
         print(f"   warning: {warning}")
 
 
-async def _flow(workdir: Path, model_dir: Path, steps: int) -> Path:
+async def _flow(workdir: Path, model_dir: Path, steps: int) -> None:
     async with Client(_server_command(workdir)) as client:
         tools = await client.list_tools()
         print(f"connected to llm-mcp serve over stdio: {len(tools.tools)} tools")
@@ -56,6 +57,9 @@ async def _flow(workdir: Path, model_dir: Path, steps: int) -> Path:
             "model_name": str(model_dir), "model_id": "tiny-demo", "compute_dtype": "float32", "lora_rank": 16,
             "lora_alpha": 32, "lora_dropout": 0.0, "max_length": 128})
         _show("qloraevolved_load_model", loaded, ["model_id", "trainable_params", "total_params", "device"])
+        inspected = await _call(client, "inspect_dataset", {"dataset": demo_records(), "model_id": "tiny-demo"})
+        _show("inspect_dataset", inspected, ["format", "rows", "length_tokens", "truncated_rows", "problems"])
+        print(f"   as trained: {inspected['examples'][0]!r}")
         prepared = await _call(client, "qloraevolved_prepare_for_training",
                                {"model_id": "tiny-demo", "max_steps": steps, **DEMO_TRAINING})
         _show("qloraevolved_prepare_for_training", prepared, ["message"])
@@ -71,29 +75,26 @@ async def _flow(workdir: Path, model_dir: Path, steps: int) -> Path:
         _show("qloraevolved_train result", trained, ["status", "metrics", "output_dir", "loss"])
         print(f"   loss before -> after: {trained['loss']['first']:.3f} -> {trained['loss']['last']:.3f}")
 
+        print("\n== qloraevolved_generate (greedy) with the base model -> with the trained adapter")
+        for row in demo_records()[:3]:
+            before, after = [(await _call(client, "qloraevolved_generate", {
+                "model_id": "tiny-demo", "prompt": row["prompt"], "max_new_tokens": 16, "use_adapter": use}))["text"]
+                for use in (False, True)]
+            mark = "learned" if after.strip() == row["completion"].strip() else "not yet"
+            print(f"   Q: {row['prompt']}\n      before: {before.strip()!r}\n      after:  {after.strip()!r}   [{mark}]")
+
+        exported = await _call(client, "qloraevolved_export", {
+            "model_id": "tiny-demo", "format": "gguf", "gguf_quantization": "q8_0", "output_dir": "demo_export",
+            "overwrite": True, "probe_prompt": demo_records()[0]["prompt"]})
+        _show("qloraevolved_export (gguf)", exported, ["adapter_dir", "merged_dir", "gguf_file", "modelfile"])
+        print(f"   merged model reloaded with transformers, same greedy answer: "
+              f"{exported['verified_merged']['greedy_matches_adapter_model']}; GGUF read back: "
+              f"{exported['verified']['architecture']}, {exported['verified']['tensor_count']} tensors")
+
         listed = await _call(client, "qloraevolved_list_models", {})
         print(f"\n== qloraevolved_list_models\n   {json.dumps({k: v['device'] for k, v in listed['models'].items()})}")
         unloaded = await _call(client, "qloraevolved_unload_model", {"model_id": "tiny-demo"})
         print(f"\n== qloraevolved_unload_model\n   {unloaded['message']}")
-        return workdir / trained["output_dir"]
-
-
-def _learned_answers(model_dir: Path, adapter_dir: Path, n: int = 3) -> None:
-    """Greedy answers of the base model and of base + trained adapter (loaded with plain peft)."""
-    from transformers import AutoTokenizer
-
-    from llm_mcp.engine.generate import greedy_answer, load_base_nf4, with_adapter
-
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    base = load_base_nf4(model_dir)
-    rows = demo_records()[:n]
-    before = [greedy_answer(base, tokenizer, r["prompt"]) for r in rows]
-    tuned = with_adapter(base, adapter_dir)
-    print("\n== answers (greedy) before -> after fine-tuning")
-    for row, old in zip(rows, before):
-        new = greedy_answer(tuned, tokenizer, row["prompt"])
-        mark = "learned" if new == row["completion"].strip() else "not yet"
-        print(f"   Q: {row['prompt']}\n      before: {old!r}\n      after:  {new!r}   [{mark}]")
 
 
 def run_demo(workdir: str | None = None, *, steps: int = 60) -> int:
@@ -102,7 +103,6 @@ def run_demo(workdir: str | None = None, *, steps: int = 60) -> int:
     root.mkdir(parents=True, exist_ok=True)
     model_dir = make_tiny_model(root / "tiny-llama")
     print(f"built the tiny model at {model_dir}")
-    adapter_dir = asyncio.run(_flow(root, model_dir, steps))
-    _learned_answers(model_dir, adapter_dir)
+    asyncio.run(_flow(root, model_dir, steps))
     print(f"\ndone in {time.monotonic() - start:.0f} s; outputs in {root}")
     return 0
