@@ -46,6 +46,11 @@ WarmupRatio = Annotated[float, Field(ge=0, lt=1, description="Fraction of the st
 WeightDecay = Annotated[float, Field(ge=0, le=1, description="AdamW weight decay.")]
 MaxGradNorm = Annotated[float, Field(ge=0, le=1000, description="Gradient clipping norm (0 disables clipping).")]
 Steps = Annotated[int, Field(ge=1, le=10_000_000)]
+DeviceMap = Annotated[str, Field(pattern=r"^(auto|cpu|balanced|balanced_low_0|sequential|cuda(:\d{1,2})?|\d{1,2})$",
+                                 description="'auto' places the model on the GPU when there is one (spilling to CPU "
+                                             "memory when it does not fit); or 'cpu', 'cuda', 'cuda:N', "
+                                             "'balanced', 'sequential'.")]
+MAX_TOKEN_CHARS = 512
 SaveLimit = Annotated[int, Field(ge=1, le=1000, description="Checkpoints kept in output_dir; older ones are deleted.")]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Random seed for data order, dropout and LoRA init.")]
 
@@ -66,7 +71,7 @@ class LoadConfig:
     lora_alpha: LoraAlpha = 16
     lora_dropout: LoraDropout = 0.1
     target_modules: tuple[str, ...] | None = None  # None: DEFAULT_TARGET_MODULES that exist in the model
-    device_map: str = "auto"
+    device_map: DeviceMap = "auto"
     trust_remote_code: bool = False
     nf4_optimized_budget: Nf4OptimizedBudget = 0.10
 
@@ -168,7 +173,7 @@ class UnslothLoadConfig:
     max_seq_length: MaxLength = 2048
     load_in_4bit: bool = True
     token: str | None = field(default=None, repr=False)  # never echoed, logged or written
-    device_map: str = "auto"
+    device_map: DeviceMap = "auto"
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():

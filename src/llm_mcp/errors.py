@@ -24,10 +24,19 @@ class LlmMcpError(Exception):
     """Base of every error whose message is meant for the agent."""
 
 
+_SHOWN_CHARS = 200  # a value echoed in a message: enough to recognise it, never a 5 MB string back
+
+
+def shown(value: object) -> str:
+    """repr of an agent-supplied value, cut short."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}... ({len(text)} characters)"
+
+
 class InvalidArgument(LlmMcpError, ValueError):  # a ValueError so pydantic validation reports it per field
     def __init__(self, name: str, got: object, allowed: str) -> None:
         self.name = name
-        super().__init__(f"{name}={got!r} is not valid; expected {allowed}.")
+        super().__init__(f"{name}={shown(got)} is not valid; expected {allowed}.")
 
     @classmethod
     def from_validation(cls, exc: Any, *, where: str) -> "InvalidArgument":
@@ -40,7 +49,7 @@ class InvalidArgument(LlmMcpError, ValueError):  # a ValueError so pydantic vali
             elif err.get("type") == "value_error" and isinstance(err.get("ctx", {}).get("error"), LlmMcpError):
                 parts.append(str(err["ctx"]["error"]).rstrip("."))  # our own check: its message names the field
             else:
-                parts.append(f"{where}.{loc}={err.get('input')!r}: {err.get('msg')}")
+                parts.append(f"{where}.{loc}={shown(err.get('input'))}: {err.get('msg')}")
         inst = cls.__new__(cls)
         inst.name = where
         LlmMcpError.__init__(inst, "; ".join(parts) + ".")
@@ -50,7 +59,7 @@ class InvalidArgument(LlmMcpError, ValueError):  # a ValueError so pydantic vali
 class ModelNotLoaded(LlmMcpError):
     def __init__(self, model_id: str, loaded: list[str], load_tool: str) -> None:
         super().__init__(
-            f"model_id={model_id!r} is not loaded; loaded: {sorted(loaded)}. Call {load_tool} first."
+            f"model_id={shown(model_id)} is not loaded; loaded: {sorted(loaded)}. Call {load_tool} first."
         )
 
 

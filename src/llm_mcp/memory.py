@@ -50,7 +50,11 @@ class ModelShape:
 def read_shape(model_name: str) -> ModelShape:
     """The dimensions that matter, from config.json of a local folder or the hub (cached)."""
     path = Path(os.path.expanduser(model_name))
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError:  # a name too long for the file system
+        is_dir = False
+    if is_dir:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise InvalidArgument("model_name", model_name, "a model folder containing config.json")

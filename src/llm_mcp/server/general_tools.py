@@ -26,11 +26,12 @@ async def estimate_memory(
     optim: Optimizer = TrainingConfig.optim,
     target_modules: Annotated[list[str] | None, Field(description="LoRA targets; default the 7 projections.")]
     = None,
+    ctx: Context = None,
 ) -> dict[str, Any]:
     """Estimate the memory a LoRA fine-tuning run needs before loading anything: bytes for weights, LoRA
     parameters, gradients, optimizer state, activations and the runtime, the device's free memory, whether it
     fits, and if not the cheapest change that would make it fit. Reads only config.json (no weights)."""
-    shape = memory.read_shape(model_name)
+    shape = memory.read_shape(service_of(ctx).sandbox.model_source("model_name", model_name))
     result = memory.estimate(shape, quant_type=quant_type, compute_dtype=compute_dtype, lora_rank=lora_rank,
                              batch_size=batch_size, max_length=max_length,
                              use_gradient_checkpointing=use_gradient_checkpointing, optim=optim,
@@ -42,7 +43,7 @@ async def estimate_memory(
 async def inspect_dataset(
     dataset: DatasetArg,
     dataset_format: Annotated[DatasetFormat, Field(description="Row format; 'auto' detects it.")] = "auto",
-    model_id: Annotated[str | None, Field(description=(
+    model_id: Annotated[str | None, Field(max_length=128, description=(
         "A loaded model (either family): examples are rendered with its chat template, lengths counted with its "
         "tokenizer and checked against its max_length. Without it, a generic layout and character counts."))]
     = None,

@@ -13,7 +13,7 @@ from mcp.server.mcpserver import Context
 from pydantic import Field
 
 from llm_mcp.config import (
-    BatchSize, ComputeDtype, DatasetFormat, Epochs, GradAccum, LearningRate, LoadConfig, LoraAlpha, LoraDropout,
+    BatchSize, ComputeDtype, DeviceMap, DatasetFormat, Epochs, GradAccum, LearningRate, LoadConfig, LoraAlpha, LoraDropout,
     LoraRank, LrScheduler, Nf4OptimizedBudget, MaxGradNorm, MaxLength, MaxSteps, Optimizer, QuantType, ReportTo, SaveLimit, Seed, Steps,
     TrainingConfig, WarmupRatio, WeightDecay, validated,
 )
@@ -22,14 +22,14 @@ from llm_mcp.server.service import QLORA
 
 log = logging.getLogger(__name__)
 
-ModelId = Annotated[str, Field(description="Id returned by qloraevolved_load_model.")]
+ModelId = Annotated[str, Field(max_length=128, description="Id returned by qloraevolved_load_model.")]
 
 
 @agent_tool
 async def qloraevolved_load_model(
     model_name: Annotated[str, Field(description="Local Hugging Face model folder, or a hub id such as "
                                                  "'Qwen/Qwen2.5-0.5B' (needs the hub or its cache).")],
-    model_id: Annotated[str | None, Field(description="Id to give the model; generated from the name when null. "
+    model_id: Annotated[str | None, Field(max_length=128, description="Id to give the model; generated from the name when null. "
                                                       "An id already loaded is refused.")] = None,
     max_length: MaxLength = LoadConfig.max_length,
     load_in_4bit: Annotated[bool, Field(description="Load weights in 4-bit. false with a 4-bit quant_type loads "
@@ -49,8 +49,7 @@ async def qloraevolved_load_model(
     lora_dropout: LoraDropout = LoadConfig.lora_dropout,
     target_modules: Annotated[list[str] | None, Field(description="Linear layer names to adapt; default: q/k/v/o "
                                                                   "and gate/up/down projections that exist.")] = None,
-    device_map: Annotated[str, Field(description="'auto' places the model on the GPU when there is one.")]
-    = LoadConfig.device_map,
+    device_map: DeviceMap = LoadConfig.device_map,
     trust_remote_code: Annotated[bool, Field(description="Run code shipped with the model. Off unless you trust "
                                                          "its source.")] = LoadConfig.trust_remote_code,
     nf4_optimized_budget: Nf4OptimizedBudget = LoadConfig.nf4_optimized_budget,

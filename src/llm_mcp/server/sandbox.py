@@ -44,13 +44,19 @@ class Sandbox:
         if not isinstance(value, str) or not value.strip():
             raise InvalidArgument(param, value, "a non-empty path")
         if len(value) > MAX_PATH_CHARS or "\x00" in value:
-            raise InvalidArgument(param, value[:80] + "...", f"a path of at most {MAX_PATH_CHARS} characters")
+            raise InvalidArgument(param, value, f"a path of at most {MAX_PATH_CHARS} characters, without NUL")
         path = Path(value).expanduser()
-        return (path if path.is_absolute() else self.workspace / path).resolve()
+        try:
+            return (path if path.is_absolute() else self.workspace / path).resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop, a component too long
+            raise InvalidArgument(param, value, f"a resolvable path ({type(exc).__name__}: {exc})") from None
 
     def writable(self, param: str, value: str) -> Path:
         """A folder the server may write: inside the workspace, and not the workspace itself or its state."""
         path = self.resolve(param, value)
+        for part in (path, *path.parents):
+            if part.exists() and not part.is_dir():
+                raise InvalidArgument(param, value, f"a folder path; {part} is a file")
         if not _inside(path, self.workspace):
             raise InvalidArgument(param, value, f"a path inside the workspace {self.workspace} (it resolves to "
                                                 f"{path}); start the server with --workspace set to a folder "
@@ -70,8 +76,12 @@ class Sandbox:
 
     def looks_local(self, value: str) -> bool:
         """Whether a model or dataset name means a local path rather than a hub id."""
-        return value.startswith((".", "/", "~", "\\")) or ".." in Path(value).parts or \
-            (self.workspace / value).exists()
+        if value.startswith((".", "/", "~", "\\")) or ".." in Path(value).parts:
+            return True
+        try:
+            return (self.workspace / value).exists()
+        except OSError:  # e.g. a name too long for the file system: no such local path
+            return False
 
     def dataset(self, param: str, source: Any) -> Any:
         """Check a dataset argument: a path must be readable (returned resolved), inline rows within the size
@@ -89,14 +99,16 @@ class Sandbox:
         if isinstance(source, str) and self.looks_local(source):
             return str(self.readable(param, source))  # resolved: the server's cwd is not the workspace
         if isinstance(source, str) and len(source) > MAX_PATH_CHARS:
-            raise InvalidArgument(param, source[:80] + "...", f"at most {MAX_PATH_CHARS} characters")
+            raise InvalidArgument(param, source, f"at most {MAX_PATH_CHARS} characters")
         return source
 
-    def model_source(self, param: str, name: str) -> None:
+    def model_source(self, param: str, name: str) -> str:
+        """A local model folder must be readable (returned resolved); a hub id passes as is."""
         if self.looks_local(name):
-            self.readable(param, name)
-        elif len(name) > 256:
-            raise InvalidArgument(param, name[:80] + "...", "a hub id of at most 256 characters, or a local folder")
+            return str(self.readable(param, name))
+        if len(name) > 256:
+            raise InvalidArgument(param, name, "a hub id of at most 256 characters, or a local folder")
+        return name
 
 
 def _inside(path: Path, root: Path) -> bool:

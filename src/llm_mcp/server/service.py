@@ -33,13 +33,14 @@ _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ProgressSink = Callable[[int, int, str], Awaitable[None]]
 
 
-def _check_fits(config: LoadConfig | UnslothLoadConfig) -> list[str]:
+def _check_fits(config: LoadConfig | UnslothLoadConfig, source: str) -> list[str]:
     """Refuse a load whose weights alone clearly exceed free memory; warn when a default training run would not
-    fit. Only local model folders are checked (reading a hub config could block on the network)."""
-    if not Path(config.model_name).expanduser().is_dir():
+    fit. Only local model folders (source: resolved) are checked (reading a hub config could block on the
+    network)."""
+    if not Path(source).is_dir():
         return []
     try:
-        shape = memory.read_shape(config.model_name)
+        shape = memory.read_shape(source)
     except InvalidArgument:
         return []  # the worker's load reports the folder's problem
     quant = config.effective_quant_type if isinstance(config, LoadConfig) else (
@@ -111,14 +112,14 @@ class ModelService:
     # -- load / unload / list ---------------------------------------------------------------------------------
     async def load(self, family: Family, config: LoadConfig | UnslothLoadConfig, model_id: str | None,
                    force: bool = False) -> LoadedModel:
-        self.sandbox.model_source("model_name", config.model_name)
+        source = self.sandbox.model_source("model_name", config.model_name)
         if getattr(config, "trust_remote_code", False) and not self.allow_remote_code:
             raise InvalidArgument("trust_remote_code", True, "false: this server was started without "
                                                              "--allow-remote-code, so code shipped with a model "
                                                              "never runs; the operator can restart it with "
                                                              "--allow-remote-code for models they trust")
         model_id = self._claim_id(family, config.model_name, model_id)
-        notes = [] if force else _check_fits(config)
+        notes = [] if force else _check_fits(config, source)
         loaded = await self.pool.load(model_id, family.prefix, Load(new_request_id(), config), config)
         loaded.info["warnings"] = notes + loaded.info["warnings"]
         return loaded

@@ -8,15 +8,16 @@ import logging
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context
-from pydantic import Field
+from pydantic import Field, WithJsonSchema
 
-from llm_mcp.config import MaxLength, UnslothLoadConfig, UnslothTrainingConfig, validated
+from llm_mcp.config import MAX_TOKEN_CHARS, DeviceMap, MaxLength, UnslothLoadConfig, UnslothTrainingConfig, validated
+from llm_mcp.errors import InvalidArgument
 from llm_mcp.server.common import DatasetArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
 from llm_mcp.server.service import UNSLOTH
 
 log = logging.getLogger(__name__)
 
-ModelId = Annotated[str, Field(description="Id returned by unsloth_load_model.")]
+ModelId = Annotated[str, Field(max_length=128, description="Id returned by unsloth_load_model.")]
 
 
 @agent_tool
@@ -26,11 +27,12 @@ async def unsloth_load_model(
     max_seq_length: MaxLength = UnslothLoadConfig.max_seq_length,
     load_in_4bit: Annotated[bool, Field(description="Load weights in 4-bit (bitsandbytes NF4).")]
     = UnslothLoadConfig.load_in_4bit,
-    token: Annotated[str | None, Field(description="Hugging Face token for gated models; never echoed or "
-                                                   "stored.")] = None,
-    device_map: Annotated[str, Field(description="'auto' places the model on the GPU when there is one.")]
-    = UnslothLoadConfig.device_map,
-    model_id: Annotated[str | None, Field(description="Id to give the model; default '<name>-unsloth' (numbered "
+    # Typed Any so that a mistyped token is refused by us, never echoed back in a schema validation error.
+    token: Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string", "maxLength": MAX_TOKEN_CHARS}, {"type": "null"}],
+                                          "default": None, "description": "Hugging Face token for gated models; "
+                                                                          "never echoed, logged or stored."})] = None,
+    device_map: DeviceMap = UnslothLoadConfig.device_map,
+    model_id: Annotated[str | None, Field(max_length=128, description="Id to give the model; default '<name>-unsloth' (numbered "
                                                       "when taken).")] = None,
     force: Annotated[bool, Field(description="Load even when the memory estimate says the weights cannot fit.")]
     = False,
@@ -39,6 +41,8 @@ async def unsloth_load_model(
     """Load a model with Unsloth's FastLanguageModel in its own worker process (LoRA is attached by
     unsloth_prepare_for_training). Returns model_id, max_seq_length, dtype, device, engine and warnings.
     Next: unsloth_prepare_for_training, then unsloth_train."""
+    if token is not None and not (isinstance(token, str) and 0 < len(token) <= MAX_TOKEN_CHARS):
+        raise InvalidArgument("token", "(hidden)", f"a string of 1-{MAX_TOKEN_CHARS} characters, or null")
     config = validated(UnslothLoadConfig, dict(model_name=model_name, max_seq_length=max_seq_length,
                                                load_in_4bit=load_in_4bit, token=token, device_map=device_map),
                        where="load_model")
