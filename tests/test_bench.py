@@ -22,4 +22,4 @@ def test_bench_quick_runs_every_variant(tmp_path):
     for run in runs.values():
         assert "error" not in run, run
         assert run["tokens_per_second"] > 0 and run["peak_memory_bytes"] > 0 and run["eval_loss"] > 0
-    assert runs["qloraevolved"]["choices"]["padding_free"] is True and runs["baseline"]["choices"]["packing"] is False
+    assert runs["qloraevolved"]["choices"]["use_gradient_checkpointing"] is False and runs["baseline"]["choices"]["packing"] is False

@@ -148,10 +148,11 @@ def test_unprepared_model_trains_with_defaults_and_says_so(mcp, tiny_model, demo
 
 
 def test_padding_free_and_packing_keep_examples_apart(mcp, trained, demo_rows):
-    """Padding-free batches (the engine's default) and packing compute the same loss as padded batches: evaluated
-    on the same weights, their eval losses agree within 0.5%, so they change speed, not what is learned."""
+    """Padding-free batches and packing compute the same loss as padded batches (the CPU default, length-grouped):
+    evaluated on the same weights, their eval losses agree within 0.5%, so they change speed, not what is
+    learned."""
     losses = {}
-    for name, choice in {"padding_free": {}, "packing": {"packing": True}, "padded": {"padding_free": False}}.items():
+    for name, choice in {"padding_free": {"padding_free": True}, "packing": {"packing": True}, "padded": {}}.items():
         answer = mcp.ok("qloraevolved_train", {
             "wait_seconds": -1, "model_id": "tiny", "train_dataset": demo_rows[:1], "eval_dataset": demo_rows,
             "training_config": {"max_steps": 1, "learning_rate": 1e-9, "batch_size": 32, **choice,

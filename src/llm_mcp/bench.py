@@ -138,8 +138,8 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
     metrics = answer["metrics"]
     return ({"train_runtime": metrics["train_runtime"], "train_loss": metrics["train_loss"],
              "eval_loss": metrics["eval_loss"]}, bundle.tokenizer,
-            {k: answer["effective_config"][k] for k in ("padding_free", "packing", "use_gradient_checkpointing",
-                                                         "bf16", "optim")})
+            {k: answer["effective_config"][k] for k in ("padding_free", "packing", "group_by_length",
+                                                         "use_gradient_checkpointing", "bf16", "optim")})
 
 
 def _peak_memory() -> int:

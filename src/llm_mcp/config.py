@@ -127,8 +127,8 @@ class TrainingConfig:
     fp16: bool | None = None
     # Engine choices that make training faster or leaner without changing what is learned; each can be turned
     # off, and the train answer reports what was chosen (engine_choices).
-    padding_free: bool | None = None  # None: each batch's examples in one row, no padding (position ids keep them
-    # apart), so no compute goes to padding and the batches are the baseline's own
+    padding_free: bool | None = None  # each batch's examples in one row, no padding (position ids keep them apart);
+    # None: where flash-attention's varlen kernel runs (with SDPA the flattened row costs more than padding)
     packing: bool = False  # pack examples into max_length rows: fewer, fuller steps (an epoch then has fewer steps)
     group_by_length: bool | None = None  # None: group similar lengths into batches when padding is used
     auto_gradient_checkpointing: bool = True  # skip checkpointing when memory is ample (it only costs time then)

@@ -87,11 +87,13 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
     choices["use_gradient_checkpointing"] = config.use_gradient_checkpointing
     if bundle.engine != "transformers":
         return notes
-    if config.padding_free is None and not config.packing:
+    if config.padding_free is None and not config.packing and choices["attn_implementation"] == "flash_attention_2":
+        # Only a varlen attention kernel makes this pay: SDPA attends over the whole flattened row with a
+        # block-diagonal mask, (sum of lengths)^2 work, which measured slower than length-grouped padding on CPU.
         choices["padding_free"] = True
-        notes.append("padding-free batches: each batch's examples run as one row without padding (position ids "
-                     "keep their attention apart), so no compute goes to padding and every batch holds the same "
-                     "examples as with padding; set padding_free=false to pad instead.")
+        notes.append("padding-free batches: each batch's examples run as one row without padding through "
+                     "flash-attention's varlen kernel (position ids keep them apart), so no compute goes to padding "
+                     "and every batch holds the same examples as with padding; set padding_free=false to pad.")
     if config.group_by_length is None and not (choices["padding_free"] or config.packing):
         choices["group_by_length"] = True
         notes.append("length-grouped batches: examples of similar length share a batch, so little compute goes to "
