@@ -107,9 +107,10 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
         choices["bf16"] = False
         notes.append("precision: float32 compute instead of bf16 autocast, which is slower on CPUs; set "
                      "auto_precision=false (or bf16=true) to keep bf16.")
-    if choices["optim"] == "adamw_torch":
+    if choices["optim"] == "adamw_torch" and config.optim != "adamw_torch":  # our substitute for a paged AdamW
         choices["optim"] = "adamw_torch_fused"
-        notes.append("optimizer: AdamW with its fused kernel (one kernel for all parameters; the same update).")
+        notes.append("optimizer: AdamW with its fused kernel (one kernel for all parameters; the same update); "
+                     "optim='adamw_torch' asks for the unfused one.")
     return notes
 
 
