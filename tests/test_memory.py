@@ -14,8 +14,8 @@ LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidd
 
 
 @pytest.fixture(scope="module")
-def huge_config(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models") / "llama-70b-config-only"
+def huge_config(tiny_model):
+    folder = tiny_model.parent / "llama-70b-config-only"  # beside the tiny model: a folder the server may read
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_70B))
     return folder

@@ -60,10 +60,10 @@ def test_fp8_and_int4_say_how_they_run_here(mcp, tiny_model):
 
 
 @pytest.fixture(scope="session")
-def outlier_model(tmp_path_factory):
+def outlier_model(tiny_model):
     from llm_mcp.tiny import make_outlier_model
 
-    return make_outlier_model(tmp_path_factory.mktemp("models") / "outliers")
+    return make_outlier_model(tiny_model.parent / "outliers")  # beside the tiny model: a folder the server may read
 
 
 def test_nf4_optimized_keeps_the_outlier_layers_in_16bit_and_trains(mcp, outlier_model, demo_rows):
