@@ -115,8 +115,9 @@ def merged_state(bundle: ModelBundle, dtype: torch.dtype):
             full = f"{name}.{key}" if name else key
             if tied and full == "lm_head.weight":
                 continue
-            if key == "weight" and type(value).__name__ in ("Params4bit", "Int8Params") or \
-                    type(value).__module__.startswith("torchao."):
+            quantized = type(value).__name__ in ("Params4bit", "Int8Params") or \
+                type(value).__module__.startswith("torchao.")
+            if key == "weight" and quantized:
                 value = dequantize_module_weight(module)
             yield full, _cpu(value, dtype)
 
