@@ -13,7 +13,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,34 @@ class _ProgressCallback(TrainerCallback):
 
 
 def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_source: Any, options: RunOptions, *,
-          on_progress: ProgressFn, should_stop: Callable[[], bool], notes: list[str]) -> dict[str, Any]:
+          on_progress: ProgressFn, should_stop: Callable[[], bool], notes: list[str],
+          cpu_threads: int | None = None) -> dict[str, Any]:
+    with _cpu_threads(cpu_threads) as threads_note:
+        answer = _train(bundle, config, train_source, eval_source, options, on_progress=on_progress,
+                        should_stop=should_stop, notes=notes)
+    answer["engine_choices"] += threads_note
+    return answer
+
+
+@contextmanager
+def _cpu_threads(threads: int | None) -> Iterator[list[str]]:
+    """Share the cores when other trainings run beside this one: each process using every core makes their
+    threads contend (measured ~16x slower for two runs on 2 cores)."""
+    import torch
+
+    if not threads or detect().has_cuda or threads >= torch.get_num_threads():
+        yield []
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield [f"cpu threads: {threads} of {before}, since other trainings run on this machine's cores now."]
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_source: Any, options: RunOptions, *,
+           on_progress: ProgressFn, should_stop: Callable[[], bool], notes: list[str]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     warnings = list(notes) + list(bundle.warnings)

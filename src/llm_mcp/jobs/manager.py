@@ -128,6 +128,10 @@ class JobManager:
         return self.store.get(job_id)
 
     # -- reading and stopping ---------------------------------------------------------------------------------
+    def running_count(self) -> int:
+        """Training jobs running now, all models."""
+        return len(self._live)
+
     def active_job(self, model_id: str) -> JobRecord | None:
         for job_id, live in list(self._live.items()):  # the pump thread may remove entries meanwhile
             if live.loaded.model_id == model_id:
@@ -185,7 +189,8 @@ class JobManager:
             "log_tail": _tail(record.log_path),
         }
         if record.result is not None:
-            answer["result"] = {k: record.result[k] for k in ("status", "metrics", "output_dir") if k in record.result}
+            answer["result"] = {k: record.result[k] for k in ("status", "metrics", "output_dir", "engine_choices",
+                                                              "warnings") if k in record.result}
         return answer
 
     def _steps_per_second(self, job_id: str) -> float | None:

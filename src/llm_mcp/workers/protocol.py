@@ -37,6 +37,7 @@ class Train:
     eval_dataset: DatasetSource | None = None
     options: RunOptions = field(default_factory=RunOptions)
     warnings: tuple[str, ...] = ()  # notes from the server side, carried into the final answer
+    cpu_threads: int | None = None  # CPU threads for this run when other trainings share the cores; None: all
 
 
 @dataclass(frozen=True)

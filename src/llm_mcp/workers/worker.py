@@ -77,6 +77,7 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, stop: "_StopFlag
             return engine_train.train(
                 state.bundle, cmd.config, cmd.train_dataset, cmd.eval_dataset, cmd.options,
                 on_progress=on_progress, should_stop=stop.should_stop, notes=list(cmd.warnings),
+                cpu_threads=cmd.cpu_threads,
             )
         case Generate(config=config):
             from llm_mcp.engine.generate import generate
