@@ -12,7 +12,6 @@ import time
 import pytest
 
 from conftest import FAST_LOAD, FAST_TRAIN, McpSession, server_config
-from llm_mcp.config import ServerConfig
 from llm_mcp.jobs.store import JobStore
 from llm_mcp.server.app import create_server
 from test_load_unload import worker_pids
