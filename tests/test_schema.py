@@ -67,9 +67,12 @@ def test_enums_and_bounds_are_in_the_schema(mcp):
 
 
 def test_server_process_never_imports_torch(tmp_path):
-    """Building the server and listing its tools leaves torch unimported (fast start, workers hold torch)."""
+    """Building the server, listing its tools and inspecting a dataset without a model leave torch unimported
+    (fast start; the workers hold torch)."""
     code = ("import asyncio, sys\nfrom mcp import Client\nfrom llm_mcp.server.app import create_server\n"
             "async def main():\n    async with Client(create_server()) as c:\n        await c.list_tools()\n"
+            "        r = await c.call_tool('inspect_dataset', {'dataset': [{'text': 'hello'}]})\n"
+            "        assert not r.is_error, r\n"
             "asyncio.run(main())\nprint('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
                          cwd=tmp_path)
