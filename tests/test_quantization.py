@@ -24,7 +24,8 @@ def baseline_bytes(mcp, tiny_model):
 @pytest.mark.parametrize("quant_type", ["nf4", "int8", "fp8", "int4"])
 def test_each_quant_type_trains_and_saves_an_adapter(mcp, tiny_model, demo_rows, workspace, baseline_bytes,
                                                      quant_type):
-    """load -> train 30 steps (loss falls) -> adapter saved; weight memory within the expected ratio of 16-bit."""
+    """load -> train 30 steps (loss falls) -> adapter saved and merged export loads; weight memory within the
+    expected ratio of 16-bit."""
     loaded = mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": quant_type, **FAST_LOAD,
                                                 "quant_type": quant_type, "compute_dtype": "bfloat16"})
     assert loaded["quantization"] == quant_type
@@ -36,6 +37,13 @@ def test_each_quant_type_trains_and_saves_an_adapter(mcp, tiny_model, demo_rows,
                                             "training_config": {**FAST_TRAIN, "max_steps": 30,
                                                                 "output_dir": f"q-{quant_type}"}})
     assert trained["loss"]["last"] < 0.6 * trained["loss"]["first"]
+    # merged export dequantizes this type's weights; the model stays usable afterwards
+    merged = mcp.ok("qloraevolved_export", {"model_id": quant_type, "format": "merged_16bit",
+                                            "output_dir": f"merged-{quant_type}", "probe_prompt": demo_rows[0]["prompt"]})
+    assert merged["verified"]["loads_with_transformers"] is True
+    after = mcp.ok("qloraevolved_generate", {"model_id": quant_type, "prompt": demo_rows[0]["prompt"],
+                                             "max_new_tokens": 8})
+    assert after["text"] == merged["verified"]["adapter_model_answer"]
     mcp.ok("qloraevolved_unload_model", {"model_id": quant_type})
     _reload_adapter(workspace / trained["output_dir"], tiny_model)
 

@@ -92,7 +92,6 @@ def _save_adapter(bundle: ModelBundle, out: Path) -> Path:
 def merged_state(bundle: ModelBundle, dtype: torch.dtype):
     """(name, tensor) of the merged model, one module at a time: dequantized base weight + LoRA delta."""
     from peft.tuners.lora import LoraLayer
-    from peft.utils.integrations import dequantize_module_weight
 
     base = bundle.model.get_base_model()
     adapter = next(iter(bundle.model.peft_config))
@@ -104,7 +103,7 @@ def merged_state(bundle: ModelBundle, dtype: torch.dtype):
         if isinstance(module, LoraLayer):
             lora_parts.add(name)
             layer = module.get_base_layer()
-            weight = dequantize_module_weight(layer).float() + module.get_delta_weight(adapter).float()
+            weight = _dequantized_weight(layer).float() + module.get_delta_weight(adapter).float()
             yield f"{name}.weight", _cpu(weight, dtype)
             if getattr(layer, "bias", None) is not None:
                 yield f"{name}.bias", _cpu(layer.bias, dtype)
@@ -118,8 +117,28 @@ def merged_state(bundle: ModelBundle, dtype: torch.dtype):
             quantized = type(value).__name__ in ("Params4bit", "Int8Params") or \
                 type(value).__module__.startswith("torchao.")
             if key == "weight" and quantized:
-                value = dequantize_module_weight(module)
+                value = _dequantized_weight(module)
             yield full, _cpu(value, dtype)
+
+
+def _dequantized_weight(layer: Any) -> torch.Tensor:
+    """A linear layer's weight in floating point, leaving the live model untouched (peft's
+    dequantize_module_weight moves an 8-bit weight between devices, which drops its scales and breaks the
+    layer's next forward)."""
+    weight = layer.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "Int8Params":
+        import bitsandbytes as bnb
+
+        scales = layer.state.SCB if layer.state.SCB is not None else weight.SCB  # where bnb keeps them after init
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
+    if type(weight).__module__.startswith("torchao."):
+        return weight.dequantize()
+    return weight
 
 
 def _tied_embeddings(model: Any) -> bool:
