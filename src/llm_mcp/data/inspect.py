@@ -46,7 +46,10 @@ def inspect_dataset(source: Any, *, dataset_format: str, tokenizer: Any = None,
     }
     if not usable:
         return {**answer, "examples": [], "problems": problems}
-    rendered = [_render(r, tokenizer) for r in usable[:MAX_ROWS_MEASURED]] if tokenizer is not None else None
+    rendered = None
+    if tokenizer is not None:
+        examples = to_training_rows(usable[:MAX_ROWS_MEASURED], fmt, getattr(tokenizer, "chat_template", None))
+        rendered = [_render(example, tokenizer) for example in examples.dataset]
     if rendered is None:
         answer["examples"] = [_plain(r) for r in usable[:_EXAMPLES]]
         answer["length_chars"] = _stats([len(_plain(r)) for r in usable[:MAX_ROWS_MEASURED]])
@@ -88,10 +91,9 @@ def _row_formats(raw: Any) -> dict[str, int]:
     return counts
 
 
-def _render(row: dict[str, Any], tokenizer: Any) -> tuple[str, str, int]:
-    """(full text, trained part, token count) as TRL builds the example: EOS after the answer, prompt masked."""
-    prepared = to_training_rows([row], "messages" if "messages" in row else "text",
-                                getattr(tokenizer, "chat_template", None)).dataset[0]
+def _render(prepared: dict[str, Any], tokenizer: Any) -> tuple[str, str, int]:
+    """(full text, trained part, token count) of one example in TRL's columns, as TRL builds it: EOS after the
+    answer, prompt masked."""
     eos = tokenizer.eos_token
     if "text" in prepared:
         text = prepared["text"] if prepared["text"].endswith(eos) else prepared["text"] + eos
