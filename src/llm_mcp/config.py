@@ -51,6 +51,7 @@ DeviceMap = Annotated[str, Field(pattern=r"^(auto|cpu|balanced|balanced_low_0|se
                                              "memory when it does not fit); or 'cpu', 'cuda', 'cuda:N', "
                                              "'balanced', 'sequential'.")]
 MAX_TOKEN_CHARS = 512
+MAX_ID_CHARS = 128  # model_id and job_id
 SaveLimit = Annotated[int, Field(ge=1, le=1000, description="Checkpoints kept in output_dir; older ones are deleted.")]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Random seed for data order, dropout and LoRA init.")]
 

@@ -17,7 +17,8 @@ from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import Field
 
 from llm_mcp.config import (
-    BatchSize, ChatMessage, DatasetFormat, ExportConfig, ExportFormat, GenerationConfig, GgufQuantization,
+    MAX_ID_CHARS, BatchSize, ChatMessage, DatasetFormat, ExportConfig, ExportFormat, GenerationConfig,
+    GgufQuantization,
     MaxNewTokens, Seed, Temperature, TopP, validated,
 )
 from llm_mcp.errors import LlmMcpError
@@ -87,18 +88,21 @@ def train_description(family: Family) -> str:
 def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
     """(function, tool name, description) for the tools whose shape both families share."""
     load_tool = family.tool("load_model")
+    JobId = Annotated[str | None, Field(max_length=MAX_ID_CHARS,
+                                        description=f"Job id returned by {family.tool('train')}.")]
 
     @agent_tool
     async def unload_model(
-        model_id: Annotated[str, Field(max_length=128, description=f"Id returned by {load_tool}.")],
+        model_id: Annotated[str, Field(max_length=MAX_ID_CHARS, description=f"Id returned by {load_tool}.")],
         ctx: Context = None,
     ) -> dict[str, Any]:
         return await service_of(ctx).unload(family, model_id)
 
     @agent_tool
     async def training_status(
-        model_id: Annotated[str | None, Field(max_length=128, description="Model whose latest training job to show.")] = None,
-        job_id: Annotated[str | None, Field(max_length=128, description=f"Job id returned by {family.tool('train')}.")] = None,
+        model_id: Annotated[str | None, Field(max_length=MAX_ID_CHARS,
+                                              description="Model whose latest training job to show.")] = None,
+        job_id: JobId = None,
         include_plot: Annotated[bool, Field(description="Also return the loss curve (train/eval loss, learning "
                                                         "rate) as a PNG image.")] = False,
         ctx: Context = None,
@@ -113,8 +117,9 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
 
     @agent_tool
     async def cancel_training(
-        model_id: Annotated[str | None, Field(max_length=128, description="Model whose running job to stop.")] = None,
-        job_id: Annotated[str | None, Field(max_length=128, description=f"Job id returned by {family.tool('train')}.")] = None,
+        model_id: Annotated[str | None, Field(max_length=MAX_ID_CHARS,
+                                              description="Model whose running job to stop.")] = None,
+        job_id: JobId = None,
         ctx: Context = None,
     ) -> dict[str, Any]:
         return service_of(ctx).cancel_training(family, model_id, job_id)
@@ -125,7 +130,7 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
 
     @agent_tool
     async def generate(
-        model_id: Annotated[str, Field(max_length=128, description=f"Id returned by {load_tool}.")],
+        model_id: Annotated[str, Field(max_length=MAX_ID_CHARS, description=f"Id returned by {load_tool}.")],
         prompt: Annotated[str | None, Field(description="Raw text to continue (no chat template). Give this or "
                                                         "messages.")] = None,
         messages: Annotated[list[ChatMessage] | None, Field(description="A chat, rendered with the model's chat "
@@ -145,7 +150,7 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
 
     @agent_tool
     async def evaluate(
-        model_id: Annotated[str, Field(max_length=128, description=f"Id returned by {load_tool}.")],
+        model_id: Annotated[str, Field(max_length=MAX_ID_CHARS, description=f"Id returned by {load_tool}.")],
         eval_dataset: DatasetArg,
         dataset_format: Annotated[DatasetFormat, Field(description="Row format; 'auto' detects it.")] = "auto",
         batch_size: BatchSize = 4,
@@ -155,7 +160,7 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
 
     @agent_tool
     async def export(
-        model_id: Annotated[str, Field(max_length=128, description=f"Id returned by {load_tool}, trained with "
+        model_id: Annotated[str, Field(max_length=MAX_ID_CHARS, description=f"Id returned by {load_tool}, trained with "
                                                    f"{family.tool('train')}.")],
         format: Annotated[ExportFormat, Field(description=(
             "adapter = PEFT LoRA folder; merged_16bit = base weights dequantized and LoRA merged, a plain "

@@ -9,7 +9,8 @@ from llm_mcp import memory
 from mcp.server.mcpserver import Context
 
 from llm_mcp.config import (
-    BatchSize, ComputeDtype, DatasetFormat, LoadConfig, LoraRank, MaxLength, Optimizer, QuantType, TrainingConfig,
+    MAX_ID_CHARS, BatchSize, ComputeDtype, DatasetFormat, LoadConfig, LoraRank, MaxLength, Optimizer, QuantType,
+    TrainingConfig,
 )
 from llm_mcp.server.common import DatasetArg, agent_tool, service_of
 
@@ -43,7 +44,7 @@ async def estimate_memory(
 async def inspect_dataset(
     dataset: DatasetArg,
     dataset_format: Annotated[DatasetFormat, Field(description="Row format; 'auto' detects it.")] = "auto",
-    model_id: Annotated[str | None, Field(max_length=128, description=(
+    model_id: Annotated[str | None, Field(max_length=MAX_ID_CHARS, description=(
         "A loaded model (either family): examples are rendered with its chat template, lengths counted with its "
         "tokenizer and checked against its max_length. Without it, a generic layout and character counts."))]
     = None,

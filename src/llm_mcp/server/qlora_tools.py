@@ -13,8 +13,9 @@ from mcp.server.mcpserver import Context
 from pydantic import Field
 
 from llm_mcp.config import (
-    BatchSize, ComputeDtype, DeviceMap, DatasetFormat, Epochs, GradAccum, LearningRate, LoadConfig, LoraAlpha, LoraDropout,
-    LoraRank, LrScheduler, Nf4OptimizedBudget, MaxGradNorm, MaxLength, MaxSteps, Optimizer, QuantType, ReportTo, SaveLimit, Seed, Steps,
+    MAX_ID_CHARS, BatchSize, ComputeDtype, DatasetFormat, DeviceMap, Epochs, GradAccum, LearningRate, LoadConfig,
+    LoraAlpha, LoraDropout, LoraRank, LrScheduler, MaxGradNorm, MaxLength, MaxSteps, Nf4OptimizedBudget, Optimizer,
+    QuantType, ReportTo, SaveLimit, Seed, Steps,
     TrainingConfig, WarmupRatio, WeightDecay, validated,
 )
 from llm_mcp.server.common import DatasetArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
@@ -22,15 +23,15 @@ from llm_mcp.server.service import QLORA
 
 log = logging.getLogger(__name__)
 
-ModelId = Annotated[str, Field(max_length=128, description="Id returned by qloraevolved_load_model.")]
+ModelId = Annotated[str, Field(max_length=MAX_ID_CHARS, description="Id returned by qloraevolved_load_model.")]
 
 
 @agent_tool
 async def qloraevolved_load_model(
     model_name: Annotated[str, Field(description="Local Hugging Face model folder, or a hub id such as "
                                                  "'Qwen/Qwen2.5-0.5B' (needs the hub or its cache).")],
-    model_id: Annotated[str | None, Field(max_length=128, description="Id to give the model; generated from the name when null. "
-                                                      "An id already loaded is refused.")] = None,
+    model_id: Annotated[str | None, Field(max_length=MAX_ID_CHARS, description=(
+        "Id to give the model; generated from the name when null. An id already loaded is refused."))] = None,
     max_length: MaxLength = LoadConfig.max_length,
     load_in_4bit: Annotated[bool, Field(description="Load weights in 4-bit. false with a 4-bit quant_type loads "
                                                     "the model unquantized (plain LoRA).")] = LoadConfig.load_in_4bit,

@@ -19,7 +19,8 @@ from typing import Any
 
 from llm_mcp import memory
 from llm_mcp.config import (
-    ExportConfig, GenerationConfig, LoadConfig, RunOptions, TrainingConfig, UnslothLoadConfig, UnslothTrainingConfig,
+    MAX_ID_CHARS, ExportConfig, GenerationConfig, LoadConfig, RunOptions, TrainingConfig, UnslothLoadConfig,
+    UnslothTrainingConfig,
     validated,
 )
 from llm_mcp.errors import InvalidArgument, ModelIdTaken, TrainingFailed, WorkerBusy
@@ -30,7 +31,7 @@ from llm_mcp.workers.protocol import (
     DatasetSource, Evaluate, Export, Generate, InspectDataset, Load, Prepare, Progress, Train,
 )
 
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MODEL_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_ID_CHARS - 1}}}$")
 ProgressSink = Callable[[int, int, str], Awaitable[None]]
 
 
@@ -128,8 +129,8 @@ class ModelService:
     def _claim_id(self, family: Family, model_name: str, model_id: str | None) -> str:
         if model_id is not None:
             if not _MODEL_ID.match(model_id):
-                raise InvalidArgument("model_id", model_id, "1-128 characters of letters, digits, '.', '_' or '-', "
-                                                            "starting with a letter or digit")
+                raise InvalidArgument("model_id", model_id, f"1-{MAX_ID_CHARS} characters of letters, digits, '.', "
+                                                            "'_' or '-', starting with a letter or digit")
             if self.pool.is_taken(model_id):
                 raise ModelIdTaken(model_id, family.tool("unload_model"))
             return model_id

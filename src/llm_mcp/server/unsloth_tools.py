@@ -10,14 +10,16 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context
 from pydantic import Field, WithJsonSchema
 
-from llm_mcp.config import MAX_TOKEN_CHARS, DeviceMap, MaxLength, UnslothLoadConfig, UnslothTrainingConfig, validated
+from llm_mcp.config import (
+    MAX_ID_CHARS, MAX_TOKEN_CHARS, DeviceMap, MaxLength, UnslothLoadConfig, UnslothTrainingConfig, validated,
+)
 from llm_mcp.errors import InvalidArgument
 from llm_mcp.server.common import DatasetArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
 from llm_mcp.server.service import UNSLOTH
 
 log = logging.getLogger(__name__)
 
-ModelId = Annotated[str, Field(max_length=128, description="Id returned by unsloth_load_model.")]
+ModelId = Annotated[str, Field(max_length=MAX_ID_CHARS, description="Id returned by unsloth_load_model.")]
 
 
 @agent_tool
@@ -32,8 +34,8 @@ async def unsloth_load_model(
                                           "default": None, "description": "Hugging Face token for gated models; "
                                                                           "never echoed, logged or stored."})] = None,
     device_map: DeviceMap = UnslothLoadConfig.device_map,
-    model_id: Annotated[str | None, Field(max_length=128, description="Id to give the model; default '<name>-unsloth' (numbered "
-                                                      "when taken).")] = None,
+    model_id: Annotated[str | None, Field(max_length=MAX_ID_CHARS, description=(
+        "Id to give the model; default '<name>-unsloth' (numbered when taken)."))] = None,
     force: Annotated[bool, Field(description="Load even when the memory estimate says the weights cannot fit.")]
     = False,
     ctx: Context = None,
