@@ -14,12 +14,12 @@ import asyncio
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from mcp import Client
 
-ROOT = Path(__file__).resolve().parents[1]
+from llm_mcp.bench import record
+
 MIB = 1024 * 1024
 
 
@@ -92,12 +92,11 @@ def main() -> int:
     text = table(results)
     print(text)
     if args.record:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(f"\n## estimate_memory against measured peaks ({time.strftime('%Y-%m-%d')})\n\n"
-                    f"Command: `.venv/bin/python benchmarks/memory_estimate.py --record`; device "
-                    f"{results[0]['device']} (peak = the worker's max RSS, so the ~0.6 GB runtime of torch + "
-                    f"transformers + peft + trl is in both columns); compute float32, LoRA r=16, adamw_torch, "
-                    f"4 training steps on rows that fill max_length.\n\n{text}\n")
+        record("estimate_memory against measured peaks",
+               f"Command: `.venv/bin/python benchmarks/memory_estimate.py --record`; device {results[0]['device']} "
+               f"(peak = the worker's max RSS, so the ~0.6 GB runtime of torch + transformers + peft + trl is in "
+               f"both columns); compute float32, LoRA r=16, adamw_torch, 4 training steps on rows that fill "
+               f"max_length.\n\n{text}")
     return 0
 
 

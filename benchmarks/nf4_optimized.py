@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from llm_mcp.bench import record
 
 
 def main() -> int:
@@ -38,11 +37,10 @@ def main() -> int:
     table = "\n".join(rows)
     print(table)
     if args.record:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(f"\n## nf4_optimized vs nf4 on a model with outlier weights ({time.strftime('%Y-%m-%d')})\n\n"
-                    f"Command: `.venv/bin/python benchmarks/nf4_optimized.py --budget {args.budget} --record` "
-                    f"(tiny Llama from `llm_mcp.tiny.make_outlier_model`: outliers x60 in two linear layers; "
-                    f"8 prompts; CPU).\n\n{table}\n")
+        record("nf4_optimized vs nf4 on a model with outlier weights",
+               f"Command: `.venv/bin/python benchmarks/nf4_optimized.py --budget {args.budget} --record` (tiny "
+               f"Llama from `llm_mcp.tiny.make_outlier_model`: outliers x60 in two linear layers; 8 prompts; "
+               f"CPU).\n\n{table}")
     return 0
 
 

@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from llm_mcp.bench import record
+
 CATEGORIES = {  # aten op name fragments -> what they are, for a readable summary
     "attention": ("scaled_dot_product", "_efficient_attention", "_flash_attention", "softmax", "bmm", "baddbmm"),
     "4-bit dequantize": ("dequantize", "bitsandbytes", "bnb", "gemv_4bit"),
@@ -115,13 +116,12 @@ def main() -> int:
     for r in results:
         print(f"\n{r['variant']} top ops (self CPU s):", r["top_ops"])
     if args.record:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(f"\n## Profile of one training step ({time.strftime('%Y-%m-%d')})\n\nCommand: "
-                    f"`.venv/bin/python benchmarks/profile_step.py --model {args.model} --max-length "
-                    f"{args.max_length} --record`; CPU, 2 cores; NF4 + LoRA r=64, batch 8; seconds of self CPU "
-                    f"time by kind of op (torch.profiler; the profiler's own overhead included).\n\n{table}\n\n"
-                    + "\n".join(f"- {r['variant']} top ops: " + ", ".join(f"`{k}` {v} s" for k, v in r["top_ops"])
-                                for r in results) + "\n")
+        tops = "\n".join(f"- {r['variant']} top ops: " + ", ".join(f"`{k}` {v} s" for k, v in r["top_ops"])
+                         for r in results)
+        record("Profile of one training step",
+               f"Command: `.venv/bin/python benchmarks/profile_step.py --model {args.model} --max-length "
+               f"{args.max_length} --record`; CPU, 2 cores; NF4 + LoRA r=64, batch 8; seconds of self CPU time by "
+               f"kind of op (torch.profiler; the profiler's own overhead included).\n\n{table}\n\n{tops}")
     return 0
 
 

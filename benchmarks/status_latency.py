@@ -21,9 +21,8 @@ from pathlib import Path
 
 from mcp import Client, StdioServerParameters
 
+from llm_mcp.bench import record
 from llm_mcp.tiny import demo_records, make_tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 async def measure(calls: int) -> list[tuple[str, list[float], int]]:
@@ -80,10 +79,8 @@ def main() -> int:
     if args.record:
         machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}"
         command = f".venv/bin/python benchmarks/status_latency.py --calls {args.calls} --record"
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(f"\n## Status latency during training ({time.strftime('%Y-%m-%d')})\n\n"
-                    f"Command: `{command}`; transport stdio; machine: {machine}, no GPU; the model trains in its "
-                    f"worker process meanwhile.\n\n{text}\n")
+        record("Status latency during training", f"Command: `{command}`; transport stdio; machine: {machine}, no "
+                                                  f"GPU; the model trains in its worker process meanwhile.\n\n{text}")
     return 0
 
 

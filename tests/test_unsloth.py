@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from conftest import McpSession, server_config
-from llm_mcp.config import ServerConfig
 from llm_mcp.server.app import create_server
 
 ROOT = Path(__file__).resolve().parents[1]

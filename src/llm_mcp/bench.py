@@ -209,12 +209,17 @@ def run_bench(quick: bool, record: bool, json_path: str | None, models: list[str
             command += f" --models {','.join(models)}"
         if lengths != [256, 512] and not quick:
             command += f" --lengths {','.join(map(str, lengths))}"
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(f"\n## llm-mcp bench ({time.strftime('%Y-%m-%d')})\n\nCommand: `{command}`; machine: "
-                    f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU; NF4 + LoRA r=64, batch 8, "
-                    f"{epochs:g} epoch, long-tailed prompt/completion rows. Ratios are against the baseline "
-                    f"(TRL defaults + gradient checkpointing); tokens are real (non-padding) tokens.\n\n{text}\n")
+        record("llm-mcp bench", f"Command: `{command}`; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+                                f"no GPU; NF4 + LoRA r=64, batch 8, {epochs:g} epoch, long-tailed prompt/completion "
+                                f"rows. Ratios are against the baseline (TRL defaults + gradient checkpointing); "
+                                f"tokens are real (non-padding) tokens.\n\n{text}")
     return 0
+
+
+def record(title: str, body: str) -> None:
+    """Append a dated section to docs/benchmarks.md (every benchmark's --record)."""
+    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+        f.write(f"\n## {title} ({time.strftime('%Y-%m-%d')})\n\n{body}\n")
 
 
 def _table(results: list[dict]) -> str:
