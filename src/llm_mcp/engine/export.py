@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SHARD_BYTES = 2 * 1024**3
 DEFAULT_PROBE = [{"role": "user", "content": "Hello! What can you do?"}]
+PROBE_TOKENS = 24  # greedy tokens compared by verification
 EXPORT_RECORD = "export.json"  # written last into every export folder: what was exported, and its checks
 
 
@@ -225,8 +226,8 @@ def verify_merged(bundle: ModelBundle, merged: Path, probe_prompt: str | None, w
 
     reloaded = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
-    probe = (GenerationConfig(prompt=probe_prompt, max_new_tokens=24) if probe_prompt is not None
-             else GenerationConfig(messages=DEFAULT_PROBE, max_new_tokens=24))
+    probe = (GenerationConfig(prompt=probe_prompt, max_new_tokens=PROBE_TOKENS) if probe_prompt is not None
+             else GenerationConfig(messages=DEFAULT_PROBE, max_new_tokens=PROBE_TOKENS))
     expected = generate(bundle, probe)["text"]
     merged_bundle = copy.copy(bundle)
     merged_bundle.model, merged_bundle.tokenizer = reloaded, tokenizer
