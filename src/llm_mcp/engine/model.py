@@ -157,7 +157,10 @@ def attach_lora(bundle: ModelBundle, *, r: int, alpha: float, dropout: float,
 
 def check_source(name: str) -> str:
     path = Path(os.path.expanduser(name))
-    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    try:
+        looks_local = name.startswith((".", "/", "~")) or path.exists()
+    except OSError:  # e.g. a name too long for the file system: not a local path
+        looks_local = False
     if looks_local:
         if not (path / "config.json").is_file():
             raise InvalidArgument(

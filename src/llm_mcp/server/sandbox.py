@@ -9,6 +9,7 @@ would allow the path rather than trusting the call.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ MAX_PATH_CHARS = 4096
 # Inline rows travel in the JSON of one tool call: past these, a file in the workspace is the better carrier.
 MAX_INLINE_ROWS = 50_000
 MAX_INLINE_BYTES = 32 * 1024 * 1024
+# huggingface_hub's repo id rule (optional namespace, names of 1-96 of [A-Za-z0-9_.-]); datasets may add ':split'.
+_HUB_ID = re.compile(r"(?:[\w.-]{1,96}/)?[\w.-]{1,96}")
+_SPLIT = re.compile(r"[\w.\[\]:%+-]{1,128}")
 
 
 def huggingface_cache() -> Path:
@@ -98,17 +102,26 @@ class Sandbox:
             return source
         if isinstance(source, str) and self.looks_local(source):
             return str(self.readable(param, source))  # resolved: the server's cwd is not the workspace
-        if isinstance(source, str) and len(source) > MAX_PATH_CHARS:
-            raise InvalidArgument(param, source, f"at most {MAX_PATH_CHARS} characters")
+        if isinstance(source, str):
+            name, colon, split = source.partition(":")
+            if not _HUB_ID.fullmatch(name) or (colon and not _SPLIT.fullmatch(split)):
+                raise InvalidArgument(param, source, self._not_found("file, saved-dataset folder",
+                                                                     "'owner/name' or 'owner/name:split'"))
         return source
 
     def model_source(self, param: str, name: str) -> str:
         """A local model folder must be readable (returned resolved); a hub id passes as is."""
         if self.looks_local(name):
             return str(self.readable(param, name))
-        if len(name) > 256:
-            raise InvalidArgument(param, name, "a hub id of at most 256 characters, or a local folder")
+        if not _HUB_ID.fullmatch(name):
+            raise InvalidArgument(param, name, self._not_found("model folder", "'owner/name'"))
         return name
+
+    def _not_found(self, local: str, hub: str) -> str:
+        # Checked here, not left to the worker: a name that is neither could reach the file system as an
+        # over-long path, or the hub as a malformed id.
+        return (f"an existing local {local} (relative paths start at the workspace {self.workspace}) or a hub "
+                f"id like {hub} (names of 1-96 letters, digits, '_', '.', '-')")
 
 
 def _inside(path: Path, root: Path) -> bool:
