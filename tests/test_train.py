@@ -143,6 +143,12 @@ def test_unprepared_model_trains_with_defaults_and_says_so(mcp, tiny_model, demo
     assert any("paged_adamw_32bit" in w for w in answer["warnings"])
     assert answer["effective_config"]["bf16"] is False  # float32 beats bf16 autocast on CPU: an engine choice
     assert any(c.startswith("precision:") for c in answer["engine_choices"])
+    assert answer["effective_config"]["lean_lora_dropout"] is True  # float32 and lora_dropout 0.1
+    assert any(c.startswith("LoRA dropout (0.1)") for c in answer["engine_choices"])
+    answer = mcp.ok("qloraevolved_train", {"wait_seconds": -1, "model_id": "fresh", "train_dataset": demo_rows,
+                                           "max_steps": 1, "output_dir": "run-fresh-peft-dropout",
+                                           "training_config": {"lean_lora_dropout": False}})
+    assert answer["effective_config"]["lean_lora_dropout"] is False  # peft's own dropout, when asked
     assert (Path(workspace) / "run-fresh" / "final" / "adapter_model.safetensors").is_file()
     mcp.ok("qloraevolved_unload_model", {"model_id": "fresh"})
 
@@ -162,6 +168,7 @@ def test_padding_free_and_packing_keep_examples_apart(mcp, trained, demo_rows):
         assert (config["padding_free"], config["packing"]) == {"padding_free": (True, False), "packing": (
             False, True), "padded": (False, False)}[name]
         assert config["group_by_length"] is (name == "padded")  # grouping only where padding remains
+        assert config["lean_lora_dropout"] is False  # lora_dropout=0 here: no dropout to make lean
     for name in ("padding_free", "packing"):
         assert abs(losses[name] - losses["padded"]) / losses["padded"] < 0.005, losses
 

@@ -46,7 +46,8 @@ def make_dataset(rows: int, max_length: int, seed: int = 0) -> list[dict[str, st
 
 
 # -- one variant, in a child process ----------------------------------------------------------------------------
-def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, epochs: float) -> dict[str, Any]:
+def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, epochs: float,
+                options: dict[str, Any] | None = None) -> dict[str, Any]:
     started = _PROCESS_START
     data = json.loads(Path(data_file).read_text())
     train_rows, eval_rows = data["train"], data["eval"]
@@ -63,10 +64,11 @@ def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, e
         choices: dict[str, Any] = {"padding_free": False, "packing": False, "use_gradient_checkpointing": True}
     else:
         result, tokenizer, choices = _run_engine(variant, model_dir, train_rows, eval_rows, max_length, epochs,
-                                                 output_dir, on_progress)
+                                                 output_dir, on_progress, options or {})
     tokens = sum(min(len(tokenizer(r["prompt"] + r["completion"]).input_ids) + 1, max_length)
                  for r in train_rows) * epochs
-    return {"variant": variant, "tokens_per_second": tokens / result["train_runtime"],
+    name = variant + "".join(f" {k}={v}" for k, v in (options or {}).items())
+    return {"variant": name, "tokens_per_second": tokens / result["train_runtime"],
             "train_runtime": result["train_runtime"], "time_to_first_step": first_step[0] if first_step else None,
             "peak_memory_bytes": _peak_memory(), "train_loss": result["train_loss"],
             "eval_loss": result["eval_loss"], "choices": choices}
@@ -114,7 +116,7 @@ def _run_baseline(model_dir: str, train_rows: list, eval_rows: list, max_length:
 
 
 def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list, max_length: int, epochs: float,
-                output_dir: str, on_progress: Any) -> tuple[dict, Any, dict]:
+                output_dir: str, on_progress: Any, options: dict[str, Any]) -> tuple[dict, Any, dict]:
     from llm_mcp.config import LoadConfig, LoraSpec, RunOptions, TrainingConfig, UnslothLoadConfig
 
     if variant == "unsloth":
@@ -130,7 +132,7 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
     from llm_mcp.engine.train import train
 
     config = TrainingConfig(output_dir=output_dir, num_train_epochs=epochs, max_steps=-1, logging_steps=10,
-                            save_steps=10**6, report_to="none", optim="paged_adamw_32bit", **JOB)
+                            save_steps=10**6, report_to="none", optim="paged_adamw_32bit", **{**JOB, **options})
     answer = train(bundle, config, train_rows, eval_rows, RunOptions(), on_progress=on_progress,
                    should_stop=lambda: False, notes=[])
     if variant == "unsloth" and answer["engine"] != "unsloth":
@@ -139,7 +141,8 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
     return ({"train_runtime": metrics["train_runtime"], "train_loss": metrics["train_loss"],
              "eval_loss": metrics["eval_loss"]}, bundle.tokenizer,
             {k: answer["effective_config"][k] for k in ("padding_free", "packing", "group_by_length",
-                                                         "use_gradient_checkpointing", "bf16", "optim")})
+                                                         "use_gradient_checkpointing", "bf16", "optim",
+                                                         "lean_lora_dropout")})
 
 
 def _peak_memory() -> int:
@@ -158,10 +161,13 @@ def _unsloth_python() -> str | None:
     return python if Path(python).is_file() else None
 
 
-def _child(variant: str, python: str, model_dir: Path, data_file: Path, max_length: int, epochs: float) -> dict:
-    out = data_file.with_name(f"{variant}-{model_dir.name}-{max_length}.json")
+def _child(variant: str, python: str, model_dir: Path, data_file: Path, max_length: int, epochs: float,
+           options: dict[str, Any] | None = None) -> dict:
+    out = data_file.with_name(f"{variant}-{len(options or {})}-{abs(hash(str(options)))}-{model_dir.name}-"
+                              f"{max_length}.json")
     cmd = [python, "-m", "llm_mcp.bench", "--variant", variant, "--model-dir", str(model_dir), "--data",
-           str(data_file), "--max-length", str(max_length), "--epochs", str(epochs), "--json", str(out)]
+           str(data_file), "--max-length", str(max_length), "--epochs", str(epochs), "--json", str(out),
+           "--options", json.dumps(options or {})]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if done.returncode != 0:
         return {"variant": variant, "error": done.stderr.strip().splitlines()[-1][:300] if done.stderr else "failed"}
@@ -183,21 +189,22 @@ def _models(work: Path, names: list[str]) -> list[Path]:
 
 
 def run_bench(quick: bool, record: bool, json_path: str | None, models: list[str] | None = None,
-              lengths: list[int] | None = None) -> int:
+              lengths: list[int] | None = None, ablations: list[dict[str, Any]] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
     models = models or (["tiny-0.3M"] if quick else ["tiny-0.3M", "llama-3.5M", "llama-25M"])
     lengths = lengths or ([128] if quick else [256, 512])
     rows, epochs = (64, 1.0) if quick else (256, 1.0)
-    variants = [("baseline", sys.executable), ("qloraevolved", sys.executable)]
+    variants = [("baseline", sys.executable, None), ("qloraevolved", sys.executable, None)]
+    variants += [("qloraevolved", sys.executable, options) for options in ablations or []]
     if _unsloth_python():
-        variants.append(("unsloth", _unsloth_python()))
+        variants.append(("unsloth", _unsloth_python(), None))
     results = []
     for model_dir in _models(work, models):
         for max_length in lengths:
             data = make_dataset(rows + rows // 8, max_length)
             data_file = work / f"data-{max_length}.json"
             data_file.write_text(json.dumps({"train": data[:rows], "eval": data[rows:]}))
-            runs = [_child(v, py, model_dir, data_file, max_length, epochs) for v, py in variants]
+            runs = [_child(v, py, model_dir, data_file, max_length, epochs, opts) for v, py, opts in variants]
             results.append({"model": model_dir.name, "max_length": max_length, "rows": rows, "runs": runs})
             print(_table([results[-1]]), flush=True)
     text = _table(results)
@@ -209,6 +216,7 @@ def run_bench(quick: bool, record: bool, json_path: str | None, models: list[str
             command += f" --models {','.join(models)}"
         if lengths != [256, 512] and not quick:
             command += f" --lengths {','.join(map(str, lengths))}"
+        command += "".join(f" --ablate {','.join(f'{k}={v}' for k, v in o.items())}" for o in ablations or [])
         record("llm-mcp bench", f"Command: `{command}`; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
                                 f"no GPU; NF4 + LoRA r=64, batch 8, {epochs:g} epoch, long-tailed prompt/completion "
                                 f"rows. Ratios are against the baseline (TRL defaults + gradient checkpointing); "
@@ -249,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the results (or, with --variant, one run) as JSON")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {list(MODEL_SIZES)}")
     parser.add_argument("--lengths", default=None, help="comma-separated max_length values (default 256,512)")
+    parser.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="also run the engine with these training_config values (repeatable), e.g. "
+                             "--ablate lean_lora_dropout=false")
+    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["baseline", "qloraevolved", "unsloth"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -258,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant:  # a child run
         if args.variant == "unsloth":
             import unsloth  # noqa: F401  (before transformers, as Unsloth requires)
-        result = run_variant(args.variant, args.model_dir, args.data, args.max_length, args.epochs)
+        result = run_variant(args.variant, args.model_dir, args.data, args.max_length, args.epochs,
+                             json.loads(args.options))
         Path(args.json).write_text(json.dumps(result))
         return 0
     for name in (args.models or "").split(","):
@@ -266,7 +279,24 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--models: {name!r} is not one of {list(MODEL_SIZES)}")
     return run_bench(args.quick, args.record, args.json,
                      models=args.models.split(",") if args.models else None,
-                     lengths=[int(n) for n in args.lengths.split(",")] if args.lengths else None)
+                     lengths=[int(n) for n in args.lengths.split(",")] if args.lengths else None,
+                     ablations=[_parse_ablation(parser, text) for text in args.ablate])
+
+
+def _parse_ablation(parser: argparse.ArgumentParser, text: str) -> dict[str, Any]:
+    """'lean_lora_dropout=false,group_by_length=false' -> TrainingConfig overrides (values read as JSON)."""
+    from llm_mcp.config import TrainingConfig
+
+    options: dict[str, Any] = {}
+    for pair in text.split(","):
+        key, _, value = pair.partition("=")
+        if key not in TrainingConfig.__dataclass_fields__ or not value:
+            parser.error(f"--ablate: {pair!r} is not KEY=VALUE with KEY a training_config field")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 if __name__ == "__main__":

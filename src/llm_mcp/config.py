@@ -134,6 +134,7 @@ class TrainingConfig:
     group_by_length: bool | None = None  # None: group similar lengths into batches when padding is used
     auto_gradient_checkpointing: bool = True  # skip checkpointing when memory is ample (it only costs time then)
     auto_precision: bool = True  # on CPU, compute in float32 (faster than bf16 autocast there)
+    lean_lora_dropout: bool = True  # LoRA dropout keeps a 1-byte mask, not float copies of each input (no autocast)
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
@@ -151,7 +152,7 @@ class TrainingConfig:
 
 _QLORA_PREPARE_KEYS = [f for f in TrainingConfig.__dataclass_fields__
                        if f not in ("warmup_steps", "bf16", "fp16", "padding_free", "packing", "group_by_length",
-                                    "auto_gradient_checkpointing", "auto_precision")]
+                                    "auto_gradient_checkpointing", "auto_precision", "lean_lora_dropout")]
 
 
 @dataclass(frozen=True, config=_STRICT)

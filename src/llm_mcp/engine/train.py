@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from llm_mcp.config import RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
 from llm_mcp.engine.device import detect
+from llm_mcp.engine.lean_lora import lean_lora_dropout
 from llm_mcp.engine.model import ModelBundle
 from llm_mcp.errors import InvalidArgument, OutOfMemory
 
@@ -86,6 +87,7 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
     choices["padding_free"] = bool(config.padding_free) and not config.packing
     choices["group_by_length"] = bool(config.group_by_length)
     choices["use_gradient_checkpointing"] = config.use_gradient_checkpointing
+    choices["lean_lora_dropout"] = False
     if bundle.engine != "transformers":
         return notes
     if config.padding_free is None and not config.packing and choices["attn_implementation"] == "flash_attention_2":
@@ -108,11 +110,21 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
         choices["bf16"] = False
         notes.append("precision: float32 compute instead of bf16 autocast, which is slower on CPUs; set "
                      "auto_precision=false (or bf16=true) to keep bf16.")
+    choices["lean_lora_dropout"] = (config.lean_lora_dropout and not (choices["bf16"] or choices["fp16"])
+                                    and _lora_dropout(bundle) > 0)
+    if choices["lean_lora_dropout"]:
+        notes.append(f"LoRA dropout ({_lora_dropout(bundle)}) keeps a one-byte mask per element instead of float "
+                     "copies of each adapted projection's input (the same draws and gradients, less memory); set "
+                     "lean_lora_dropout=false for peft's own dropout.")
     if choices["optim"] == "adamw_torch" and config.optim != "adamw_torch":  # our substitute for a paged AdamW
         choices["optim"] = "adamw_torch_fused"
         notes.append("optimizer: AdamW with its fused kernel (one kernel for all parameters; the same update); "
                      "optim='adamw_torch' asks for the unfused one.")
     return notes
+
+
+def _lora_dropout(bundle: ModelBundle) -> float:
+    return float(next(iter(bundle.model.peft_config.values())).lora_dropout)
 
 
 def _memory_is_ample(bundle: ModelBundle, config: TrainingConfig) -> bool:
@@ -282,7 +294,8 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
     if choices["padding_free"]:
         _make_padding_free(trainer)
     warnings += _engine_changes(trainer, choices)
-    result = _run_guarded(trainer, resume, config, bundle)
+    with lean_lora_dropout(bundle.model) if choices["lean_lora_dropout"] else nullcontext():
+        result = _run_guarded(trainer, resume, config, bundle)
     metrics = {k: float(result.metrics[k]) for k in SPEC_METRICS if k in result.metrics}
     if eval_data is not None and not callback.stopped:  # a stopped run saves and ends quickly
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
