@@ -1,6 +1,6 @@
 """Where the time of one training step goes: torch.profiler over forward + backward + optimizer step, for the
 baseline recipe (bf16 autocast, gradient checkpointing, random batches) and our engine's CPU defaults (float32,
-no checkpointing, length-grouped batches), on the same NF4 + LoRA r=64 model and the bench's long-tailed data.
+no checkpointing, length-grouped batches, lean LoRA dropout), on the same NF4 + LoRA r=64 model and the bench's long-tailed data.
 
     .venv/bin/python benchmarks/profile_step.py [--model llama-3.5M] [--max-length 512] [--record]
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 from llm_mcp.bench import record
 
 CATEGORIES = {  # aten op name fragments -> what they are, for a readable summary
+    "dropout masks": ("bernoulli", "uniform", "dropout"),
     "attention": ("scaled_dot_product", "_efficient_attention", "_flash_attention", "softmax", "bmm", "baddbmm"),
     "4-bit dequantize": ("dequantize", "bitsandbytes", "bnb", "gemv_4bit"),
     "matmul (linear)": ("addmm", "aten::mm", "matmul", "linear"),
@@ -46,6 +47,7 @@ def profile(variant: str, model_dir: Path, rows: list[dict], max_length: int) ->
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from llm_mcp.config import LoadConfig
+    from llm_mcp.engine.lean_lora import lean_lora_dropout
     from llm_mcp.engine.model import load_model
 
     bundle = load_model(LoadConfig(model_name=str(model_dir), max_length=max_length, lora_rank=64,
@@ -73,11 +75,12 @@ def profile(variant: str, model_dir: Path, rows: list[dict], max_length: int) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up
-    started = time.perf_counter()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    seconds = time.perf_counter() - started
+    with contextlib.nullcontext() if baseline else lean_lora_dropout(model):
+        step()  # warm-up
+        started = time.perf_counter()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        seconds = time.perf_counter() - started
     totals: dict[str, float] = {}
     for event in prof.key_averages():
         name = event.key.lower()

@@ -35,18 +35,19 @@ class _DropoutLinear(torch.autograd.Function):
         keep = keep_mask(x, p)
         ctx.save_for_backward(x, keep, weight)
         ctx.scale = 1.0 / (1.0 - p)
-        dropped = torch.ops.aten.native_dropout_backward(x, keep, ctx.scale)  # x * keep * scale, one kernel
-        return nn.functional.linear(dropped, weight)
+        # the 1/(1-p) scale applied on the r-wide output, not the input: fewer elements, same product
+        return nn.functional.linear(torch.where(keep, x, 0.0), weight) * ctx.scale
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         x, keep, weight = ctx.saved_tensors
+        grad = grad_out * ctx.scale
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.native_dropout_backward(grad_out @ weight, keep, ctx.scale)
+            grad_x = torch.where(keep, grad @ weight, 0.0)
         if ctx.needs_input_grad[1]:
-            dropped = torch.ops.aten.native_dropout_backward(x, keep, ctx.scale)  # as in forward
-            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1])
+            dropped = torch.where(keep, x, 0.0)  # as in forward
+            grad_w = grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1])
         return grad_x, grad_w, None
 
 

@@ -13,8 +13,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -222,33 +222,61 @@ class _ProgressCallback(TrainerCallback):
 
 def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_source: Any, options: RunOptions, *,
           on_progress: ProgressFn, should_stop: Callable[[], bool], notes: list[str],
-          cpu_threads: int | None = None) -> dict[str, Any]:
-    with _cpu_threads(cpu_threads) as threads_note:
+          cpu_threads: Callable[[], int | None] | None = None) -> dict[str, Any]:
+    """cpu_threads, when given, is read at every step: the CPU threads to use now (None: all), as the server
+    shares the cores among the trainings running at the same time."""
+    share = None if cpu_threads is None or detect().has_cuda else _CoreShare(cpu_threads)
+    try:
         answer = _train(bundle, config, train_source, eval_source, options, on_progress=on_progress,
-                        should_stop=should_stop, notes=notes)
-    answer["engine_choices"] += threads_note
+                        should_stop=should_stop, notes=notes, extra_callbacks=[share] if share else [])
+    finally:
+        if share is not None:
+            share.restore()
+    if share is not None and share.changes:
+        answer["engine_choices"].append(share.describe())
     return answer
 
 
-@contextmanager
-def _cpu_threads(threads: int | None) -> Iterator[list[str]]:
-    """Share the cores when other trainings run beside this one: each process using every core makes their
-    threads contend (measured ~16x slower for two runs on 2 cores)."""
-    import torch
+class _CoreShare(TrainerCallback):
+    """Follow the thread count asked for at each step: runs that each use every core contend for them (measured
+    ~16x slower for two runs on 2 cores), so the server splits the cores whenever a training starts or ends."""
 
-    if not threads or detect().has_cuda or threads >= torch.get_num_threads():
-        yield []
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield [f"cpu threads: {threads} of {before}, since other trainings run on this machine's cores now."]
-    finally:
-        torch.set_num_threads(before)
+    def __init__(self, wanted: Callable[[], int | None]) -> None:
+        import torch
+
+        self.wanted = wanted
+        self.all = self.current = torch.get_num_threads()
+        self.changes: list[tuple[int, int]] = []  # (step, threads from then on)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._apply(state.global_step)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._apply(state.global_step)
+
+    def _apply(self, step: int) -> None:
+        import torch
+
+        threads = min(self.wanted() or self.all, self.all)
+        if threads != self.current:
+            torch.set_num_threads(threads)
+            self.current = threads
+            self.changes.append((step, threads))
+
+    def restore(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.all)
+
+    def describe(self) -> str:
+        steps = ", ".join(f"{threads} from step {step}" for step, threads in self.changes)
+        return (f"cpu threads: {steps} (of {self.all}), as other trainings started or ended on this machine's "
+                "cores.")
 
 
 def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_source: Any, options: RunOptions, *,
-           on_progress: ProgressFn, should_stop: Callable[[], bool], notes: list[str]) -> dict[str, Any]:
+           on_progress: ProgressFn, should_stop: Callable[[], bool], notes: list[str],
+           extra_callbacks: list[Any]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     warnings = list(notes) + list(bundle.warnings)
@@ -289,7 +317,7 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
     trainer = SFTTrainer(
         model=bundle.model, args=args, train_dataset=train_data.dataset,
         eval_dataset=eval_data.dataset if eval_data else None, processing_class=bundle.tokenizer,
-        callbacks=[callback],
+        callbacks=[callback, *extra_callbacks],
     )
     if choices["padding_free"]:
         _make_padding_free(trainer)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -197,9 +196,7 @@ class ModelService:
                          f"defaults (and the overrides given).")
             notes += (await self.prepare(family, model_id, settings)).get("warnings", [])
         config = engine_training_config(settings)
-        others = self.jobs.running_count()
-        threads = max(1, (os.cpu_count() or 1) // (others + 1)) if others else None
-        command = Train(new_request_id(), config, train_dataset, eval_dataset, options, tuple(notes), threads)
+        command = Train(new_request_id(), config, train_dataset, eval_dataset, options, tuple(notes))
         record = self.jobs.start(loaded, command, family_cancel_tool=family.tool("cancel_training"),
                                  dataset_description=_describe_dataset(train_dataset))
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from llm_mcp.config import LoadConfig, TrainingConfig, UnslothLoadConfig, UnslothTrainingConfig
 from llm_mcp.errors import ModelNotLoaded, WorkerBusy, WorkerDied, rebuild
-from llm_mcp.workers.protocol import Command, Done, Event, Failed, Progress, Shutdown, Stop
+from llm_mcp.workers.protocol import Command, Done, Event, Failed, Progress, SetThreads, Shutdown, Stop
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,11 @@ class WorkerProcess:
         return self.exit_reason is None and self.proc.poll() is None
 
     def submit(self, command: Command, on_progress: ProgressListener | None = None) -> Future:
-        """Send one command; its Future resolves with Done's result or raises Failed's error. A Stop is a control
-        message: it may be sent while another command runs."""
+        """Send one command; its Future resolves with Done's result or raises Failed's error. Stop and SetThreads
+        are control messages: they may be sent while another command runs."""
         if not self.is_alive:
             raise WorkerDied(f"the worker of {self.name!r} has ended ({self.exit_reason or 'exited'}); load it again.")
-        is_control = isinstance(command, Stop)
+        is_control = isinstance(command, (Stop, SetThreads))
         if self.running is not None and not is_control:
             raise WorkerBusy(self.name, self.running)
         future: Future = Future()

@@ -37,7 +37,6 @@ class Train:
     eval_dataset: DatasetSource | None = None
     options: RunOptions = field(default_factory=RunOptions)
     warnings: tuple[str, ...] = ()  # notes from the server side, carried into the final answer
-    cpu_threads: int | None = None  # CPU threads for this run when other trainings share the cores; None: all
 
 
 @dataclass(frozen=True)
@@ -77,11 +76,20 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class SetThreads:
+    """Train with this many CPU threads from the next step on (None: all); the server sends it to every running
+    training whenever one starts or ends, so the runs share the cores. Answered at once by the reader thread."""
+
+    request_id: str
+    threads: int | None
+
+
+@dataclass(frozen=True)
 class Shutdown:
     request_id: str = "shutdown"
 
 
-Command = Load | Prepare | Train | Generate | Evaluate | Export | InspectDataset | Stop | Shutdown
+Command = Load | Prepare | Train | Generate | Evaluate | Export | InspectDataset | Stop | SetThreads | Shutdown
 
 
 @dataclass(frozen=True)

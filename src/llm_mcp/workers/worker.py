@@ -1,8 +1,8 @@
 """Worker side: `python -m llm_mcp.workers.worker FD` holds one model and runs the commands the server sends.
 
 The only module that imports the engine (and so torch). One `match` loop, one handler per command, exactly one
-Done or Failed per command. A reader thread turns a Stop, a Shutdown, or the server going away, into a stop flag
-that the training loop checks between steps.
+Done or Failed per command. A reader thread turns a Stop, a Shutdown, or the server going away, into a stop flag,
+and a SetThreads into a thread count, which the training loop checks between steps.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 from llm_mcp.config import UnslothLoadConfig
 from llm_mcp.errors import LlmMcpError
 from llm_mcp.workers.protocol import (
-    Command, Done, Evaluate, Export, Failed, Generate, InspectDataset, Load, Prepare, Progress, Shutdown, Stop, Train,
+    Command, Done, Evaluate, Export, Failed, Generate, InspectDataset, Load, Prepare, Progress, SetThreads, Shutdown,
+    Stop, Train,
 )
 
 log = logging.getLogger("llm_mcp.worker")
@@ -44,7 +45,7 @@ class WorkerState:
         self.training_config: Any = None
 
 
-def handle(cmd: Command, state: WorkerState, channel: _Channel, stop: "_StopFlags") -> dict[str, Any]:
+def handle(cmd: Command, state: WorkerState, channel: _Channel, controls: "_Controls") -> dict[str, Any]:
     match cmd:
         case Load(config=UnslothLoadConfig() as config):
             from llm_mcp.engine import unsloth_backend  # imports unsloth before transformers, as it must
@@ -73,11 +74,11 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, stop: "_StopFlag
                 channel.send(Progress(cmd.request_id, step, total, logs.get("loss"), logs.get("learning_rate"),
                                       logs.get("epoch"), logs.get("eval_loss"), logs.get("checkpoint")))
 
-            stop.cancel.clear()  # a Stop aimed at an earlier run must not end this one
+            controls.cancel.clear()  # a Stop aimed at an earlier run must not end this one
             return engine_train.train(
                 state.bundle, cmd.config, cmd.train_dataset, cmd.eval_dataset, cmd.options,
-                on_progress=on_progress, should_stop=stop.should_stop, notes=list(cmd.warnings),
-                cpu_threads=cmd.cpu_threads,
+                on_progress=on_progress, should_stop=controls.should_stop, notes=list(cmd.warnings),
+                cpu_threads=lambda: controls.threads,
             )
         case Generate(config=config):
             from llm_mcp.engine.generate import generate
@@ -100,27 +101,34 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, stop: "_StopFlag
 
 
 @dataclass
-class _StopFlags:
+class _Controls:
+    """What control messages set while a command runs; the training reads them at each step."""
+
     cancel: threading.Event  # set by Stop: end the current training at the next step (checkpoint saved)
     shutdown: threading.Event  # set by Shutdown or by the server going away
+    threads: int | None = None  # set by SetThreads: CPU threads while other trainings share the cores
 
     def should_stop(self) -> bool:
         return self.cancel.is_set() or self.shutdown.is_set()
 
 
-def _read_commands(channel: _Channel, commands: queue.Queue, stop: _StopFlags) -> None:
-    """Reader thread: control messages (Stop, Shutdown) act at once, even while a command runs."""
+def _read_commands(channel: _Channel, commands: queue.Queue, controls: _Controls) -> None:
+    """Reader thread: control messages (Stop, SetThreads, Shutdown) act at once, even while a command runs."""
     while True:
         try:
             cmd = channel.conn.recv()
         except (EOFError, OSError):
             cmd = Shutdown("server-gone")  # the server went away: stop at the next step boundary, then exit
         if isinstance(cmd, Stop):
-            stop.cancel.set()
+            controls.cancel.set()
             channel.send(Done(cmd.request_id, {"stopping": True}))
             continue
+        if isinstance(cmd, SetThreads):
+            controls.threads = cmd.threads
+            channel.send(Done(cmd.request_id, {"threads": cmd.threads}))
+            continue
         if isinstance(cmd, Shutdown):
-            stop.shutdown.set()
+            controls.shutdown.set()
             commands.put(cmd)
             return
         commands.put(cmd)
@@ -133,8 +141,8 @@ def worker_main(fd: int) -> None:
     os.dup2(2, 1)
     channel = _Channel(Connection(fd), threading.Lock())
     commands: queue.Queue = queue.Queue()
-    stop = _StopFlags(threading.Event(), threading.Event())
-    threading.Thread(target=_read_commands, args=(channel, commands, stop), daemon=True).start()
+    controls = _Controls(threading.Event(), threading.Event())
+    threading.Thread(target=_read_commands, args=(channel, commands, controls), daemon=True).start()
     state = WorkerState()
     while True:
         cmd = commands.get()
@@ -143,7 +151,7 @@ def worker_main(fd: int) -> None:
             break
         log.info("command %s %s", type(cmd).__name__, cmd.request_id)
         try:
-            answer: Any = Done(cmd.request_id, handle(cmd, state, channel, stop))
+            answer: Any = Done(cmd.request_id, handle(cmd, state, channel, controls))
         except LlmMcpError as exc:
             answer = Failed(cmd.request_id, type(exc).__name__, str(exc))
         except Exception as exc:  # report, never die: the model stays loaded for the next command
