@@ -1,8 +1,11 @@
-"""estimate_memory from config.json alone, the load refusal it drives, and its accuracy on the tiny model."""
+"""estimate_memory from config.json alone, the load refusal it drives, its accuracy on the tiny model, and how
+the peak it is compared with is measured."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -68,3 +71,15 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(mcp, tiny_model, dem
     measured = trained["peak_memory_bytes"]
     assert abs(estimate["total_bytes"] - measured) / measured < 0.25, (estimate["total_bytes"], measured)
     mcp.ok("qloraevolved_unload_model", {"model_id": "mem"})
+
+
+def test_a_worker_reports_its_own_peak_not_its_parents():
+    """Linux carries ru_maxrss across fork + exec, so a worker started by a large process reported the parent's
+    peak (CI: 923 MB measured vs 604 MB alone). peak_memory_bytes reads the worker's own high-water mark."""
+    child = ("import resource; from llm_mcp.engine.device import peak_memory_bytes; "
+             "print(peak_memory_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    parent = (f"import subprocess, sys; big = b'x' * 1_500_000_000; "
+              f"print(subprocess.check_output([sys.executable, '-c', {child!r}], text=True))")
+    own, inherited = map(int, subprocess.check_output([sys.executable, "-c", parent], text=True).split())
+    assert inherited >= 1_500_000_000  # what ru_maxrss says: the parent's peak
+    assert own < 1_000_000_000, own  # torch imported: a few hundred MB

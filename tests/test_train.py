@@ -182,3 +182,14 @@ def test_resume_skips_a_half_written_checkpoint(tmp_path):
     (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-20").mkdir()  # half-written: no trainer_state.json
     assert _resolve_resume(tmp_path, True) == str(tmp_path / "checkpoint-10")
+
+
+def test_liger_kernel_on_cpu_says_what_ran(mcp, trained, demo_rows):
+    """liger_kernel=true where Liger's Triton kernels cannot run (no CUDA here): the run trains with PyTorch's
+    kernels, and a warning names the option and why."""
+    answer = mcp.ok("qloraevolved_train", {
+        "wait_seconds": -1, "model_id": "tiny", "train_dataset": demo_rows[:8],
+        "training_config": {"max_steps": 1, "liger_kernel": True, "output_dir": "liger-run", "save_steps": 1000}})
+    assert answer["status"] == "success"
+    assert answer["effective_config"]["use_liger_kernel"] is False
+    assert any("liger_kernel=true" in w and "CUDA" in w for w in answer["warnings"]), answer["warnings"]

@@ -2,8 +2,9 @@
 (where an Unsloth environment exists) the unsloth family; tokens/s, peak memory, time to first step and losses,
 each as a ratio to the baseline.
 
-Each variant runs in its own child process (so its peak memory is its own) on the same model, data, seed and
-hyper-parameters: NF4 + double quantization, LoRA r=64 on the 7 projections, the spec's optimizer settings.
+Each variant runs in its own child process on the same model, data, seed and hyper-parameters (NF4 + double
+quantization, LoRA r=64 on the 7 projections, the spec's optimizer settings); its peak memory runs from the start
+of its training (model loaded) to the end: VmHWM on CPU, max allocated on CUDA.
 The baseline is what a user writes by hand today: transformers + peft + bitsandbytes + TRL's SFTTrainer with its
 defaults (dynamic padding, no packing) and gradient checkpointing on. Output is for a person: print.
 """
@@ -58,6 +59,8 @@ def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, e
         if step >= 1 and not first_step:
             first_step.append(time.monotonic() - started)
 
+    from llm_mcp.engine.device import peak_memory_bytes
+
     if variant == "baseline":
         result, tokenizer = _run_baseline(model_dir, train_rows, eval_rows, max_length, epochs, output_dir,
                                           on_progress)
@@ -70,7 +73,7 @@ def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, e
     name = variant + "".join(f" {k}={v}" for k, v in (options or {}).items())
     return {"variant": name, "tokens_per_second": tokens / result["train_runtime"],
             "train_runtime": result["train_runtime"], "time_to_first_step": first_step[0] if first_step else None,
-            "peak_memory_bytes": _peak_memory(), "train_loss": result["train_loss"],
+            "peak_memory_bytes": peak_memory_bytes(), "train_loss": result["train_loss"],
             "eval_loss": result["eval_loss"], "choices": choices}
 
 
@@ -82,6 +85,7 @@ def _run_baseline(model_dir: str, train_rows: list, eval_rows: list, max_length:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from llm_mcp.engine.device import reset_peak_memory
     from llm_mcp.engine.model import avoid_cpu_repack_bug
 
     cuda = torch.cuda.is_available()
@@ -98,6 +102,8 @@ def _run_baseline(model_dir: str, train_rows: list, eval_rows: list, max_length:
     class FirstStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             on_progress(state.global_step, state.max_steps, {})
+
+    reset_peak_memory()  # where the engine's train() resets it: the peak of the training, the model resident
 
     args = SFTConfig(output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=JOB["batch_size"],
                      per_device_eval_batch_size=JOB["batch_size"],
@@ -143,16 +149,6 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
             {k: answer["effective_config"][k] for k in ("padding_free", "packing", "group_by_length",
                                                          "use_gradient_checkpointing", "bf16", "optim",
                                                          "lean_lora_dropout")})
-
-
-def _peak_memory() -> int:
-    import resource
-
-    import torch
-
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # -- the orchestrating run -------------------------------------------------------------------------------------

@@ -135,6 +135,8 @@ class TrainingConfig:
     auto_gradient_checkpointing: bool = True  # skip checkpointing when memory is ample (it only costs time then)
     auto_precision: bool = True  # on CPU, compute in float32 (faster than bf16 autocast there)
     lean_lora_dropout: bool = True  # LoRA dropout keeps a 1-byte mask, not float copies of each input (no autocast)
+    liger_kernel: bool | None = None  # Liger's fused RMSNorm/SwiGLU/RoPE; None: on CUDA where liger-kernel is installed
+    torch_compile: bool = False  # opt-in: compiling costs time before the first step, and again for new shapes
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
@@ -152,7 +154,8 @@ class TrainingConfig:
 
 _QLORA_PREPARE_KEYS = [f for f in TrainingConfig.__dataclass_fields__
                        if f not in ("warmup_steps", "bf16", "fp16", "padding_free", "packing", "group_by_length",
-                                    "auto_gradient_checkpointing", "auto_precision", "lean_lora_dropout")]
+                                    "auto_gradient_checkpointing", "auto_precision", "lean_lora_dropout",
+                                    "liger_kernel", "torch_compile")]
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -34,3 +34,33 @@ def detect() -> Hardware:
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak: CUDA's allocator counter, or this process's resident high-water mark (Linux clear_refs;
+    elsewhere the peak keeps counting from the process start)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_bytes() -> int:
+    """Peak GPU memory allocated (CUDA), or this process's peak resident memory since reset_peak_memory (VmHWM).
+    Not ru_maxrss: Linux carries it across fork + exec, so a worker would report its parent's peak when larger."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

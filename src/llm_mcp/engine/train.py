@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from llm_mcp.config import RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
-from llm_mcp.engine.device import detect
+from llm_mcp.engine.device import detect, peak_memory_bytes, reset_peak_memory
 from llm_mcp.engine.lean_lora import lean_lora_dropout
 from llm_mcp.engine.model import ModelBundle
 from llm_mcp.errors import InvalidArgument, OutOfMemory
@@ -80,7 +80,7 @@ def _hardware_choices(bundle: ModelBundle, config: TrainingConfig) -> tuple[dict
 
 
 def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[str, Any],
-                    data: PreparedDataset) -> list[str]:
+                    warnings: list[str]) -> list[str]:
     """Speed/memory choices of the transformers engine (Unsloth makes its own); each reported, each can be off."""
     notes: list[str] = []
     choices["packing"] = config.packing
@@ -88,7 +88,12 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
     choices["group_by_length"] = bool(config.group_by_length)
     choices["use_gradient_checkpointing"] = config.use_gradient_checkpointing
     choices["lean_lora_dropout"] = False
+    choices["use_liger_kernel"] = False
+    choices["torch_compile"] = False
     if bundle.engine != "transformers":
+        if config.liger_kernel or config.torch_compile:
+            warnings.append("liger_kernel and torch_compile apply to the transformers engine; Unsloth uses its own "
+                            "kernels, so they were not applied.")
         return notes
     if config.padding_free is None and not config.packing and choices["attn_implementation"] == "flash_attention_2":
         # Only a varlen attention kernel makes this pay: SDPA attends over the whole flattened row with a
@@ -116,11 +121,30 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
         notes.append(f"LoRA dropout ({_lora_dropout(bundle)}) keeps a one-byte mask per element instead of float "
                      "copies of each adapted projection's input (the same draws and gradients, less memory); set "
                      "lean_lora_dropout=false for peft's own dropout.")
+    _kernel_choices(config, choices, notes, warnings)
     if choices["optim"] == "adamw_torch" and config.optim != "adamw_torch":  # our substitute for a paged AdamW
         choices["optim"] = "adamw_torch_fused"
         notes.append("optimizer: AdamW with its fused kernel (one kernel for all parameters; the same update); "
                      "optim='adamw_torch' asks for the unfused one.")
     return notes
+
+
+def _kernel_choices(config: TrainingConfig, choices: dict[str, Any], notes: list[str], warnings: list[str]) -> None:
+    """Liger's Triton kernels (CUDA only; transformers' Trainer applies them) and opt-in torch.compile."""
+    has_liger = importlib.util.find_spec("liger_kernel") is not None
+    if config.liger_kernel is not False and not choices["use_cpu"] and has_liger:
+        choices["use_liger_kernel"] = True
+        notes.append("Liger kernels: fused RMSNorm, SwiGLU and RoPE (Triton); TRL computes the loss with its own "
+                     "chunked LM head, so the logits are never materialized either; set liger_kernel=false to turn "
+                     "them off.")
+    elif config.liger_kernel:
+        why = "they are Triton kernels and need a CUDA GPU" if choices["use_cpu"] else \
+            "liger-kernel is not installed in the worker's environment (pip install liger-kernel)"
+        warnings.append(f"liger_kernel=true but Liger's kernels cannot run here: {why}; trained with PyTorch's.")
+    if config.torch_compile:
+        choices["torch_compile"] = True
+        notes.append("torch.compile: the model is compiled at the first step (that step and each new batch shape "
+                     "take longer), then runs fused kernels; set torch_compile=false to skip it.")
 
 
 def _lora_dropout(bundle: ModelBundle) -> float:
@@ -279,6 +303,7 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
            extra_callbacks: list[Any]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
+    reset_peak_memory()  # this run's peak, not an earlier run's in the same worker
     warnings = list(notes) + list(bundle.warnings)
     choices, hw_warnings = _hardware_choices(bundle, config)
     warnings += hw_warnings
@@ -292,7 +317,7 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
     eval_data = None if eval_source is None else prepare_dataset(
         eval_source, dataset_format=options.dataset_format, chat_template=template, param="eval_dataset")
     warnings += train_data.warnings + (eval_data.warnings if eval_data else [])
-    engine_notes = _engine_choices(bundle, config, choices, train_data)
+    engine_notes = _engine_choices(bundle, config, choices, warnings)
 
     args = SFTConfig(
         output_dir=str(out), learning_rate=config.learning_rate, per_device_train_batch_size=config.batch_size,
@@ -308,6 +333,7 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
         packing=choices["packing"],
         train_sampling_strategy="group_by_length" if choices["group_by_length"] else "random",
         bf16=choices["bf16"], fp16=choices["fp16"], use_cpu=choices["use_cpu"], seed=config.seed,
+        use_liger_kernel=choices["use_liger_kernel"], torch_compile=choices["torch_compile"],
         data_seed=config.seed, max_length=bundle.max_length,
         assistant_only_loss=train_data.assistant_only_loss,
         eval_strategy="steps" if (eval_data and options.eval_steps) else "no", eval_steps=options.eval_steps,
@@ -353,17 +379,6 @@ def _engine_changes(trainer: Any, choices: dict[str, Any]) -> list[str]:
     return [f"the training engine replaced optim={asked!r} by {optim!r} on this hardware."]
 
 
-def _peak_memory_bytes() -> int:
-    """Peak GPU memory allocated (CUDA), or the worker process's peak resident memory (CPU)."""
-    import resource
-
-    import torch
-
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 def _checkpointing_args(config_cls: type, enabled: bool) -> dict[str, Any]:
     """Gradient checkpointing is `activation_checkpointing` from transformers 5.2x on (the old name warns) and
     `gradient_checkpointing` before (the Unsloth environment pins an older transformers)."""
@@ -404,7 +419,7 @@ def _answer(bundle: ModelBundle, config: TrainingConfig, trainer: Any, metrics: 
         "output_dir": os.path.join(config.output_dir, "final"),
         "output_path": str(final.resolve()),
         "global_step": trainer.state.global_step,
-        "peak_memory_bytes": _peak_memory_bytes(),
+        "peak_memory_bytes": peak_memory_bytes(),
         "loss": {"first": losses[0][1], "last": losses[-1][1], "min": min(v for _, v in losses)} if losses else {},
         "loss_history": [{"step": s, "loss": round(v, 5)} for s, v in losses[-50:]],
         "resumed_from": resume,
