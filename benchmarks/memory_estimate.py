@@ -94,8 +94,8 @@ def main() -> int:
     if args.record:
         record("estimate_memory against measured peaks",
                f"Command: `.venv/bin/python benchmarks/memory_estimate.py --record`; device {results[0]['device']} "
-               f"(peak = the worker's resident high-water mark during training, so the ~0.6 GB runtime of torch + transformers + peft + trl is in "
-               f"both columns); compute float32, LoRA r=16, adamw_torch, 4 training steps on rows that fill "
+               f"(peak = the worker's resident high-water mark during training, so the ~0.6 GB runtime of torch + "
+               f"transformers + peft + trl is in both columns); compute float32, LoRA r=16, adamw_torch, 4 training steps on rows that fill "
                f"max_length.\n\n{text}")
     return 0
 

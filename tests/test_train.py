@@ -193,3 +193,15 @@ def test_liger_kernel_on_cpu_says_what_ran(mcp, trained, demo_rows):
     assert answer["status"] == "success"
     assert answer["effective_config"]["use_liger_kernel"] is False
     assert any("liger_kernel=true" in w and "CUDA" in w for w in answer["warnings"]), answer["warnings"]
+
+
+def test_torch_compile_trains_through_the_engine(mcp, trained, demo_rows):
+    """torch_compile=true compiles the decoder layers for the run (the first step pays the compile) and trains;
+    the compiled-vs-eager numbers are checked in tests/test_regional_compile.py."""
+    answer = mcp.ok("qloraevolved_train", {
+        "wait_seconds": -1, "model_id": "tiny", "train_dataset": demo_rows[:16],
+        "training_config": {"max_steps": 2, "torch_compile": True, "output_dir": "compiled-run", "save_steps": 1000}})
+    assert answer["status"] == "success" and answer["effective_config"]["torch_compile"] is True
+    assert any(c.startswith("torch.compile:") for c in answer["engine_choices"])
+    generated = mcp.ok("qloraevolved_generate", {"model_id": "tiny", "prompt": "hello", "max_new_tokens": 4})
+    assert isinstance(generated["text"], str) and generated["used_adapter"] is True  # eager again afterwards

@@ -136,7 +136,7 @@ class TrainingConfig:
     auto_precision: bool = True  # on CPU, compute in float32 (faster than bf16 autocast there)
     lean_lora_dropout: bool = True  # LoRA dropout keeps a 1-byte mask, not float copies of each input (no autocast)
     liger_kernel: bool | None = None  # Liger's fused RMSNorm/SwiGLU/RoPE; None: on CUDA where liger-kernel is installed
-    torch_compile: bool = False  # opt-in: compiling costs time before the first step, and again for new shapes
+    torch_compile: bool = False  # opt-in: compile each decoder layer; the first step pays the compile time
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from llm_mcp.config import RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
 from llm_mcp.engine.device import detect, peak_memory_bytes, reset_peak_memory
 from llm_mcp.engine.lean_lora import lean_lora_dropout
+from llm_mcp.engine.regional_compile import compiled_layers
 from llm_mcp.engine.model import ModelBundle
 from llm_mcp.errors import InvalidArgument, OutOfMemory
 
@@ -143,8 +144,9 @@ def _kernel_choices(config: TrainingConfig, choices: dict[str, Any], notes: list
         warnings.append(f"liger_kernel=true but Liger's kernels cannot run here: {why}; trained with PyTorch's.")
     if config.torch_compile:
         choices["torch_compile"] = True
-        notes.append("torch.compile: the model is compiled at the first step (that step and each new batch shape "
-                     "take longer), then runs fused kernels; set torch_compile=false to skip it.")
+        notes.append("torch.compile: each decoder layer is compiled (one graph shared by all layers, dynamic "
+                     "shapes) at the first step, which takes longer (~30-40 s for the tiny model on 2 CPU cores); "
+                     "later steps run the fused kernels. torch_compile=false skips it.")
 
 
 def _lora_dropout(bundle: ModelBundle) -> float:
@@ -333,7 +335,7 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
         packing=choices["packing"],
         train_sampling_strategy="group_by_length" if choices["group_by_length"] else "random",
         bf16=choices["bf16"], fp16=choices["fp16"], use_cpu=choices["use_cpu"], seed=config.seed,
-        use_liger_kernel=choices["use_liger_kernel"], torch_compile=choices["torch_compile"],
+        use_liger_kernel=choices["use_liger_kernel"],
         data_seed=config.seed, max_length=bundle.max_length,
         assistant_only_loss=train_data.assistant_only_loss,
         eval_strategy="steps" if (eval_data and options.eval_steps) else "no", eval_steps=options.eval_steps,
@@ -348,7 +350,11 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
     if choices["padding_free"]:
         _make_padding_free(trainer)
     warnings += _engine_changes(trainer, choices)
-    with lean_lora_dropout(bundle.model) if choices["lean_lora_dropout"] else nullcontext():
+    with ExitStack() as engine_patches:  # undone when training ends: generation and export run on peft's model
+        if choices["lean_lora_dropout"]:
+            engine_patches.enter_context(lean_lora_dropout(bundle.model))
+        if choices["torch_compile"]:
+            engine_patches.enter_context(compiled_layers(bundle.model))
         result = _run_guarded(trainer, resume, config, bundle)
     metrics = {k: float(result.metrics[k]) for k in SPEC_METRICS if k in result.metrics}
     if eval_data is not None and not callback.stopped:  # a stopped run saves and ends quickly
