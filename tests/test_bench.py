@@ -1,8 +1,9 @@
-"""`llm-mcp bench --quick` runs end to end (CI proves it works; speed is never asserted in a test)."""
+"""`llm-mcp bench --quick --record` runs end to end (CI proves it works; speed is never asserted in a test)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,14 @@ from pathlib import Path
 def test_bench_quick_runs_every_variant(tmp_path):
     """The quick benchmark runs the baseline and qloraevolved (and unsloth where its environment exists) on the
     same job and reports tokens/s, peak memory, first-step time and losses for each."""
-    out = tmp_path / "bench.json"
+    out, recorded = tmp_path / "bench.json", tmp_path / "benchmarks.md"
     exe = Path(sys.executable).with_name("llm-mcp")
-    done = subprocess.run([str(exe), "bench", "--quick", "--json", str(out)], capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run([str(exe), "bench", "--quick", "--record", "--json", str(out)], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "LLM_MCP_BENCHMARKS_FILE": str(recorded)})
     assert done.returncode == 0, done.stderr[-2000:]
+    section = recorded.read_text()  # --record appends the table with its exact command
+    assert section.startswith("\n## llm-mcp bench (") and "Command: `llm-mcp bench --quick --record`" in section
+    assert "| tiny-0.3M | 128 | baseline |" in section
     [result] = json.loads(out.read_text())
     runs = {r["variant"]: r for r in result["runs"]}
     assert {"baseline", "qloraevolved"} <= set(runs)

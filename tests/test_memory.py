@@ -83,3 +83,26 @@ def test_a_worker_reports_its_own_peak_not_its_parents():
     own, inherited = map(int, subprocess.check_output([sys.executable, "-c", parent], text=True).split())
     assert inherited >= 1_500_000_000  # what ru_maxrss says: the parent's peak
     assert own < 1_000_000_000, own  # torch imported: a few hundred MB
+
+
+def test_release_freed_memory_returns_the_heap_to_the_os():
+    """What training does after each step on CPU: memory freed into glibc's heap stays resident until trimmed."""
+    script = """
+import ctypes, ctypes.util
+from llm_mcp.engine.device import release_freed_memory
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+blocks = [libc.malloc(100_000) for _ in range(5_000)]  # 500 MB in heap-sized blocks (below mmap's threshold)
+for block in blocks:
+    ctypes.memset(block, 1, 100_000)  # touched: resident
+keep = libc.malloc(100_000)  # a live block above the freed ones: the heap cannot just shrink from its top
+for block in blocks:
+    libc.free(ctypes.c_void_p(block))
+before = rss()
+assert release_freed_memory()
+print(before, rss())
+"""
+    before, after = map(int, subprocess.check_output([sys.executable, "-c", script], text=True).split())
+    assert before - after > 300_000_000, (before, after)

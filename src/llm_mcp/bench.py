@@ -184,7 +184,7 @@ def _models(work: Path, names: list[str]) -> list[Path]:
     return models
 
 
-def run_bench(quick: bool, record: bool, json_path: str | None, models: list[str] | None = None,
+def run_bench(quick: bool, record_table: bool, json_path: str | None, models: list[str] | None = None,
               lengths: list[int] | None = None, ablations: list[dict[str, Any]] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
     models = models or (["tiny-0.3M"] if quick else ["tiny-0.3M", "llama-3.5M", "llama-25M"])
@@ -206,7 +206,7 @@ def run_bench(quick: bool, record: bool, json_path: str | None, models: list[str
     text = _table(results)
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
-    if record:
+    if record_table:
         command = "llm-mcp bench" + (" --quick" if quick else "") + " --record"
         if models != ["tiny-0.3M", "llama-3.5M", "llama-25M"] and not quick:
             command += f" --models {','.join(models)}"
@@ -221,8 +221,9 @@ def run_bench(quick: bool, record: bool, json_path: str | None, models: list[str
 
 
 def record(title: str, body: str) -> None:
-    """Append a dated section to docs/benchmarks.md (every benchmark's --record)."""
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+    """Append a dated section to docs/benchmarks.md (every benchmark's --record; LLM_MCP_BENCHMARKS_FILE
+    names another file, for tests)."""
+    with open(os.environ.get("LLM_MCP_BENCHMARKS_FILE") or ROOT / "docs" / "benchmarks.md", "a") as f:
         f.write(f"\n## {title} ({time.strftime('%Y-%m-%d')})\n\n{body}\n")
 
 

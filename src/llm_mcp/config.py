@@ -137,6 +137,7 @@ class TrainingConfig:
     lean_lora_dropout: bool = True  # LoRA dropout keeps a 1-byte mask, not float copies of each input (no autocast)
     liger_kernel: bool | None = None  # Liger's fused RMSNorm/SwiGLU/RoPE; None: on CUDA where liger-kernel is installed
     torch_compile: bool = False  # opt-in: compile each decoder layer; the first step pays the compile time
+    release_memory: bool = True  # CPU: give the heap's freed pages back to the OS after each step (malloc_trim)
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
@@ -155,7 +156,7 @@ class TrainingConfig:
 _QLORA_PREPARE_KEYS = [f for f in TrainingConfig.__dataclass_fields__
                        if f not in ("warmup_steps", "bf16", "fp16", "padding_free", "packing", "group_by_length",
                                     "auto_gradient_checkpointing", "auto_precision", "lean_lora_dropout",
-                                    "liger_kernel", "torch_compile")]
+                                    "liger_kernel", "torch_compile", "release_memory")]
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from llm_mcp.config import RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
-from llm_mcp.engine.device import detect, peak_memory_bytes, reset_peak_memory
+from llm_mcp.engine.device import detect, peak_memory_bytes, release_freed_memory, reset_peak_memory
 from llm_mcp.engine.lean_lora import lean_lora_dropout
 from llm_mcp.engine.regional_compile import compiled_layers
 from llm_mcp.engine.model import ModelBundle
@@ -91,6 +91,7 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
     choices["lean_lora_dropout"] = False
     choices["use_liger_kernel"] = False
     choices["torch_compile"] = False
+    choices["release_memory"] = False
     if bundle.engine != "transformers":
         if config.liger_kernel or config.torch_compile:
             warnings.append("liger_kernel and torch_compile apply to the transformers engine; Unsloth uses its own "
@@ -123,6 +124,11 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
                      "copies of each adapted projection's input (the same draws and gradients, less memory); set "
                      "lean_lora_dropout=false for peft's own dropout.")
     _kernel_choices(config, choices, notes, warnings)
+    if config.release_memory and choices["use_cpu"] and release_freed_memory():
+        choices["release_memory"] = True
+        notes.append("memory: the heap's freed pages go back to the OS after each step (malloc_trim), so the peak "
+                     "resident memory is the step's own, not the step's plus what earlier steps freed; set "
+                     "release_memory=false to skip it.")
     if choices["optim"] == "adamw_torch" and config.optim != "adamw_torch":  # our substitute for a paged AdamW
         choices["optim"] = "adamw_torch_fused"
         notes.append("optimizer: AdamW with its fused kernel (one kernel for all parameters; the same update); "
@@ -207,9 +213,10 @@ def _set_attention(bundle: ModelBundle, attn: str) -> None:
 class _ProgressCallback(TrainerCallback):
     """Forward step/total/loss to the server (throttled) and stop cleanly, with a checkpoint, when asked."""
 
-    def __init__(self, on_progress: ProgressFn, should_stop: Callable[[], bool]) -> None:
+    def __init__(self, on_progress: ProgressFn, should_stop: Callable[[], bool], *, release_memory: bool) -> None:
         self.on_progress = on_progress
         self.should_stop = should_stop
+        self.release_memory = release_memory
         self.latest: dict[str, float] = {}
         self.last_sent = 0.0
         self.stopped = False
@@ -232,6 +239,8 @@ class _ProgressCallback(TrainerCallback):
         self.on_progress(state.global_step, state.max_steps, {**self.latest, "checkpoint": checkpoint})
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.release_memory:
+            release_freed_memory()
         if not control.should_log:  # a logging step reports from on_log, with its loss
             self._send(state, force=state.global_step >= state.max_steps)
         if self.should_stop():
@@ -341,7 +350,7 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
         eval_strategy="steps" if (eval_data and options.eval_steps) else "no", eval_steps=options.eval_steps,
         disable_tqdm=True, dataloader_pin_memory=False,
     )
-    callback = _ProgressCallback(on_progress, should_stop)
+    callback = _ProgressCallback(on_progress, should_stop, release_memory=choices["release_memory"])
     trainer = SFTTrainer(
         model=bundle.model, args=args, train_dataset=train_data.dataset,
         eval_dataset=eval_data.dataset if eval_data else None, processing_class=bundle.tokenizer,
