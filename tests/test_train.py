@@ -145,11 +145,13 @@ def test_unprepared_model_trains_with_defaults_and_says_so(mcp, tiny_model, demo
     assert any(c.startswith("precision:") for c in answer["engine_choices"])
     assert answer["effective_config"]["lean_lora_dropout"] is True  # float32 and lora_dropout 0.1
     assert any(c.startswith("LoRA dropout (0.1)") for c in answer["engine_choices"])
-    assert answer["effective_config"]["release_memory"] is True  # CPU, glibc: freed pages back after each step
+    assert answer["effective_config"]["release_memory"] is False  # opt-in: it costs speed
     answer = mcp.ok("qloraevolved_train", {"wait_seconds": -1, "model_id": "fresh", "train_dataset": demo_rows,
                                            "max_steps": 1, "output_dir": "run-fresh-peft-dropout",
-                                           "training_config": {"lean_lora_dropout": False}})
+                                           "training_config": {"lean_lora_dropout": False, "release_memory": True}})
     assert answer["effective_config"]["lean_lora_dropout"] is False  # peft's own dropout, when asked
+    assert answer["effective_config"]["release_memory"] is True  # CPU, glibc: freed pages back after each step
+    assert any(c.startswith("memory: ") for c in answer["engine_choices"])
     assert (Path(workspace) / "run-fresh" / "final" / "adapter_model.safetensors").is_file()
     mcp.ok("qloraevolved_unload_model", {"model_id": "fresh"})
 
