@@ -157,10 +157,9 @@ def _unsloth_python() -> str | None:
     return python if Path(python).is_file() else None
 
 
-def _child(variant: str, python: str, model_dir: Path, data_file: Path, max_length: int, epochs: float,
-           options: dict[str, Any] | None = None) -> dict:
-    out = data_file.with_name(f"{variant}-{len(options or {})}-{abs(hash(str(options)))}-{model_dir.name}-"
-                              f"{max_length}.json")
+def _child(index: int, variant: str, python: str, model_dir: Path, data_file: Path, max_length: int,
+           epochs: float, options: dict[str, Any] | None = None) -> dict:
+    out = data_file.with_name(f"run{index}-{variant}-{model_dir.name}-{max_length}.json")
     cmd = [python, "-m", "llm_mcp.bench", "--variant", variant, "--model-dir", str(model_dir), "--data",
            str(data_file), "--max-length", str(max_length), "--epochs", str(epochs), "--json", str(out),
            "--options", json.dumps(options or {})]
@@ -200,7 +199,8 @@ def run_bench(quick: bool, record_table: bool, json_path: str | None, models: li
             data = make_dataset(rows + rows // 8, max_length)
             data_file = work / f"data-{max_length}.json"
             data_file.write_text(json.dumps({"train": data[:rows], "eval": data[rows:]}))
-            runs = [_child(v, py, model_dir, data_file, max_length, epochs, opts) for v, py, opts in variants]
+            runs = [_child(i, v, py, model_dir, data_file, max_length, epochs, opts)
+                    for i, (v, py, opts) in enumerate(variants)]
             results.append({"model": model_dir.name, "max_length": max_length, "rows": rows, "runs": runs})
             print(_table([results[-1]]), flush=True)
     text = _table(results)

@@ -17,6 +17,7 @@ from typing import Any
 
 from llm_mcp.config import DEFAULT_TARGET_MODULES
 from llm_mcp.errors import InvalidArgument
+from llm_mcp.paths import stat_kind
 
 GIB = 1024**3
 # Bytes per weight of a quantized linear layer, scales included (bitsandbytes block 64 + double quant; torchao
@@ -50,11 +51,7 @@ class ModelShape:
 def read_shape(model_name: str) -> ModelShape:
     """The dimensions that matter, from config.json of a local folder or the hub (cached)."""
     path = Path(os.path.expanduser(model_name))
-    try:
-        is_dir = path.is_dir()
-    except OSError:  # a name too long for the file system
-        is_dir = False
-    if is_dir:
+    if stat_kind(path) == "dir":
         config_file = path / "config.json"
         if not config_file.is_file():
             raise InvalidArgument("model_name", model_name, "a model folder containing config.json")
@@ -188,10 +185,15 @@ def detect_device() -> str:
 def free_memory(device: str) -> int | None:
     if device == "cuda":
         return _gpu_free_bytes()
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
+
+
+def proc_kib_field(path: str, field: str) -> int | None:
+    """A 'Field:  N kB' line of a Linux /proc file, in bytes; None where there is no such file or line."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.errors import DatasetError
+from llm_mcp.paths import stat_kind
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,10 @@ def read_source(source: str | list[dict[str, Any]], *, param: str) -> Any:
     if not isinstance(source, str) or not source.strip():
         raise DatasetError(f"{param} must be a file path, a saved-dataset folder, a hub id, or a list of rows.")
     path = Path(source).expanduser()
-    try:
-        is_dir, is_file = path.is_dir(), path.is_file()
-    except OSError:  # e.g. a name too long for the file system: not a local path
-        is_dir = is_file = False
-    if is_dir:
+    kind = stat_kind(path)
+    if kind == "dir":
         return _read_folder(path, param)
-    if is_file:
+    if kind == "file":
         return _read_file(path, param)
     if path.suffix.lower() in FILE_TYPES or source.startswith((".", "/", "~")):
         raise DatasetError(f"{param}={source!r}: no such file or folder (relative paths start at the workspace).")

@@ -17,6 +17,7 @@ from llm_mcp.config import DEFAULT_TARGET_MODULES, LoadConfig
 from llm_mcp.engine import quantize as quantization
 from llm_mcp.engine.device import detect, torch_dtype
 from llm_mcp.errors import EngineError, InvalidArgument
+from llm_mcp.paths import stat_kind
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +158,12 @@ def attach_lora(bundle: ModelBundle, *, r: int, alpha: float, dropout: float,
 
 def check_source(name: str) -> str:
     path = Path(os.path.expanduser(name))
-    try:
-        looks_local = name.startswith((".", "/", "~")) or path.exists()
-    except OSError:  # e.g. a name too long for the file system: not a local path
-        looks_local = False
-    if looks_local:
-        if not (path / "config.json").is_file():
+    if name.startswith((".", "/", "~")) or stat_kind(path) is not None:
+        if stat_kind(path / "config.json") != "file":
             raise InvalidArgument(
                 "model_name", name,
                 "an existing model folder containing config.json, or a hub id like 'Qwen/Qwen2.5-0.5B'"
-                + (" (the folder has no config.json)" if path.is_dir() else " (no such folder)"),
+                + (" (the folder has no config.json)" if stat_kind(path) == "dir" else " (no such folder)"),
             )
         return str(path.resolve())
     return name

@@ -117,10 +117,11 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
         choices["bf16"] = False
         notes.append("precision: float32 compute instead of bf16 autocast, which is slower on CPUs; set "
                      "auto_precision=false (or bf16=true) to keep bf16.")
-    choices["lean_lora_dropout"] = (config.lean_lora_dropout and not (choices["bf16"] or choices["fp16"])
-                                    and _lora_dropout(bundle) > 0)
+    dropout = _lora_dropout(bundle)
+    choices["lean_lora_dropout"] = config.lean_lora_dropout and not (choices["bf16"] or choices["fp16"]) \
+        and dropout > 0
     if choices["lean_lora_dropout"]:
-        notes.append(f"LoRA dropout ({_lora_dropout(bundle)}) keeps a one-byte mask per element instead of float "
+        notes.append(f"LoRA dropout ({dropout}) keeps a one-byte mask per element instead of float "
                      "copies of each adapted projection's input (the same draws and gradients, less memory); set "
                      "lean_lora_dropout=false for peft's own dropout.")
     _kernel_choices(config, choices, notes, warnings)

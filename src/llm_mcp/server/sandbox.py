@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.errors import InvalidArgument
+from llm_mcp.paths import stat_kind
 
 MAX_PATH_CHARS = 4096
 # Inline rows travel in the JSON of one tool call: past these, a file in the workspace is the better carrier.
@@ -82,10 +83,7 @@ class Sandbox:
         """Whether a model or dataset name means a local path rather than a hub id."""
         if value.startswith((".", "/", "~", "\\")) or ".." in Path(value).parts:
             return True
-        try:
-            return (self.workspace / value).exists()
-        except OSError:  # e.g. a name too long for the file system: no such local path
-            return False
+        return stat_kind(self.workspace / value) is not None
 
     def dataset(self, param: str, source: Any) -> Any:
         """Check a dataset argument: a path must be readable (returned resolved), inline rows within the size
