@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from llm_mcp.engine.lean_lora import LeanDropoutLinear, keep_mask, lean_lora_dropout
+from llm_mcp.engine.lean_lora import LeanDropoutLinear, keep_mask, lean_lora_dropout, new_seed
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -24,7 +24,7 @@ class MaskDropout(torch.nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * keep_mask(x, self.p) / (1 - self.p)
+        return x * keep_mask(x.shape, self.p, new_seed()) / (1 - self.p)
 
 
 @pytest.fixture()
@@ -74,11 +74,25 @@ def test_same_loss_and_gradients_with_less_memory(peft_pair):
     assert lean_bytes < 0.8 * plain_bytes, (lean_bytes, plain_bytes)  # 0.76 measured (logits weigh much here)
 
 
-def test_mask_keeps_one_minus_p():
-    torch.manual_seed(0)
-    keep = keep_mask(torch.zeros(1_000_000), 0.1)
-    assert keep.dtype == torch.bool
-    assert keep.float().mean().item() == pytest.approx(0.9, abs=0.002)  # 0.0003 is one standard deviation
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.05, 0.003])
+def test_mask_keeps_one_minus_p(p):
+    """p=0.003 is not a multiple of 1/65536 within 0.1%, so it is drawn with 32 bits."""
+    keep = keep_mask((1000, 1000), p, seed=123)
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1000)
+    std = (p * (1 - p) / 1e6) ** 0.5
+    assert keep.float().mean().item() == pytest.approx(1 - p, abs=5 * std)
+
+
+def test_mask_is_a_function_of_its_seed_and_torch_decides_the_seed():
+    """The backward pass draws the forward's mask again from its seed; torch.manual_seed fixes the seeds."""
+    assert torch.equal(keep_mask((64, 37), 0.1, seed=5), keep_mask((64, 37), 0.1, seed=5))
+    assert not torch.equal(keep_mask((64, 37), 0.1, seed=5), keep_mask((64, 37), 0.1, seed=6))
+    torch.manual_seed(3)
+    first = [new_seed() for _ in range(3)]
+    torch.manual_seed(3)
+    assert [new_seed() for _ in range(3)] == first and len(set(first)) == 3
+    odd = keep_mask((3, 5), 0.5, seed=1)  # a size that is not a whole number of 64-bit words
+    assert odd.shape == (3, 5)
 
 
 def test_dropout_really_drops(peft_pair):

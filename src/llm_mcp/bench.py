@@ -148,7 +148,7 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
              "eval_loss": metrics["eval_loss"]}, bundle.tokenizer,
             {k: answer["effective_config"][k] for k in ("padding_free", "packing", "group_by_length",
                                                          "use_gradient_checkpointing", "bf16", "optim",
-                                                         "lean_lora_dropout")})
+                                                         "lean_lora_dropout", "lean_mlp")})
 
 
 # -- the orchestrating run -------------------------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""A LoRA SwiGLU MLP (Llama, Qwen, Mistral: ``down(silu(gate(x)) * up(x))``) as one autograd function.
+
+Autograd run op by op keeps, for each token, the gate and up outputs, silu(gate) and the product that down reads:
+four intermediate-size tensors, the largest activations of a layer. This function keeps the gate and up outputs
+only, plus the three r-wide LoRA activations, and recomputes silu and the product in the backward pass (a few
+elementwise ops, no matmul), as Unsloth's and Liger's SwiGLU kernels do. peft's modules do the rest as before:
+their base layers (bitsandbytes 4-bit or plain) compute the frozen projections, their LoRA A/B weights are the
+parameters the optimizer holds, their dropout rates apply (masks drawn as lean_lora's, from seeds, drawn again in
+the backward pass), and nothing of the saved adapter changes.
+
+Applied while training without autocast, to MLPs whose three projections are plain LoRA (one active adapter, no
+DoRA, no bias on the adapter) over nn.Linear or bitsandbytes Linear4bit; everything else keeps peft's forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from llm_mcp.engine.lean_lora import keep_mask, new_seed
+
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class _Projection:
+    """One LoRA-adapted projection as the fused function needs it: y = base(x) + scale * B(A(dropout(x)))."""
+
+    base: nn.Module
+    lora_a: nn.Linear
+    lora_b: nn.Linear
+    scale: float
+    dropout: float
+
+    def base_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """d base(x) / dx applied to grad: grad @ W. A 4-bit layer computes in its compute_dtype, so its gradient
+        does too, with the weight dequantized, as bitsandbytes' own backward does."""
+        weight = self.base.weight
+        if type(weight).__name__ != "Params4bit":
+            return grad @ weight
+        import bitsandbytes.functional as bnb_functional
+
+        dtype = getattr(self.base, "compute_dtype", None) or grad.dtype
+        weight = bnb_functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+        return (grad.to(dtype) @ weight).to(grad.dtype)
+
+
+def _lora_in(x: torch.Tensor, proj: _Projection, seed: int) -> torch.Tensor:
+    """dropout(x) as the A matrix reads it (masked, unscaled; the 1/(1-p) goes on the r-wide side)."""
+    if proj.dropout == 0:
+        return x
+    return torch.where(keep_mask(x.shape, proj.dropout, seed, x.device), x, 0.0)
+
+
+def _forward(x: torch.Tensor, proj: _Projection, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projection's output and its r-wide LoRA activation A(dropout(x)) (kept for B's gradient)."""
+    with torch.no_grad():
+        base = proj.base(x)
+    a = nn.functional.linear(_lora_in(x, proj, seed), proj.lora_a.weight) / (1.0 - proj.dropout)
+    return base + nn.functional.linear(a, proj.lora_b.weight) * proj.scale, a
+
+
+def _backward(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, proj: _Projection, seed: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/dA, dL/dB) of one projection from dL/dy."""
+    flat_grad, flat_a = grad.reshape(-1, grad.shape[-1]), a.reshape(-1, a.shape[-1])
+    grad_b = (flat_grad.T @ flat_a) * proj.scale
+    grad_a_out = (grad @ proj.lora_b.weight) * (proj.scale / (1.0 - proj.dropout))  # dL/d(A x_dropped)
+    dropped = _lora_in(x, proj, seed)
+    grad_a = grad_a_out.reshape(-1, grad_a_out.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1])
+    lora_grad_x = grad_a_out @ proj.lora_a.weight
+    if proj.dropout:
+        lora_grad_x = torch.where(keep_mask(x.shape, proj.dropout, seed, x.device), lora_grad_x, 0.0)
+    return proj.base_grad(grad) + lora_grad_x, grad_a, grad_b
+
+
+class _LoraSwiGLU(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) keeping x, gate(x), up(x) and the r-wide LoRA activations."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, projections: tuple[_Projection, ...], *weights: torch.Tensor) -> torch.Tensor:
+        gate_proj, up_proj, down_proj = projections
+        seeds = tuple(new_seed() for _ in projections)  # in peft's order of draws: gate, up, down
+        gate, a_gate = _forward(x, gate_proj, seeds[0])
+        up, a_up = _forward(x, up_proj, seeds[1])
+        hidden = nn.functional.silu(gate) * up
+        out, a_down = _forward(hidden, down_proj, seeds[2])
+        ctx.projections, ctx.seeds = projections, seeds
+        ctx.save_for_backward(x, gate, up, a_gate, a_up, a_down)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        x, gate, up, a_gate, a_up, a_down = ctx.saved_tensors
+        gate_proj, up_proj, down_proj = ctx.projections
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_hidden, grad_a_down, grad_b_down = _backward(grad_out, silu * up, a_down, down_proj, ctx.seeds[2])
+        grad_up = grad_hidden * silu
+        grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = sig * (1 + g * (1 - sig))
+        grad_x_gate, grad_a_gate, grad_b_gate = _backward(grad_gate, x, a_gate, gate_proj, ctx.seeds[0])
+        grad_x_up, grad_a_up, grad_b_up = _backward(grad_up, x, a_up, up_proj, ctx.seeds[1])
+        return (grad_x_gate + grad_x_up, None, grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down,
+                grad_b_down)
+
+
+def _projection(layer: nn.Module) -> _Projection | None:
+    """The layer as a _Projection when it is plain peft LoRA the fused function computes exactly, else None."""
+    lora_a, lora_b = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
+    if not isinstance(lora_a, nn.ModuleDict) or getattr(layer, "merged", True) or layer.disable_adapters:
+        return None
+    active = list(layer.active_adapters)
+    if len(active) != 1 or active[0] not in lora_a or active[0] in getattr(layer, "lora_variant", {}):
+        return None
+    name = active[0]
+    base = layer.get_base_layer()
+    a, b = lora_a[name], lora_b[name]
+    if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear) or a.bias is not None or b.bias is not None:
+        return None
+    if type(base) is not nn.Linear and type(base).__name__ != "Linear4bit":
+        return None
+    dropout = layer.lora_dropout[name]
+    p = getattr(a, "dropout_p", None)  # lean_lora_dropout moved it here
+    if p is None:
+        if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+            return None
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    return _Projection(base=base, lora_a=a, lora_b=b, scale=float(layer.scaling[name]), dropout=float(p))
+
+
+def _fusable(mlp: nn.Module) -> tuple[_Projection, ...] | None:
+    # nn.SiLU, or transformers' SiLUActivation (ACT2FN["silu"]): both are F.silu
+    if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation") \
+            or not type(mlp).__name__.endswith("MLP"):
+        return None
+    projections = tuple(_projection(getattr(mlp, name, None)) for name in _PROJECTIONS)
+    return projections if all(projections) else None  # type: ignore[return-value]
+
+
+def _fused_forward(mlp: nn.Module, projections: tuple[_Projection, ...], eager: Any):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weights = [w for p in projections for w in (p.lora_a.weight, p.lora_b.weight)]
+        if not (mlp.training and torch.is_grad_enabled()) or torch.is_autocast_enabled(x.device.type) \
+                or any(w.dtype != x.dtype for w in weights):
+            return eager(x)
+        return _LoraSwiGLU.apply(x, projections, *weights)
+
+    return forward
+
+
+@contextmanager
+def lean_mlp(model: nn.Module) -> Iterator[int]:
+    """While inside, every LoRA SwiGLU MLP that qualifies trains through _LoraSwiGLU; yields how many."""
+    swapped = []
+    for module in model.modules():
+        projections = _fusable(module)
+        if projections is not None:
+            swapped.append(module)
+            module.forward = _fused_forward(module, projections, module.forward)
+    try:
+        yield len(swapped)
+    finally:
+        for module in swapped:
+            del module.forward  # the instance attribute: back to the class's forward
