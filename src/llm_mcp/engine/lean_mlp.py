@@ -1,9 +1,11 @@
 """A LoRA SwiGLU MLP (Llama, Qwen, Mistral: ``down(silu(gate(x)) * up(x))``) as one autograd function.
 
-Autograd run op by op keeps, for each token, the gate and up outputs, silu(gate) and the product that down reads:
-four intermediate-size tensors, the largest activations of a layer. This function keeps the gate and up outputs
-only, plus the three r-wide LoRA activations, and recomputes silu and the product in the backward pass (a few
-elementwise ops, no matmul), as Unsloth's and Liger's SwiGLU kernels do. peft's modules do the rest as before:
+Autograd run op by op keeps, for each token, the gate and up outputs, silu(gate) and the product that down reads
+(and its copy in the adapter's dtype): four to five intermediate-size tensors, the largest activations of a
+layer, plus a copy of the input per projection in the adapter's dtype (TRL keeps QLoRA adapters in bf16, and peft
+casts the input for each). This function keeps the gate and up outputs, one copy of the input and the three r-wide
+LoRA activations, and recomputes silu and the product in the backward pass (a few elementwise ops, no matmul),
+as Unsloth's and Liger's SwiGLU kernels do. peft's modules do the rest as before:
 their base layers (bitsandbytes 4-bit or plain) compute the frozen projections, their LoRA A/B weights are the
 parameters the optimizer holds, their dropout rates apply (masks drawn as lean_lora's, from seeds, drawn again in
 the backward pass), and nothing of the saved adapter changes.
@@ -57,54 +59,61 @@ def _lora_in(x: torch.Tensor, proj: _Projection, seed: int) -> torch.Tensor:
     return torch.where(keep_mask(x.shape, proj.dropout, seed, x.device), x, 0.0)
 
 
-def _forward(x: torch.Tensor, proj: _Projection, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projection's output and its r-wide LoRA activation A(dropout(x)) (kept for B's gradient)."""
+def _forward(x: torch.Tensor, x_lora: torch.Tensor, proj: _Projection, seed: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projection's output and its r-wide LoRA activation A(dropout(x)) (kept for B's gradient). x_lora is x
+    in the adapter's dtype (TRL keeps QLoRA adapters in bf16), as peft casts it; the sum is in x's dtype."""
     with torch.no_grad():
         base = proj.base(x)
-    a = nn.functional.linear(_lora_in(x, proj, seed), proj.lora_a.weight) / (1.0 - proj.dropout)
-    return base + nn.functional.linear(a, proj.lora_b.weight) * proj.scale, a
+    a = nn.functional.linear(_lora_in(x_lora, proj, seed), proj.lora_a.weight) * (1.0 / (1.0 - proj.dropout))
+    return base + (nn.functional.linear(a, proj.lora_b.weight) * proj.scale).to(base.dtype), a
 
 
-def _backward(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, proj: _Projection, seed: int
+def _backward(grad: torch.Tensor, x_lora: torch.Tensor, a: torch.Tensor, proj: _Projection, seed: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/dx, dL/dA, dL/dB) of one projection from dL/dy."""
-    flat_grad, flat_a = grad.reshape(-1, grad.shape[-1]), a.reshape(-1, a.shape[-1])
-    grad_b = (flat_grad.T @ flat_a) * proj.scale
-    grad_a_out = (grad @ proj.lora_b.weight) * (proj.scale / (1.0 - proj.dropout))  # dL/d(A x_dropped)
-    dropped = _lora_in(x, proj, seed)
+    """(dL/dx, dL/dA, dL/dB) of one projection from dL/dy; the LoRA part in the adapter's dtype, as autograd would."""
+    lora_grad = grad.to(a.dtype) * proj.scale
+    flat_grad, flat_a = lora_grad.reshape(-1, lora_grad.shape[-1]), a.reshape(-1, a.shape[-1])
+    grad_b = flat_grad.T @ flat_a
+    grad_a_out = (lora_grad @ proj.lora_b.weight) * (1.0 / (1.0 - proj.dropout))  # dL/d(A x_dropped)
+    dropped = _lora_in(x_lora, proj, seed)
     grad_a = grad_a_out.reshape(-1, grad_a_out.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1])
     lora_grad_x = grad_a_out @ proj.lora_a.weight
     if proj.dropout:
-        lora_grad_x = torch.where(keep_mask(x.shape, proj.dropout, seed, x.device), lora_grad_x, 0.0)
-    return proj.base_grad(grad) + lora_grad_x, grad_a, grad_b
+        lora_grad_x = torch.where(keep_mask(x_lora.shape, proj.dropout, seed, x_lora.device), lora_grad_x, 0.0)
+    return proj.base_grad(grad) + lora_grad_x.to(grad.dtype), grad_a, grad_b
 
 
 class _LoraSwiGLU(torch.autograd.Function):
-    """down(silu(gate(x)) * up(x)) keeping x, gate(x), up(x) and the r-wide LoRA activations."""
+    """down(silu(gate(x)) * up(x)) keeping x (in the adapter's dtype), gate(x), up(x) and the r-wide LoRA
+    activations."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, projections: tuple[_Projection, ...], *weights: torch.Tensor) -> torch.Tensor:
         gate_proj, up_proj, down_proj = projections
         seeds = tuple(new_seed() for _ in projections)  # in peft's order of draws: gate, up, down
-        gate, a_gate = _forward(x, gate_proj, seeds[0])
-        up, a_up = _forward(x, up_proj, seeds[1])
+        lora_dtype = gate_proj.lora_a.weight.dtype
+        x_lora = x.to(lora_dtype)  # one copy for gate and up (peft casts once per projection)
+        gate, a_gate = _forward(x, x_lora, gate_proj, seeds[0])
+        up, a_up = _forward(x, x_lora, up_proj, seeds[1])
         hidden = nn.functional.silu(gate) * up
-        out, a_down = _forward(hidden, down_proj, seeds[2])
+        out, a_down = _forward(hidden, hidden.to(lora_dtype), down_proj, seeds[2])
         ctx.projections, ctx.seeds = projections, seeds
-        ctx.save_for_backward(x, gate, up, a_gate, a_up, a_down)
+        ctx.save_for_backward(x_lora, gate, up, a_gate, a_up, a_down)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        x, gate, up, a_gate, a_up, a_down = ctx.saved_tensors
+        x_lora, gate, up, a_gate, a_up, a_down = ctx.saved_tensors
         gate_proj, up_proj, down_proj = ctx.projections
         sig = torch.sigmoid(gate)
         silu = gate * sig
-        grad_hidden, grad_a_down, grad_b_down = _backward(grad_out, silu * up, a_down, down_proj, ctx.seeds[2])
+        hidden_lora = (silu * up).to(x_lora.dtype)
+        grad_hidden, grad_a_down, grad_b_down = _backward(grad_out, hidden_lora, a_down, down_proj, ctx.seeds[2])
         grad_up = grad_hidden * silu
         grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = sig * (1 + g * (1 - sig))
-        grad_x_gate, grad_a_gate, grad_b_gate = _backward(grad_gate, x, a_gate, gate_proj, ctx.seeds[0])
-        grad_x_up, grad_a_up, grad_b_up = _backward(grad_up, x, a_up, up_proj, ctx.seeds[1])
+        grad_x_gate, grad_a_gate, grad_b_gate = _backward(grad_gate, x_lora, a_gate, gate_proj, ctx.seeds[0])
+        grad_x_up, grad_a_up, grad_b_up = _backward(grad_up, x_lora, a_up, up_proj, ctx.seeds[1])
         return (grad_x_gate + grad_x_up, None, grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down,
                 grad_b_down)
 
@@ -146,7 +155,7 @@ def _fused_forward(mlp: nn.Module, projections: tuple[_Projection, ...], eager: 
     def forward(x: torch.Tensor) -> torch.Tensor:
         weights = [w for p in projections for w in (p.lora_a.weight, p.lora_b.weight)]
         if not (mlp.training and torch.is_grad_enabled()) or torch.is_autocast_enabled(x.device.type) \
-                or any(w.dtype != x.dtype for w in weights):
+                or len({w.dtype for w in weights}) > 1:
             return eager(x)
         return _LoraSwiGLU.apply(x, projections, *weights)
 
