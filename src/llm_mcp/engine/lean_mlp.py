@@ -11,7 +11,8 @@ parameters the optimizer holds, their dropout rates apply (masks drawn as lean_l
 the backward pass), and nothing of the saved adapter changes.
 
 Applied while training without autocast, to MLPs whose three projections are plain LoRA (one active adapter, no
-DoRA, no bias on the adapter) over nn.Linear or bitsandbytes Linear4bit; everything else keeps peft's forward.
+DoRA, no bias on the adapter) over nn.Linear (plain weights) or bitsandbytes Linear4bit; everything else (torchao
+int4/fp8, int8, autocast) keeps peft's forward.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def _projection(layer: nn.Module) -> _Projection | None:
     a, b = lora_a[name], lora_b[name]
     if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear) or a.bias is not None or b.bias is not None:
         return None
-    if type(base) is not nn.Linear and type(base).__name__ != "Linear4bit":
+    plain = type(base) is nn.Linear and type(base.weight.data) is torch.Tensor  # not torchao's int4/fp8 tensors
+    if not plain and type(base).__name__ != "Linear4bit":
         return None
     dropout = layer.lora_dropout[name]
     p = getattr(a, "dropout_p", None)  # lean_lora_dropout moved it here
