@@ -1,6 +1,6 @@
 """Where the time of one training step goes: torch.profiler over forward + backward + optimizer step, for the
 baseline recipe (bf16 autocast, gradient checkpointing, random batches) and our engine's CPU defaults (float32,
-no checkpointing, length-grouped batches, lean LoRA dropout), on the same NF4 + LoRA r=64 model and the bench's long-tailed data.
+no checkpointing, length-grouped batches, lean LoRA dropout and MLP; adapters in bf16 as TRL keeps them), on the same NF4 + LoRA r=64 model and the bench's long-tailed data.
 
     .venv/bin/python benchmarks/profile_step.py [--model llama-3.5M] [--max-length 512] [--record]
 """
@@ -48,6 +48,7 @@ def profile(variant: str, model_dir: Path, rows: list[dict], max_length: int) ->
 
     from llm_mcp.config import LoadConfig
     from llm_mcp.engine.lean_lora import lean_lora_dropout
+    from llm_mcp.engine.lean_mlp import lean_mlp
     from llm_mcp.engine.model import load_model
 
     bundle = load_model(LoadConfig(model_name=str(model_dir), max_length=max_length, lora_rank=64,
@@ -65,6 +66,8 @@ def profile(variant: str, model_dir: Path, rows: list[dict], max_length: int) ->
         picked = ordered[start:start + 8]
     inputs = batch(bundle.tokenizer, picked, max_length)
     params = [p for p in model.parameters() if p.requires_grad]
+    for param in params:  # as TRL's SFTTrainer keeps the adapters of a quantized model
+        param.data = param.data.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=not baseline)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if baseline else contextlib.nullcontext()
 
@@ -75,7 +78,10 @@ def profile(variant: str, model_dir: Path, rows: list[dict], max_length: int) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with contextlib.nullcontext() if baseline else lean_lora_dropout(model):
+    with contextlib.ExitStack() as engine:
+        if not baseline:
+            engine.enter_context(lean_mlp(model))
+            engine.enter_context(lean_lora_dropout(model))
         step()  # warm-up
         started = time.perf_counter()
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
