@@ -1,6 +1,7 @@
 """Where the time of one training step goes: torch.profiler over forward + backward + optimizer step, for the
 baseline recipe (bf16 autocast, gradient checkpointing, random batches) and our engine's CPU defaults (float32,
-no checkpointing, length-grouped batches, lean LoRA dropout and MLP; adapters in bf16 as TRL keeps them), on the same NF4 + LoRA r=64 model and the bench's long-tailed data.
+no checkpointing, length-grouped batches, lean LoRA dropout and MLP), adapters in bf16 as TRL keeps them, on the
+same NF4 + LoRA r=64 model and the bench's long-tailed data.
 
     .venv/bin/python benchmarks/profile_step.py [--model llama-3.5M] [--max-length 512] [--record]
 """

@@ -10,8 +10,8 @@ The masks are Bernoulli(1 - p) as nn.Dropout's. On CPU they are drawn as 64-bit 
 from torch's generator (so ``torch.manual_seed``, TRL's seed and the RNG state a checkpoint restores decide them),
 and compared with p 16 bits at a time: p is then exact to 1/65536 (32 bits where that would move p by over 0.1%).
 That takes a sixth of ``torch.rand_like(x) >= p`` (measured: 1.3 vs 7.4 ms for 3,472 x 256 elements, 2 cores),
-and those draws were a fifth of a training step. On a GPU, torch's own generator draws them on the device. The modules, their parameters (which the optimizer
-holds) and the saved adapters are unchanged.
+and those draws were a fifth of a training step. On a GPU, torch's own generator draws them on the device. The
+modules, their parameters (which the optimizer holds) and the saved adapters are unchanged.
 
 Used only for training without autocast (the float32 CPU path; with bf16/fp16 autocast the function's casts would
 need autocast's custom_fwd machinery) and undone when training ends.

@@ -53,11 +53,14 @@ class _Projection:
         return (grad.to(dtype) @ weight).to(grad.dtype)
 
 
-def _lora_in(x: torch.Tensor, proj: _Projection, seed: int) -> torch.Tensor:
-    """dropout(x) as the A matrix reads it (masked, unscaled; the 1/(1-p) goes on the r-wide side)."""
-    if proj.dropout == 0:
-        return x
-    return torch.where(keep_mask(x.shape, proj.dropout, seed, x.device), x, 0.0)
+def _keep(x: torch.Tensor, proj: _Projection, seed: int) -> torch.Tensor | None:
+    """The projection's dropout mask for x (None without dropout)."""
+    return None if proj.dropout == 0 else keep_mask(x.shape, proj.dropout, seed, x.device)
+
+
+def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """t with dropped elements zeroed (unscaled; the 1/(1-p) goes on the r-wide side)."""
+    return t if keep is None else torch.where(keep, t, 0.0)
 
 
 def _forward(x: torch.Tensor, x_lora: torch.Tensor, proj: _Projection, seed: int
@@ -66,7 +69,8 @@ def _forward(x: torch.Tensor, x_lora: torch.Tensor, proj: _Projection, seed: int
     in the adapter's dtype (TRL keeps QLoRA adapters in bf16), as peft casts it; the sum is in x's dtype."""
     with torch.no_grad():
         base = proj.base(x)
-    a = nn.functional.linear(_lora_in(x_lora, proj, seed), proj.lora_a.weight) * (1.0 / (1.0 - proj.dropout))
+    dropped = _masked(x_lora, _keep(x_lora, proj, seed))
+    a = nn.functional.linear(dropped, proj.lora_a.weight) * (1.0 / (1.0 - proj.dropout))
     return base + (nn.functional.linear(a, proj.lora_b.weight) * proj.scale).to(base.dtype), a
 
 
@@ -77,11 +81,10 @@ def _backward(grad: torch.Tensor, x_lora: torch.Tensor, a: torch.Tensor, proj: _
     flat_grad, flat_a = lora_grad.reshape(-1, lora_grad.shape[-1]), a.reshape(-1, a.shape[-1])
     grad_b = flat_grad.T @ flat_a
     grad_a_out = (lora_grad @ proj.lora_b.weight) * (1.0 / (1.0 - proj.dropout))  # dL/d(A x_dropped)
-    dropped = _lora_in(x_lora, proj, seed)
+    keep = _keep(x_lora, proj, seed)  # the forward's mask, drawn again once for both uses
+    dropped = _masked(x_lora, keep)
     grad_a = grad_a_out.reshape(-1, grad_a_out.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1])
-    lora_grad_x = grad_a_out @ proj.lora_a.weight
-    if proj.dropout:
-        lora_grad_x = torch.where(keep_mask(x_lora.shape, proj.dropout, seed, x_lora.device), lora_grad_x, 0.0)
+    lora_grad_x = _masked(grad_a_out @ proj.lora_a.weight, keep)
     return proj.base_grad(grad) + lora_grad_x.to(grad.dtype), grad_a, grad_b
 
 
@@ -154,8 +157,9 @@ def _fusable(mlp: nn.Module) -> tuple[_Projection, ...] | None:
 
 
 def _fused_forward(mlp: nn.Module, projections: tuple[_Projection, ...], eager: Any):
+    weights = [w for p in projections for w in (p.lora_a.weight, p.lora_b.weight)]  # the optimizer's objects
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        weights = [w for p in projections for w in (p.lora_a.weight, p.lora_b.weight)]
         if not (mlp.training and torch.is_grad_enabled()) or torch.is_autocast_enabled(x.device.type) \
                 or len({w.dtype for w in weights}) > 1:
             return eager(x)
