@@ -129,9 +129,10 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
                      "lean_lora_dropout=false for peft's own dropout.")
     choices["lean_mlp"] = config.lean_mlp and not (choices["bf16"] or choices["fp16"])
     if choices["lean_mlp"]:
-        notes.append("LoRA SwiGLU MLPs run as one autograd function that keeps the gate and up outputs only and "
-                     "recomputes silu(gate) * up in the backward pass (two of the four intermediate-size tensors "
-                     "per token fewer, the same gradients); set lean_mlp=false for op-by-op autograd.")
+        notes.append("LoRA SwiGLU MLPs run as one autograd function that keeps the gate and up outputs and one "
+                     "copy of its input in the adapter's dtype, and recomputes silu(gate) * up in the backward pass "
+                     "(silu, the product and its copy, and a second input copy fewer per token; the same "
+                     "gradients); set lean_mlp=false for op-by-op autograd.")
     _kernel_choices(config, choices, notes, warnings)
     if config.release_memory and choices["use_cpu"] and release_freed_memory():
         choices["release_memory"] = True
