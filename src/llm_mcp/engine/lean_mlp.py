@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llm_mcp.engine.lean_lora import keep_mask, new_seed
+from llm_mcp.engine.lean_lora import apply_mask, keep_mask, new_seed
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -39,6 +39,11 @@ class _Projection:
     lora_b: nn.Linear
     scale: float
     dropout: float
+
+    @property
+    def r_scale(self) -> float:
+        """LoRA's scale and dropout's 1/(1-p) together, applied to the r-wide activation A(dropout(x))."""
+        return self.scale / (1.0 - self.dropout)
 
     def base_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """d base(x) / dx applied to grad: grad @ W. A 4-bit layer computes in its compute_dtype, so its gradient
@@ -60,27 +65,27 @@ def _keep(x: torch.Tensor, proj: _Projection, seed: int) -> torch.Tensor | None:
 
 def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """t with dropped elements zeroed (unscaled; the 1/(1-p) goes on the r-wide side)."""
-    return t if keep is None else torch.where(keep, t, 0.0)
+    return t if keep is None else apply_mask(t, keep)
 
 
 def _forward(x: torch.Tensor, x_lora: torch.Tensor, proj: _Projection, seed: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projection's output and its r-wide LoRA activation A(dropout(x)) (kept for B's gradient). x_lora is x
-    in the adapter's dtype (TRL keeps QLoRA adapters in bf16), as peft casts it; the sum is in x's dtype."""
+    """The projection's output and its r-wide LoRA activation scale * A(dropout(x)) / (1 - p) (kept for B's
+    gradient; both scales go on this r-wide side, not the output-wide one). x_lora is x in the adapter's dtype (TRL
+    keeps QLoRA adapters in bf16), as peft casts it; the sum is in x's dtype."""
     with torch.no_grad():
         base = proj.base(x)
     dropped = _masked(x_lora, _keep(x_lora, proj, seed))
-    a = nn.functional.linear(dropped, proj.lora_a.weight) * (1.0 / (1.0 - proj.dropout))
-    return base + (nn.functional.linear(a, proj.lora_b.weight) * proj.scale).to(base.dtype), a
+    a = nn.functional.linear(dropped, proj.lora_a.weight) * proj.r_scale
+    return base + nn.functional.linear(a, proj.lora_b.weight).to(base.dtype), a
 
 
 def _backward(grad: torch.Tensor, x_lora: torch.Tensor, a: torch.Tensor, proj: _Projection, seed: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dL/dx, dL/dA, dL/dB) of one projection from dL/dy; the LoRA part in the adapter's dtype, as autograd would."""
-    lora_grad = grad.to(a.dtype) * proj.scale
-    flat_grad, flat_a = lora_grad.reshape(-1, lora_grad.shape[-1]), a.reshape(-1, a.shape[-1])
-    grad_b = flat_grad.T @ flat_a
-    grad_a_out = (lora_grad @ proj.lora_b.weight) * (1.0 / (1.0 - proj.dropout))  # dL/d(A x_dropped)
+    lora_grad = grad.to(a.dtype)
+    grad_b = lora_grad.reshape(-1, lora_grad.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+    grad_a_out = (lora_grad @ proj.lora_b.weight) * proj.r_scale  # dL/d(A x_dropped)
     keep = _keep(x_lora, proj, seed)  # the forward's mask, drawn again once for both uses
     dropped = _masked(x_lora, keep)
     grad_a = grad_a_out.reshape(-1, grad_a_out.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1])
