@@ -146,6 +146,9 @@ def test_unprepared_model_trains_with_defaults_and_says_so(mcp, tiny_model, demo
     assert answer["effective_config"]["lean_lora_dropout"] is True  # float32 and lora_dropout 0.1
     assert any(c.startswith("LoRA dropout (0.1)") for c in answer["engine_choices"])
     assert answer["effective_config"]["release_memory"] is False  # opt-in: it costs speed
+    # the worker bounds oneDNN's per-shape kernel caches (set at the engine's import, before torch uses them)
+    assert answer["effective_config"]["cpu_kernel_cache_capacity"] == 64
+    assert any(c.startswith("memory: oneDNN's and ideep's caches") for c in answer["engine_choices"])
     answer = mcp.ok("qloraevolved_train", {"wait_seconds": -1, "model_id": "fresh", "train_dataset": demo_rows,
                                            "max_steps": 1, "output_dir": "run-fresh-peft-dropout",
                                            "training_config": {"lean_lora_dropout": False, "release_memory": True}})

@@ -48,7 +48,7 @@ def make_dataset(rows: int, max_length: int, seed: int = 0) -> list[dict[str, st
 
 # -- one variant, in a child process ----------------------------------------------------------------------------
 def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, epochs: float,
-                options: dict[str, Any] | None = None) -> dict[str, Any]:
+                options: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
     started = _PROCESS_START
     data = json.loads(Path(data_file).read_text())
     train_rows, eval_rows = data["train"], data["eval"]
@@ -64,13 +64,14 @@ def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, e
     if variant == "baseline":
         result, tokenizer = _run_baseline(model_dir, train_rows, eval_rows, max_length, epochs, output_dir,
                                           on_progress)
-        choices: dict[str, Any] = {"padding_free": False, "packing": False, "use_gradient_checkpointing": True}
+        choices: dict[str, Any] = {"padding_free": False, "packing": False, "use_gradient_checkpointing": True,
+                                   "cpu_kernel_cache_capacity": int(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])}
     else:
         result, tokenizer, choices = _run_engine(variant, model_dir, train_rows, eval_rows, max_length, epochs,
                                                  output_dir, on_progress, options or {})
     tokens = sum(min(len(tokenizer(r["prompt"] + r["completion"]).input_ids) + 1, max_length)
                  for r in train_rows) * epochs
-    name = variant + "".join(f" {k}={v}" for k, v in (options or {}).items())
+    name = name or variant + "".join(f" {k}={v}" for k, v in (options or {}).items())
     return {"variant": name, "tokens_per_second": tokens / result["train_runtime"],
             "train_runtime": result["train_runtime"], "time_to_first_step": first_step[0] if first_step else None,
             "peak_memory_bytes": peak_memory_bytes(), "train_loss": result["train_loss"],
@@ -148,7 +149,7 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
              "eval_loss": metrics["eval_loss"]}, bundle.tokenizer,
             {k: answer["effective_config"][k] for k in ("padding_free", "packing", "group_by_length",
                                                          "use_gradient_checkpointing", "bf16", "optim",
-                                                         "lean_lora_dropout", "lean_mlp")})
+                                                         "lean_lora_dropout", "lean_mlp", "cpu_kernel_cache_capacity")})
 
 
 # -- the orchestrating run -------------------------------------------------------------------------------------
@@ -157,13 +158,25 @@ def _unsloth_python() -> str | None:
     return python if Path(python).is_file() else None
 
 
+# Process-wide engine settings that are environment variables, not training_config fields: --ablate sets them for
+# the engine's child; the baseline child always runs with the libraries' defaults, as a hand-written script does.
+ENV_OPTIONS = {"cpu_kernel_cache_capacity": ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+LIBRARY_DEFAULTS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}
+
+
 def _child(index: int, variant: str, python: str, model_dir: Path, data_file: Path, max_length: int,
            epochs: float, options: dict[str, Any] | None = None) -> dict:
     out = data_file.with_name(f"run{index}-{variant}-{model_dir.name}-{max_length}.json")
+    options = dict(options or {})
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(LIBRARY_DEFAULTS if variant == "baseline" else {})}
+    for key, names in ENV_OPTIONS.items():
+        if key in options:
+            env.update({name: str(options[key]) for name in names})
     cmd = [python, "-m", "llm_mcp.bench", "--variant", variant, "--model-dir", str(model_dir), "--data",
            str(data_file), "--max-length", str(max_length), "--epochs", str(epochs), "--json", str(out),
-           "--options", json.dumps(options or {})]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+           "--options", json.dumps({k: v for k, v in options.items() if k not in ENV_OPTIONS}),
+           "--name", variant + "".join(f" {k}={v}" for k, v in options.items())]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"variant": variant, "error": done.stderr.strip().splitlines()[-1][:300] if done.stderr else "failed"}
     return json.loads(out.read_text())
@@ -256,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default=None, help="comma-separated max_length values (default 256,512)")
     parser.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="also run the engine with these training_config values (repeatable), e.g. "
-                             "--ablate lean_lora_dropout=false")
+                             "--ablate lean_lora_dropout=false; cpu_kernel_cache_capacity=N sets oneDNN's and "
+                             "ideep's cache capacities (environment variables) for that run")
     parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--name", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["baseline", "qloraevolved", "unsloth"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -268,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.variant == "unsloth":
             import unsloth  # noqa: F401  (before transformers, as Unsloth requires)
         result = run_variant(args.variant, args.model_dir, args.data, args.max_length, args.epochs,
-                             json.loads(args.options))
+                             json.loads(args.options), name=args.name)
         Path(args.json).write_text(json.dumps(result))
         return 0
     for name in (args.models or "").split(","):
@@ -287,8 +302,9 @@ def _parse_ablation(parser: argparse.ArgumentParser, text: str) -> dict[str, Any
     options: dict[str, Any] = {}
     for pair in text.split(","):
         key, _, value = pair.partition("=")
-        if key not in TrainingConfig.__dataclass_fields__ or not value:
-            parser.error(f"--ablate: {pair!r} is not KEY=VALUE with KEY a training_config field")
+        if key not in TrainingConfig.__dataclass_fields__ and key not in ENV_OPTIONS or not value:
+            parser.error(f"--ablate: {pair!r} is not KEY=VALUE with KEY a training_config field or one of "
+                         f"{list(ENV_OPTIONS)}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
