@@ -45,17 +45,29 @@ class _Projection:
         """LoRA's scale and dropout's 1/(1-p) together, applied to the r-wide activation A(dropout(x))."""
         return self.scale / (1.0 - self.dropout)
 
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the base layer computes in for an input of this dtype: a 4-bit layer's compute_dtype (it casts
+        its input to it), a plain layer's input's."""
+        if type(self.base.weight).__name__ == "Params4bit":
+            return getattr(self.base, "compute_dtype", None) or dtype
+        return dtype
+
+    def base_input(self, t: torch.Tensor, t_lora: torch.Tensor) -> torch.Tensor:
+        """t for the base layer: its copy in the adapter's dtype when the base computes in that dtype anyway, so
+        the base and the adapter share one cast (bitsandbytes would cast t again)."""
+        return t_lora if self.compute_dtype(t.dtype) == t_lora.dtype else t
+
     def base_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        """d base(x) / dx applied to grad: grad @ W. A 4-bit layer computes in its compute_dtype, so its gradient
-        does too, with the weight dequantized, as bitsandbytes' own backward does."""
+        """d base(x) / dx applied to grad: grad @ W, in the dtype the base computes in. A 4-bit layer's gradient is
+        computed with the weight dequantized to its compute_dtype, as bitsandbytes' own backward does."""
         weight = self.base.weight
         if type(weight).__name__ != "Params4bit":
             return grad @ weight
         import bitsandbytes.functional as bnb_functional
 
-        dtype = getattr(self.base, "compute_dtype", None) or grad.dtype
+        dtype = self.compute_dtype(grad.dtype)
         weight = bnb_functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
-        return (grad.to(dtype) @ weight).to(grad.dtype)
+        return grad.to(dtype) @ weight
 
 
 def _keep(x: torch.Tensor, proj: _Projection, seed: int) -> torch.Tensor | None:
@@ -68,16 +80,22 @@ def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return t if keep is None else apply_mask(t, keep)
 
 
+def _sum(base: torch.Tensor, lora: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """base + lora in dtype, as peft's ``result + lora.to(result.dtype)``: base is a fresh output, so it is upcast
+    once and lora added into it in place (an upcast copy and an output-wide tensor fewer)."""
+    return base.to(dtype).add_(lora)
+
+
 def _forward(x: torch.Tensor, x_lora: torch.Tensor, proj: _Projection, seed: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The projection's output and its r-wide LoRA activation scale * A(dropout(x)) / (1 - p) (kept for B's
     gradient; both scales go on this r-wide side, not the output-wide one). x_lora is x in the adapter's dtype (TRL
     keeps QLoRA adapters in bf16), as peft casts it; the sum is in x's dtype."""
     with torch.no_grad():
-        base = proj.base(x)
+        base = proj.base(proj.base_input(x, x_lora))
     dropped = _masked(x_lora, _keep(x_lora, proj, seed))
     a = nn.functional.linear(dropped, proj.lora_a.weight) * proj.r_scale
-    return base + nn.functional.linear(a, proj.lora_b.weight).to(base.dtype), a
+    return _sum(base, nn.functional.linear(a, proj.lora_b.weight), x.dtype), a
 
 
 def _backward(grad: torch.Tensor, x_lora: torch.Tensor, a: torch.Tensor, proj: _Projection, seed: int
@@ -90,7 +108,7 @@ def _backward(grad: torch.Tensor, x_lora: torch.Tensor, a: torch.Tensor, proj: _
     dropped = _masked(x_lora, keep)
     grad_a = grad_a_out.reshape(-1, grad_a_out.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1])
     lora_grad_x = _masked(grad_a_out @ proj.lora_a.weight, keep)
-    return proj.base_grad(grad) + lora_grad_x.to(grad.dtype), grad_a, grad_b
+    return _sum(proj.base_grad(proj.base_input(grad, lora_grad)), lora_grad_x, grad.dtype), grad_a, grad_b
 
 
 class _LoraSwiGLU(torch.autograd.Function):
@@ -115,12 +133,11 @@ class _LoraSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         x_lora, gate, up, a_gate, a_up, a_down = ctx.saved_tensors
         gate_proj, up_proj, down_proj = ctx.projections
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
+        silu = nn.functional.silu(gate)
         hidden_lora = (silu * up).to(x_lora.dtype)
         grad_hidden, grad_a_down, grad_b_down = _backward(grad_out, hidden_lora, a_down, down_proj, ctx.seeds[2])
         grad_up = grad_hidden * silu
-        grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = sig * (1 + g * (1 - sig))
+        grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)  # one kernel for * silu'(gate)
         grad_x_gate, grad_a_gate, grad_b_gate = _backward(grad_gate, x_lora, a_gate, gate_proj, ctx.seeds[0])
         grad_x_up, grad_a_up, grad_b_up = _backward(grad_up, x_lora, a_up, up_proj, ctx.seeds[1])
         return (grad_x_gate + grad_x_up, None, grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down,
