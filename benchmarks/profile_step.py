@@ -1,6 +1,6 @@
 """Where the time of one training step goes: torch.profiler over forward + backward + optimizer step, for the
 baseline recipe (bf16 autocast, gradient checkpointing, random batches) and our engine's CPU defaults (float32,
-no checkpointing, length-grouped batches, lean LoRA dropout and MLP), adapters in bf16 as TRL keeps them, on the
+no checkpointing, length-grouped batches, lean LoRA dropout, MLP and RMSNorm), adapters in bf16 as TRL keeps them, on the
 same NF4 + LoRA r=64 model and the bench's long-tailed data.
 
     .venv/bin/python benchmarks/profile_step.py [--model llama-3.5M] [--max-length 512] [--record]
@@ -50,6 +50,7 @@ def profile(variant: str, model_dir: Path, rows: list[dict], max_length: int) ->
     from llm_mcp.config import LoadConfig
     from llm_mcp.engine.lean_lora import lean_lora_dropout
     from llm_mcp.engine.lean_mlp import lean_mlp
+    from llm_mcp.engine.lean_norm import lean_rmsnorm
     from llm_mcp.engine.model import load_model
 
     bundle = load_model(LoadConfig(model_name=str(model_dir), max_length=max_length, lora_rank=64,
@@ -82,6 +83,7 @@ def profile(variant: str, model_dir: Path, rows: list[dict], max_length: int) ->
     with contextlib.ExitStack() as engine:
         if not baseline:
             engine.enter_context(lean_mlp(model))
+            engine.enter_context(lean_rmsnorm(model))
             engine.enter_context(lean_lora_dropout(model))
         step()  # warm-up
         started = time.perf_counter()

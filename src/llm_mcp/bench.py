@@ -149,7 +149,8 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
              "eval_loss": metrics["eval_loss"]}, bundle.tokenizer,
             {k: answer["effective_config"][k] for k in ("padding_free", "packing", "group_by_length",
                                                          "use_gradient_checkpointing", "bf16", "optim",
-                                                         "lean_lora_dropout", "lean_mlp", "cpu_kernel_cache_capacity")})
+                                                         "lean_lora_dropout", "lean_mlp", "lean_rmsnorm",
+                                                         "cpu_kernel_cache_capacity")})
 
 
 # -- the orchestrating run -------------------------------------------------------------------------------------

@@ -136,6 +136,7 @@ class TrainingConfig:
     auto_precision: bool = True  # on CPU, compute in float32 (faster than bf16 autocast there)
     lean_lora_dropout: bool = True  # LoRA dropout keeps a seed, not float copies of each input (no autocast)
     lean_mlp: bool = True  # LoRA SwiGLU MLPs keep gate/up outputs only, recomputing silu * up in backward (no autocast)
+    lean_rmsnorm: bool = True  # RMSNorm with its backward in closed form, keeping x and 1/rms (float32, no autocast)
     liger_kernel: bool | None = None  # Liger's fused RMSNorm/SwiGLU/RoPE; None: on CUDA where liger-kernel is installed
     torch_compile: bool = False  # opt-in: compile each decoder layer; the first step pays the compile time
     release_memory: bool = False  # CPU: freed heap pages back to the OS each step (-11% peak RSS, -15% speed)
@@ -157,7 +158,7 @@ class TrainingConfig:
 _QLORA_PREPARE_KEYS = [f for f in TrainingConfig.__dataclass_fields__
                        if f not in ("warmup_steps", "bf16", "fp16", "padding_free", "packing", "group_by_length",
                                     "auto_gradient_checkpointing", "auto_precision", "lean_lora_dropout", "lean_mlp",
-                                    "liger_kernel", "torch_compile", "release_memory")]
+                                    "lean_rmsnorm", "liger_kernel", "torch_compile", "release_memory")]
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -27,6 +27,7 @@ from llm_mcp.engine import CPU_KERNEL_CACHE_CAPACITY
 from llm_mcp.engine.device import detect, peak_memory_bytes, release_freed_memory, reset_peak_memory
 from llm_mcp.engine.lean_lora import lean_lora_dropout
 from llm_mcp.engine.lean_mlp import lean_mlp
+from llm_mcp.engine.lean_norm import lean_rmsnorm
 from llm_mcp.engine.regional_compile import compiled_layers
 from llm_mcp.engine.model import ModelBundle
 from llm_mcp.errors import InvalidArgument, OutOfMemory
@@ -92,6 +93,7 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
     choices["use_gradient_checkpointing"] = config.use_gradient_checkpointing
     choices["lean_lora_dropout"] = False
     choices["lean_mlp"] = False
+    choices["lean_rmsnorm"] = False
     choices["use_liger_kernel"] = False
     choices["torch_compile"] = False
     choices["release_memory"] = False
@@ -135,6 +137,11 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
                      "copy of its input in the adapter's dtype, and recomputes silu(gate) * up in the backward pass "
                      "(silu, the product and its copy, and a second input copy fewer per token; the same "
                      "gradients); set lean_mlp=false for op-by-op autograd.")
+    choices["lean_rmsnorm"] = config.lean_rmsnorm and not (choices["bf16"] or choices["fp16"])
+    if choices["lean_rmsnorm"]:
+        notes.append("RMSNorm runs as one autograd function with its backward in closed form, keeping x and 1/rms "
+                     "(half the norm's time on CPU, the same outputs; float32 only); set lean_rmsnorm=false for "
+                     "op-by-op autograd.")
     _kernel_choices(config, choices, notes, warnings)
     if config.release_memory and choices["use_cpu"] and release_freed_memory():
         choices["release_memory"] = True
@@ -388,6 +395,8 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
     with ExitStack() as engine_patches:  # undone when training ends: generation and export run on peft's model
         if choices["lean_mlp"]:
             engine_patches.enter_context(lean_mlp(bundle.model))
+        if choices["lean_rmsnorm"]:
+            engine_patches.enter_context(lean_rmsnorm(bundle.model))
         if choices["lean_lora_dropout"]:
             engine_patches.enter_context(lean_lora_dropout(bundle.model))
         if choices["torch_compile"]:
