@@ -120,3 +120,35 @@ def demo_rows() -> list[dict[str, str]]:
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def lora_step():
+    """One forward/backward of a LoRA model on a fixed batch under context-manager patches (the engine's lean_*
+    functions), its dropout seeded: (loss, LoRA gradients, bytes autograd kept)."""
+    return _lora_step
+
+
+def _lora_step(model, patches) -> tuple[float, dict[str, Any], int]:
+    """One forward/backward on a fixed batch under the patches; the loss, LoRA gradients and bytes autograd kept."""
+    import contextlib
+
+    import torch
+
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    ids = torch.arange(4 * 48).reshape(4, 48) % 400 + 5
+    torch.manual_seed(7)
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch(model))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, \
+        sum(kept.values())

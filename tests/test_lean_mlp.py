@@ -32,32 +32,11 @@ def lora_model(request, tiny_model):
     return request.param, bundle.model
 
 
-def _step(model, patches) -> tuple[float, dict[str, torch.Tensor], int]:
-    """One forward/backward on a fixed batch under the patches; the loss, LoRA gradients and bytes autograd kept."""
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    model.zero_grad(set_to_none=True)
-    ids = torch.arange(4 * 48).reshape(4, 48) % 400 + 5
-    torch.manual_seed(7)
-    with contextlib.ExitStack() as stack:
-        for patch in patches:
-            stack.enter_context(patch(model))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, \
-        sum(kept.values())
-
-
-def test_same_loss_and_gradients_with_less_memory(lora_model):
+def test_same_loss_and_gradients_with_less_memory(lora_model, lora_step):
     quant, model = lora_model
-    loss, grads, plain_bytes = _step(model, [lean_lora_dropout])
+    loss, grads, plain_bytes = lora_step(model, [lean_lora_dropout])
     for order in ([lean_mlp, lean_lora_dropout], [lean_lora_dropout, lean_mlp]):
-        fused_loss, fused_grads, fused_bytes = _step(model, order)
+        fused_loss, fused_grads, fused_bytes = lora_step(model, order)
         assert fused_loss == pytest.approx(loss, rel=1e-6 if quant == "none" else 1e-4)
         assert fused_grads.keys() == grads.keys()
         for name, grad in grads.items():
