@@ -71,7 +71,7 @@ def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, e
                                                  output_dir, on_progress, options or {})
     tokens = sum(min(len(tokenizer(r["prompt"] + r["completion"]).input_ids) + 1, max_length)
                  for r in train_rows) * epochs
-    name = name or variant + "".join(f" {k}={v}" for k, v in (options or {}).items())
+    name = name or _variant_name(variant, options or {})
     return {"variant": name, "tokens_per_second": tokens / result["train_runtime"],
             "train_runtime": result["train_runtime"], "time_to_first_step": first_step[0] if first_step else None,
             "peak_memory_bytes": peak_memory_bytes(), "train_loss": result["train_loss"],
@@ -165,6 +165,10 @@ ENV_OPTIONS = {"cpu_kernel_cache_capacity": ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", 
 LIBRARY_DEFAULTS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}
 
 
+def _variant_name(variant: str, options: dict[str, Any]) -> str:
+    return variant + "".join(f" {k}={v}" for k, v in options.items())
+
+
 def _child(index: int, variant: str, python: str, model_dir: Path, data_file: Path, max_length: int,
            epochs: float, options: dict[str, Any] | None = None) -> dict:
     out = data_file.with_name(f"run{index}-{variant}-{model_dir.name}-{max_length}.json")
@@ -176,7 +180,7 @@ def _child(index: int, variant: str, python: str, model_dir: Path, data_file: Pa
     cmd = [python, "-m", "llm_mcp.bench", "--variant", variant, "--model-dir", str(model_dir), "--data",
            str(data_file), "--max-length", str(max_length), "--epochs", str(epochs), "--json", str(out),
            "--options", json.dumps({k: v for k, v in options.items() if k not in ENV_OPTIONS}),
-           "--name", variant + "".join(f" {k}={v}" for k, v in options.items())]
+           "--name", _variant_name(variant, options)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"variant": variant, "error": done.stderr.strip().splitlines()[-1][:300] if done.stderr else "failed"}

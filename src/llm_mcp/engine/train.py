@@ -83,6 +83,19 @@ def _hardware_choices(bundle: ModelBundle, config: TrainingConfig) -> tuple[dict
     return choices, warnings
 
 
+# Modules run as one autograd function while training without autocast: training_config flag -> (the context
+# manager applying it, its engine-choice note).
+_LEAN_FUNCTIONS = {
+    "lean_mlp": (lean_mlp, "LoRA SwiGLU MLPs run as one autograd function that keeps the gate and up outputs and "
+                           "one copy of its input in the adapter's dtype, and recomputes silu(gate) * up in the "
+                           "backward pass (silu, the product and its copy, and a second input copy fewer per "
+                           "token; the same gradients); set lean_mlp=false for op-by-op autograd."),
+    "lean_rmsnorm": (lean_rmsnorm, "RMSNorm runs as one autograd function with its backward in closed form, "
+                                   "keeping x and 1/rms (half the norm's time on CPU, the same outputs; float32 "
+                                   "only); set lean_rmsnorm=false for op-by-op autograd."),
+}
+
+
 def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[str, Any],
                     warnings: list[str]) -> list[str]:
     """Speed/memory choices of the transformers engine (Unsloth makes its own); each reported, each can be off."""
@@ -92,8 +105,7 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
     choices["group_by_length"] = bool(config.group_by_length)
     choices["use_gradient_checkpointing"] = config.use_gradient_checkpointing
     choices["lean_lora_dropout"] = False
-    choices["lean_mlp"] = False
-    choices["lean_rmsnorm"] = False
+    choices.update(dict.fromkeys(_LEAN_FUNCTIONS, False))
     choices["use_liger_kernel"] = False
     choices["torch_compile"] = False
     choices["release_memory"] = False
@@ -131,17 +143,10 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
                      "seeded from torch's generator) and drawn again in the backward pass from their seed, so "
                      "nothing per element is kept instead of float copies of each adapted projection's input; set "
                      "lean_lora_dropout=false for peft's own dropout.")
-    choices["lean_mlp"] = config.lean_mlp and not (choices["bf16"] or choices["fp16"])
-    if choices["lean_mlp"]:
-        notes.append("LoRA SwiGLU MLPs run as one autograd function that keeps the gate and up outputs and one "
-                     "copy of its input in the adapter's dtype, and recomputes silu(gate) * up in the backward pass "
-                     "(silu, the product and its copy, and a second input copy fewer per token; the same "
-                     "gradients); set lean_mlp=false for op-by-op autograd.")
-    choices["lean_rmsnorm"] = config.lean_rmsnorm and not (choices["bf16"] or choices["fp16"])
-    if choices["lean_rmsnorm"]:
-        notes.append("RMSNorm runs as one autograd function with its backward in closed form, keeping x and 1/rms "
-                     "(half the norm's time on CPU, the same outputs; float32 only); set lean_rmsnorm=false for "
-                     "op-by-op autograd.")
+    for key, (_, note) in _LEAN_FUNCTIONS.items():
+        choices[key] = getattr(config, key) and not (choices["bf16"] or choices["fp16"])
+        if choices[key]:
+            notes.append(note)
     _kernel_choices(config, choices, notes, warnings)
     if config.release_memory and choices["use_cpu"] and release_freed_memory():
         choices["release_memory"] = True
@@ -393,10 +398,9 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
         _make_padding_free(trainer)
     warnings += _engine_changes(trainer, choices)
     with ExitStack() as engine_patches:  # undone when training ends: generation and export run on peft's model
-        if choices["lean_mlp"]:
-            engine_patches.enter_context(lean_mlp(bundle.model))
-        if choices["lean_rmsnorm"]:
-            engine_patches.enter_context(lean_rmsnorm(bundle.model))
+        for key, (patch, _) in _LEAN_FUNCTIONS.items():
+            if choices[key]:
+                engine_patches.enter_context(patch(bundle.model))
         if choices["lean_lora_dropout"]:
             engine_patches.enter_context(lean_lora_dropout(bundle.model))
         if choices["torch_compile"]:
