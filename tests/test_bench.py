@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llm_mcp.bench import summarize
+
 
 def test_bench_quick_runs_every_variant(tmp_path):
     """The quick benchmark runs the baseline and qloraevolved (and unsloth where its environment exists) on the
@@ -30,3 +32,20 @@ def test_bench_quick_runs_every_variant(tmp_path):
     # the engine bounds oneDNN's kernel caches; the baseline, a hand-written script, keeps the libraries' defaults
     assert runs["qloraevolved"]["choices"]["cpu_kernel_cache_capacity"] == 64
     assert runs["baseline"]["choices"]["cpu_kernel_cache_capacity"] == 1024
+
+
+def test_repeated_rounds_report_medians_and_each_rounds_ratio():
+    """--repeats N: a variant's figures are medians over its runs and its ratios come from each round's own
+    baseline (the machine drifts between rounds), with their spread; a failed run is left out, not counted as 0."""
+    def run(variant, tokens, peak=100.0, loss=2.0):
+        return {"variant": variant, "tokens_per_second": tokens, "peak_memory_bytes": peak, "eval_loss": loss,
+                "train_runtime": 1.0, "train_loss": loss, "time_to_first_step": 1.0, "choices": {}}
+
+    rounds = [[run("baseline", 100), run("engine", 300)],
+              [run("baseline", 50), run("engine", 200, peak=90.0)],  # a slow minute: both slower
+              [run("baseline", 90), {"variant": "engine", "error": "killed"}]]
+    base, engine = summarize(rounds)
+    assert engine["repeats"] == 2 and engine["tokens_per_second"] == 250
+    assert engine["x_baseline"]["tokens_per_second"] == {"median": 3.5, "min": 3.0, "max": 4.0}
+    assert engine["x_baseline"]["peak_memory_bytes"]["min"] == 0.9
+    assert base["repeats"] == 3 and base["x_baseline"]["tokens_per_second"]["median"] == 1.0

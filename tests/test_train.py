@@ -146,14 +146,18 @@ def test_unprepared_model_trains_with_defaults_and_says_so(mcp, tiny_model, demo
     assert answer["effective_config"]["lean_lora_dropout"] is True  # float32 and lora_dropout 0.1
     assert any(c.startswith("LoRA dropout (0.1)") for c in answer["engine_choices"])
     assert answer["effective_config"]["release_memory"] is False  # opt-in: it costs speed
+    assert answer["effective_config"]["reuse_freed_memory"] is False  # opt-in: it costs peak memory
     # the worker bounds oneDNN's per-shape kernel caches (set at the engine's import, before torch uses them)
     assert answer["effective_config"]["cpu_kernel_cache_capacity"] == 64
     assert any(c.startswith("memory: oneDNN's and ideep's caches") for c in answer["engine_choices"])
     answer = mcp.ok("qloraevolved_train", {"wait_seconds": -1, "model_id": "fresh", "train_dataset": demo_rows,
                                            "max_steps": 1, "output_dir": "run-fresh-peft-dropout",
-                                           "training_config": {"lean_lora_dropout": False, "release_memory": True}})
+                                           "training_config": {"lean_lora_dropout": False, "release_memory": True,
+                                                               "reuse_freed_memory": True}})
     assert answer["effective_config"]["lean_lora_dropout"] is False  # peft's own dropout, when asked
     assert answer["effective_config"]["release_memory"] is True  # CPU, glibc: freed pages back after each step
+    assert answer["effective_config"]["reuse_freed_memory"] is False  # asked, but release_memory asks the opposite
+    assert any(w.startswith("reuse_freed_memory=true was not applied: release_memory=true") for w in answer["warnings"])
     assert any(c.startswith("memory: ") for c in answer["engine_choices"])
     assert (Path(workspace) / "run-fresh" / "final" / "adapter_model.safetensors").is_file()
     mcp.ok("qloraevolved_unload_model", {"model_id": "fresh"})

@@ -150,7 +150,7 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
             {k: answer["effective_config"][k] for k in ("padding_free", "packing", "group_by_length",
                                                          "use_gradient_checkpointing", "bf16", "optim",
                                                          "lean_lora_dropout", "lean_mlp", "lean_rmsnorm",
-                                                         "cpu_kernel_cache_capacity")})
+                                                         "reuse_freed_memory", "cpu_kernel_cache_capacity")})
 
 
 # -- the orchestrating run -------------------------------------------------------------------------------------
@@ -201,8 +201,38 @@ def _models(work: Path, names: list[str]) -> list[Path]:
     return models
 
 
+MEASURES = ("tokens_per_second", "peak_memory_bytes", "eval_loss")  # reported as ratios to the baseline
+
+
+def summarize(rounds: list[list[dict]]) -> list[dict]:
+    """One row per variant over repeated rounds: the median of each number, and the median, min and max over the
+    rounds of its ratio to the same round's baseline (this shared machine drifts by more than 10% between
+    minutes, and a round's variants run back to back)."""
+    from statistics import median
+
+    out = []
+    for i, first in enumerate(rounds[0]):
+        runs = [rnd[i] for rnd in rounds if "error" not in rnd[i]]
+        if not runs:
+            out.append(first)
+            continue
+        row = {**runs[0], **{k: median(r[k] for r in runs) for k in (*MEASURES, "train_runtime", "train_loss")},
+               "time_to_first_step": median(r["time_to_first_step"] or 0.0 for r in runs), "repeats": len(runs)}
+        ratios = {k: [] for k in MEASURES}
+        for rnd in rounds:
+            base = next((r for r in rnd if r["variant"] == "baseline" and "error" not in r), None)
+            if base and "error" not in rnd[i]:
+                for k in MEASURES:
+                    ratios[k].append(rnd[i][k] / base[k])
+        if all(ratios.values()):
+            row["x_baseline"] = {k: {"median": median(v), "min": min(v), "max": max(v)} for k, v in ratios.items()}
+        out.append(row)
+    return out
+
+
 def run_bench(quick: bool, record_table: bool, json_path: str | None, models: list[str] | None = None,
-              lengths: list[int] | None = None, ablations: list[dict[str, Any]] | None = None) -> int:
+              lengths: list[int] | None = None, ablations: list[dict[str, Any]] | None = None,
+              repeats: int = 1) -> int:
     work = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
     models = models or (["tiny-0.3M"] if quick else ["tiny-0.3M", "llama-3.5M", "llama-25M"])
     lengths = lengths or ([128] if quick else [256, 512])
@@ -217,9 +247,10 @@ def run_bench(quick: bool, record_table: bool, json_path: str | None, models: li
             data = make_dataset(rows + rows // 8, max_length)
             data_file = work / f"data-{max_length}.json"
             data_file.write_text(json.dumps({"train": data[:rows], "eval": data[rows:]}))
-            runs = [_child(i, v, py, model_dir, data_file, max_length, epochs, opts)
-                    for i, (v, py, opts) in enumerate(variants)]
-            results.append({"model": model_dir.name, "max_length": max_length, "rows": rows, "runs": runs})
+            rounds = [[_child(i, v, py, model_dir, data_file, max_length, epochs, opts)
+                       for i, (v, py, opts) in enumerate(variants)] for _ in range(repeats)]
+            results.append({"model": model_dir.name, "max_length": max_length, "rows": rows,
+                            "runs": summarize(rounds), "rounds": rounds})
             print(_table([results[-1]]), flush=True)
     text = _table(results)
     if json_path:
@@ -231,10 +262,13 @@ def run_bench(quick: bool, record_table: bool, json_path: str | None, models: li
         if lengths != [256, 512] and not quick:
             command += f" --lengths {','.join(map(str, lengths))}"
         command += "".join(f" --ablate {','.join(f'{k}={v}' for k, v in o.items())}" for o in ablations or [])
+        command += f" --repeats {repeats}" if repeats > 1 else ""
+        spread = (f" Each variant ran {repeats} times, the variants in turn; each figure is the median of its runs, "
+                  f"each ratio the median (min-max) of the rounds' ratios." if repeats > 1 else "")
         record("llm-mcp bench", f"Command: `{command}`; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
                                 f"no GPU; NF4 + LoRA r=64, batch 8, {epochs:g} epoch, long-tailed prompt/completion "
                                 f"rows. Ratios are against the baseline (TRL defaults + gradient checkpointing); "
-                                f"tokens are real (non-padding) tokens.\n\n{text}")
+                                f"tokens are real (non-padding) tokens.{spread}\n\n{text}")
     return 0
 
 
@@ -250,13 +284,17 @@ def _table(results: list[dict]) -> str:
             "train loss | eval loss | eval x baseline | engine choices |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for res in results:
-        base = next((r for r in res["runs"] if r["variant"] == "baseline" and "error" not in r), None)
         for r in res["runs"]:
             if "error" in r:
                 rows.append(f"| {res['model']} | {res['max_length']} | {r['variant']} | failed: {r['error']} |"
                             + " |" * 8)
                 continue
-            ratio = (lambda k: f"{r[k] / base[k]:.2f}" if base else "-")
+
+            def ratio(k: str, r: dict = r) -> str:
+                x = r.get("x_baseline", {}).get(k)
+                if x is None:
+                    return "-"
+                return f"{x['median']:.2f}" + (f" ({x['min']:.2f}-{x['max']:.2f})" if r["repeats"] > 1 else "")
             choices = ", ".join(f"{k}={v}" for k, v in r["choices"].items())
             rows.append(f"| {res['model']} | {res['max_length']} | {r['variant']} | {r['tokens_per_second']:.0f} | "
                         f"{ratio('tokens_per_second')} | {r['peak_memory_bytes'] / 2**20:.0f} | "
@@ -276,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the engine with these training_config values (repeatable), e.g. "
                              "--ablate lean_lora_dropout=false; cpu_kernel_cache_capacity=N sets oneDNN's and "
                              "ideep's cache capacities (environment variables) for that run")
+    parser.add_argument("--repeats", type=int, default=1, metavar="N",
+                        help="run every variant N times, in turn, and report medians with the ratios' spread")
     parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--name", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["baseline", "qloraevolved", "unsloth"], help=argparse.SUPPRESS)
@@ -291,13 +331,15 @@ def main(argv: list[str] | None = None) -> int:
                              json.loads(args.options), name=args.name)
         Path(args.json).write_text(json.dumps(result))
         return 0
+    if args.repeats < 1:
+        parser.error(f"--repeats: {args.repeats} is not an integer >= 1")
     for name in (args.models or "").split(","):
         if name and name not in MODEL_SIZES:
             parser.error(f"--models: {name!r} is not one of {list(MODEL_SIZES)}")
     return run_bench(args.quick, args.record, args.json,
                      models=args.models.split(",") if args.models else None,
                      lengths=[int(n) for n in args.lengths.split(",")] if args.lengths else None,
-                     ablations=[_parse_ablation(parser, text) for text in args.ablate])
+                     ablations=[_parse_ablation(parser, text) for text in args.ablate], repeats=args.repeats)
 
 
 def _parse_ablation(parser: argparse.ArgumentParser, text: str) -> dict[str, Any]:

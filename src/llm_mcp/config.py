@@ -140,6 +140,7 @@ class TrainingConfig:
     liger_kernel: bool | None = None  # Liger's fused RMSNorm/SwiGLU/RoPE; None: on CUDA where liger-kernel is installed
     torch_compile: bool = False  # opt-in: compile each decoder layer; the first step pays the compile time
     release_memory: bool = False  # CPU: freed heap pages back to the OS each step (-11% peak RSS, -15% speed)
+    reuse_freed_memory: bool = False  # CPU: what a step frees stays in the heap for the next (+6% speed, +15% peak)
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
@@ -158,7 +159,8 @@ class TrainingConfig:
 _QLORA_PREPARE_KEYS = [f for f in TrainingConfig.__dataclass_fields__
                        if f not in ("warmup_steps", "bf16", "fp16", "padding_free", "packing", "group_by_length",
                                     "auto_gradient_checkpointing", "auto_precision", "lean_lora_dropout", "lean_mlp",
-                                    "lean_rmsnorm", "liger_kernel", "torch_compile", "release_memory")]
+                                    "lean_rmsnorm", "liger_kernel", "torch_compile", "release_memory",
+                                    "reuse_freed_memory")]
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -24,7 +24,8 @@ from transformers import TrainerCallback
 from llm_mcp.config import RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
 from llm_mcp.engine import CPU_KERNEL_CACHE_CAPACITY
-from llm_mcp.engine.device import detect, peak_memory_bytes, release_freed_memory, reset_peak_memory
+from llm_mcp.engine.device import (can_reuse_freed_memory, detect, freed_memory_reused, peak_memory_bytes, release_freed_memory,
+                                   reset_peak_memory)
 from llm_mcp.engine.lean_lora import lean_lora_dropout
 from llm_mcp.engine.lean_mlp import lean_mlp
 from llm_mcp.engine.lean_norm import lean_rmsnorm
@@ -109,6 +110,17 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
     choices["use_liger_kernel"] = False
     choices["torch_compile"] = False
     choices["release_memory"] = False
+    choices["reuse_freed_memory"] = config.reuse_freed_memory and choices["use_cpu"] and not config.release_memory \
+        and can_reuse_freed_memory()
+    if choices["reuse_freed_memory"]:
+        notes.append("memory: what a step frees stays in the process's heap for the next step (glibc's mmap and "
+                     "trim thresholds raised while training) instead of being unmapped and faulted in again page "
+                     "by page (measured on llama-3.5M x 512: +6% tokens/s, within noise, and +13-19% peak RSS, "
+                     "since blocks of each batch length then fragment the heap); opt-in.")
+    elif config.reuse_freed_memory:
+        why = ("release_memory=true asks for the opposite (freed pages back to the OS each step); it was applied"
+               if config.release_memory else "it applies to CPU training with glibc's allocator, not here")
+        warnings.append(f"reuse_freed_memory=true was not applied: {why}.")
     choices["cpu_kernel_cache_capacity"] = _cpu_kernel_cache(choices, notes)
     if bundle.engine != "transformers":
         if config.liger_kernel or config.torch_compile:
@@ -405,6 +417,8 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
             engine_patches.enter_context(lean_lora_dropout(bundle.model))
         if choices["torch_compile"]:
             engine_patches.enter_context(compiled_layers(bundle.model))
+        if choices["reuse_freed_memory"]:
+            engine_patches.enter_context(freed_memory_reused())
         result = _run_guarded(trainer, resume, config, bundle)
     metrics = {k: float(result.metrics[k]) for k in SPEC_METRICS if k in result.metrics}
     if eval_data is not None and not callback.stopped:  # a stopped run saves and ends quickly
