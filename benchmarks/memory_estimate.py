@@ -1,6 +1,7 @@
 """How close is estimate_memory to the measured peak? Train a few steps and compare.
 
-For the built-in tiny model and a ~30M-parameter random Llama, per quant_type and gradient checkpointing,
+For the built-in tiny model, a ~30M-parameter random Llama and one with Llama 3's 128k vocabulary (where the LM
+head's logits would dominate if they were materialized), per quant_type and gradient checkpointing,
 estimate with the estimate_memory tool, then load and train 4 steps through the same server on rows long
 enough to fill max_length, and compare with the worker's measured peak (RSS on CPU, max allocated on CUDA).
 
@@ -23,24 +24,6 @@ from llm_mcp.bench import record
 MIB = 1024 * 1024
 
 
-def make_small_llama(out: Path) -> Path:
-    """A ~30M-parameter random Llama with the tiny model's tokenizer (vocab padded to 8192)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from llm_mcp.tiny import make_tokenizer
-
-    tokenizer = make_tokenizer()
-    config = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-                         tie_word_embeddings=False, initializer_range=0.05, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 async def run(work: Path) -> list[dict]:
     from llm_mcp.config import ServerConfig
     from llm_mcp.server.app import create_server
@@ -49,7 +32,12 @@ async def run(work: Path) -> list[dict]:
     words = "the model learns from long examples of text that fill the context window quickly".split()
     rng = random.Random(0)
     rows = [{"text": " ".join(rng.choice(words) for _ in range(600))} for _ in range(16)]
-    cases = [(make_tiny_model(work / "tiny"), 128), (make_small_llama(work / "small-llama"), 512)]
+    # a ~30M-parameter Llama with the tiny tokenizer's vocabulary padded to 8192, and a smaller one with Llama 3's
+    cases = [(make_tiny_model(work / "tiny"), 128),
+             (make_tiny_model(work / "small-llama", hidden=512, layers=8, heads=8, intermediate=1408, vocab=8192,
+                              initializer_range=0.05), 512),
+             (make_tiny_model(work / "vocab-128k-llama", hidden=256, layers=4, heads=4, intermediate=704,
+                              vocab=128256, initializer_range=0.05), 512)]
     results = []
     async with Client(create_server(ServerConfig(workspace=str(work)))) as client:
         for model_dir, max_length in cases:

@@ -108,13 +108,9 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    from llm_mcp.bench import MODEL_SIZES, make_dataset
-    from llm_mcp.tiny import make_sized_model, make_tiny_model
+    from llm_mcp.bench import make_dataset, make_model
 
-    work = Path(tempfile.mkdtemp(prefix="llm-mcp-profile-"))
-    shape = MODEL_SIZES[args.model]
-    model_dir = (make_tiny_model(work / args.model) if shape is None
-                 else make_sized_model(work / args.model, hidden=shape[0], layers=shape[1]))
+    model_dir = make_model(Path(tempfile.mkdtemp(prefix="llm-mcp-profile-")), args.model)
     rows = make_dataset(256, args.max_length)
     results = [profile(v, model_dir, rows, args.max_length) for v in ("baseline", "qloraevolved")]
     kinds = sorted({k for r in results for k in r["by_kind_s"]}, key=lambda k: -results[0]["by_kind_s"].get(k, 0))

@@ -49,3 +49,21 @@ def test_repeated_rounds_report_medians_and_each_rounds_ratio():
     assert engine["x_baseline"]["tokens_per_second"] == {"median": 3.5, "min": 3.0, "max": 4.0}
     assert engine["x_baseline"]["peak_memory_bytes"]["min"] == 0.9
     assert base["repeats"] == 3 and base["x_baseline"]["tokens_per_second"]["median"] == 1.0
+
+
+def test_gpu_benchmark_models_have_the_real_models_shapes():
+    """The -shape models are Llama 3.2 1B and Llama 3.1 8B with random weights: built on the meta device (no
+    memory), their parameter counts are those of the real checkpoints, so GPU throughput and memory are theirs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llm_mcp.bench import MODEL_SIZES
+    from llm_mcp.tiny import llama_config, make_tokenizer, sized_shape
+
+    tokenizer = make_tokenizer()
+    for name, params in (("llama-3.2-1B-shape", 1_235_814_400), ("llama-3.1-8B-shape", 8_030_261_248)):
+        shape = sized_shape(**MODEL_SIZES[name])
+        assert shape.pop("dtype") == "bfloat16"  # written as real checkpoints are: half the disk and memory
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(llama_config(tokenizer, **shape))
+        assert sum(p.numel() for p in model.parameters()) == params, name

@@ -187,18 +187,39 @@ def _child(index: int, variant: str, python: str, model_dir: Path, data_file: Pa
     return json.loads(out.read_text())
 
 
-MODEL_SIZES = {"tiny-0.3M": None, "llama-3.5M": (256, 4), "llama-25M": (512, 8), "llama-100M": (768, 12)}
+# name -> make_sized_model's arguments (None: the built-in tiny model). The sweep's models run on 2 CPU cores; the
+# -shape models have a real model's dimensions and Llama 3's 128k vocabulary with random weights, for throughput and
+# memory on a GPU (what they learn is noise).
+MODEL_SIZES: dict[str, dict[str, Any] | None] = {
+    "tiny-0.3M": None,
+    "llama-3.5M": {"hidden": 256, "layers": 4},
+    "llama-25M": {"hidden": 512, "layers": 8},
+    "llama-100M": {"hidden": 768, "layers": 12},
+    "llama-3.2-1B-shape": {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192,
+                           "vocab": 128256, "tie_word_embeddings": True, "max_positions": 8192},
+    "llama-3.1-8B-shape": {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 8, "intermediate": 14336,
+                           "vocab": 128256, "max_positions": 8192},
+}
 
 
-def _models(work: Path, names: list[str]) -> list[Path]:
+def make_model(work: Path, name: str) -> Path:
+    """Write the benchmark model `name` (a MODEL_SIZES key) under `work`; its folder."""
     from llm_mcp.tiny import make_sized_model, make_tiny_model
 
-    models = []
-    for name in names:
-        shape = MODEL_SIZES[name]
-        models.append(make_tiny_model(work / name) if shape is None
-                      else make_sized_model(work / name, hidden=shape[0], layers=shape[1]))
-    return models
+    shape = MODEL_SIZES[name]
+    return make_tiny_model(work / name) if shape is None else make_sized_model(work / name, **shape)
+
+
+def describe_machine() -> str:
+    """The machine a table was measured on: architecture, cores and GPU (nvidia-smi's name; no torch import)."""
+    gpu = "no GPU"
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip().splitlines()
+        gpu = ", ".join(names) or gpu
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
 
 
 MEASURES = ("tokens_per_second", "peak_memory_bytes", "eval_loss")  # reported as ratios to the baseline
@@ -232,17 +253,18 @@ def summarize(rounds: list[list[dict]]) -> list[dict]:
 
 def run_bench(quick: bool, record_table: bool, json_path: str | None, models: list[str] | None = None,
               lengths: list[int] | None = None, ablations: list[dict[str, Any]] | None = None,
-              repeats: int = 1) -> int:
+              repeats: int = 1, rows: int | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
     models = models or (["tiny-0.3M"] if quick else ["tiny-0.3M", "llama-3.5M", "llama-25M"])
     lengths = lengths or ([128] if quick else [256, 512])
-    rows, epochs = (64, 1.0) if quick else (256, 1.0)
+    default_rows = 64 if quick else 256
+    rows, epochs = rows or default_rows, 1.0
     variants = [("baseline", sys.executable, None), ("qloraevolved", sys.executable, None)]
     variants += [("qloraevolved", sys.executable, options) for options in ablations or []]
     if _unsloth_python():
         variants.append(("unsloth", _unsloth_python(), None))
     results = []
-    for model_dir in _models(work, models):
+    for model_dir in (make_model(work, name) for name in models):
         for max_length in lengths:
             data = make_dataset(rows + rows // 8, max_length)
             data_file = work / f"data-{max_length}.json"
@@ -263,10 +285,10 @@ def run_bench(quick: bool, record_table: bool, json_path: str | None, models: li
             command += f" --lengths {','.join(map(str, lengths))}"
         command += "".join(f" --ablate {','.join(f'{k}={v}' for k, v in o.items())}" for o in ablations or [])
         command += f" --repeats {repeats}" if repeats > 1 else ""
+        command += f" --rows {rows}" if rows != default_rows else ""
         spread = (f" Each variant ran {repeats} times, the variants in turn; each figure is the median of its runs, "
                   f"each ratio the median (min-max) of the rounds' ratios." if repeats > 1 else "")
-        record("llm-mcp bench", f"Command: `{command}`; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-                                f"no GPU; NF4 + LoRA r=64, batch 8, {epochs:g} epoch, long-tailed prompt/completion "
+        record("llm-mcp bench", f"Command: `{command}`; machine: {describe_machine()}; NF4 + LoRA r=64, batch 8, {epochs:g} epoch, long-tailed prompt/completion "
                                 f"rows. Ratios are against the baseline (TRL defaults + gradient checkpointing); "
                                 f"tokens are real (non-padding) tokens.{spread}\n\n{text}")
     return 0
@@ -316,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                              "ideep's cache capacities (environment variables) for that run")
     parser.add_argument("--repeats", type=int, default=1, metavar="N",
                         help="run every variant N times, in turn, and report medians with the ratios' spread")
+    parser.add_argument("--rows", type=int, default=None, metavar="N",
+                        help="training rows per job (default 256; 64 with --quick); eval rows are N/8")
     parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--name", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["baseline", "qloraevolved", "unsloth"], help=argparse.SUPPRESS)
@@ -333,13 +357,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.repeats < 1:
         parser.error(f"--repeats: {args.repeats} is not an integer >= 1")
+    if args.rows is not None and args.rows < 8:
+        parser.error(f"--rows: {args.rows} is not an integer >= 8 (one batch)")
     for name in (args.models or "").split(","):
         if name and name not in MODEL_SIZES:
             parser.error(f"--models: {name!r} is not one of {list(MODEL_SIZES)}")
     return run_bench(args.quick, args.record, args.json,
                      models=args.models.split(",") if args.models else None,
                      lengths=[int(n) for n in args.lengths.split(",")] if args.lengths else None,
-                     ablations=[_parse_ablation(parser, text) for text in args.ablate], repeats=args.repeats)
+                     ablations=[_parse_ablation(parser, text) for text in args.ablate], repeats=args.repeats,
+                     rows=args.rows)
 
 
 def _parse_ablation(parser: argparse.ArgumentParser, text: str) -> dict[str, Any]:

@@ -137,9 +137,7 @@ def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_ran
         activations = tokens * shape.hidden * act_bytes * shape.layers + per_layer_full
     else:
         activations = per_layer_full * shape.layers
-    # float32 logits live in ~8 copies at the peak: upcast, log-softmax, loss gradient, and TRL's entropy and
-    # token-accuracy metrics (calibrated on a 30M-parameter model, docs/benchmarks.md)
-    activations += tokens * shape.vocab * 4 * 8
+    activations += logits_bytes(tokens, shape.vocab, device=device, compute_dtype=compute_dtype)
     runtime = RUNTIME_BYTES["cuda" if device == "cuda" else "cpu"]
     total = weights + lora + gradients + optimizer + activations + runtime
     free = free_bytes if free_bytes is not None else free_memory(device)
@@ -152,6 +150,20 @@ def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_ran
                                device=device)
     return MemoryEstimate(weights, lora, gradients, optimizer, activations, runtime, total, device, free, fits,
                           advice)
+
+
+# TRL's fused LM head (SFTTrainer, trl >= 1.16) scores tokens against the vocabulary in tiles of at most this many
+# tokens x vocabulary entries, so the [tokens, vocab] logits never exist at once (trl.kernels.chunked_logprob).
+LOGITS_TILE = (4096, 32768)
+
+
+def logits_bytes(tokens: int, vocab: int, *, device: str, compute_dtype: str) -> int:
+    """The LM head's share of the peak: one tile of logits and its temporaries. On CPU TRL folds a tile with torch
+    ops, ~8 float32 copies of it at once (calibrated on a 30M-parameter model and a 128k vocabulary,
+    docs/benchmarks.md); on CUDA a Triton kernel folds it in place: the tile buffer of the forward and the
+    backward, in the compute dtype."""
+    tile = min(tokens, LOGITS_TILE[0]) * min(vocab, LOGITS_TILE[1])
+    return tile * 4 * 8 if device != "cuda" else tile * _DTYPE_BYTES[compute_dtype] * 2
 
 
 def _cheapest_fix(shape: ModelShape, free: int, **settings: Any) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -137,62 +138,77 @@ def make_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE):
     return fast
 
 
-def make_sized_model(output_dir: str | Path, *, hidden: int, layers: int, seed: int = 0) -> Path:
-    """A larger random Llama with the same tokenizer, for benchmarks: head_dim 64, kv heads = heads / 2,
-    intermediate ~2.7 x hidden (a multiple of 32)."""
-    heads = max(2, hidden // 64)
-    return make_tiny_model(output_dir, seed=seed, hidden=hidden, layers=layers, heads=heads,
-                           intermediate=_round_up(int(hidden * 2.7)), initializer_range=0.05)
+def make_sized_model(output_dir: str | Path, *, seed: int = 0, **shape: Any) -> Path:
+    """A larger random Llama with the same tokenizer, for benchmarks; `shape` as sized_shape takes it."""
+    return make_tiny_model(output_dir, seed=seed, **sized_shape(**shape))
 
 
-def make_tiny_model(output_dir: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
-                    intermediate: int = 128, initializer_range: float = 0.2) -> Path:
-    """Write a random-init tiny ``LlamaForCausalLM`` plus tokenizer to ``output_dir`` and return its path.
+def sized_shape(*, hidden: int, layers: int, heads: int | None = None, kv_heads: int | None = None,
+                intermediate: int | None = None, vocab: int | None = None, tie_word_embeddings: bool = False,
+                max_positions: int = 1024) -> dict[str, Any]:
+    """make_tiny_model's arguments for a benchmark model. By default head_dim 64, kv heads = heads / 2,
+    intermediate ~2.7 x hidden (a multiple of 32) and the tokenizer's vocabulary; a real model's shape (Llama 3's
+    128k vocabulary included) can be given instead, for throughput and memory. Models over 500M parameters are
+    written in bfloat16, as real checkpoints are."""
+    heads = heads or max(2, hidden // 64)
+    intermediate = intermediate or _round_up(int(hidden * 2.7))
+    params = layers * (4 * hidden * hidden + 3 * hidden * intermediate) + (vocab or 0) * hidden
+    return {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "intermediate": intermediate,
+            "initializer_range": 0.05, "vocab": vocab, "tie_word_embeddings": tie_word_embeddings,
+            "max_positions": max_positions, "dtype": "bfloat16" if params > 500_000_000 else "float32"}
 
-    hidden 64, intermediate 128, 2 layers, 4 heads / 2 kv heads (head_dim 16), untied lm_head,
-    initializer_range 0.2 (so LoRA can fit data), every Linear's out_features a multiple of 32.
-    """
+
+def make_tiny_model(output_dir: str | Path, *, seed: int = 0, dtype: str = "float32", **shape: Any) -> Path:
+    """Write a random-init tiny ``LlamaForCausalLM`` plus tokenizer to ``output_dir`` and return its path
+    (`shape`: llama_config's dimensions; by default the tiny model's)."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-
     tokenizer = make_tokenizer()
-    vocab = _round_up(len(tokenizer))
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
-           (("bos", BOS_TOKEN), ("eos", EOS_TOKEN), ("pad", PAD_TOKEN))}
-
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads // 2,
-        head_dim=hidden // heads,
-        max_position_embeddings=1024,
-        initializer_range=initializer_range,
-        tie_word_embeddings=False,
-        bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"],
-        pad_token_id=ids["pad"],
-    )
+    config = llama_config(tokenizer, **shape)
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        # built in its own dtype: an 8B shape in float32 would take 32 GB of memory before the cast
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     finally:
         torch.random.set_rng_state(state)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
         do_sample=False, max_new_tokens=32,
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    logger.info("tiny model written to %s (vocab %d, %d params)", out, vocab,
+    logger.info("tiny model written to %s (vocab %d, %d params)", out, config.vocab_size,
                 sum(p.numel() for p in model.parameters()))
     return out
+
+
+def llama_config(tokenizer: Any, *, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128,
+                 initializer_range: float = 0.2, kv_heads: int | None = None, vocab: int | None = None,
+                 tie_word_embeddings: bool = False, max_positions: int = 1024) -> Any:
+    """The tiny model's ``LlamaConfig``: hidden 64, intermediate 128, 2 layers, 4 heads / 2 kv heads (head_dim 16),
+    untied lm_head, initializer_range 0.2 (so LoRA can fit data), every Linear's out_features a multiple of 32.
+    vocab: the embedding rows (default the tokenizer's, rounded up to 32; never fewer)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=max(vocab or 0, _round_up(len(tokenizer))),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads // 2,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_positions,
+        initializer_range=initializer_range,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS_TOKEN),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+    )
 
 
 OUTLIER_MODULES = ("model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.v_proj")
