@@ -148,8 +148,8 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
     return ({"train_runtime": metrics["train_runtime"], "train_loss": metrics["train_loss"],
              "eval_loss": metrics["eval_loss"]}, bundle.tokenizer,
             {k: answer["effective_config"][k] for k in ("padding_free", "packing", "group_by_length",
-                                                         "use_gradient_checkpointing", "bf16", "optim",
-                                                         "lean_lora_dropout", "lean_mlp", "lean_rmsnorm",
+                                                         "use_gradient_checkpointing", "bf16", "float32_compute",
+                                                         "optim", "lean_lora_dropout", "lean_mlp", "lean_rmsnorm",
                                                          "reuse_freed_memory", "cpu_kernel_cache_capacity")})
 
 

@@ -133,7 +133,8 @@ class TrainingConfig:
     packing: bool = False  # pack examples into max_length rows: fewer, fuller steps (an epoch then has fewer steps)
     group_by_length: bool | None = None  # None: group similar lengths into batches when padding is used
     auto_gradient_checkpointing: bool = True  # skip checkpointing when memory is ample (it only costs time then)
-    auto_precision: bool = True  # on CPU, compute in float32 (faster than bf16 autocast there)
+    auto_precision: bool = True  # on CPU, compute in float32 (faster than bf16 autocast there; and on CPUs without
+    # bf16 instructions, 4-bit layers and adapters in float32 too)
     lean_lora_dropout: bool = True  # LoRA dropout keeps a seed, not float copies of each input (no autocast)
     lean_mlp: bool = True  # LoRA SwiGLU MLPs keep gate/up outputs only, recomputing silu * up in backward (no autocast)
     lean_rmsnorm: bool = True  # RMSNorm with its backward in closed form, keeping x and 1/rms (float32, no autocast)

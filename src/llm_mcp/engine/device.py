@@ -38,6 +38,26 @@ def detect() -> Hardware:
     )
 
 
+@lru_cache(maxsize=1)
+def cpu_bf16_slowdown() -> float:
+    """How many times longer a bf16 matmul takes than the same float32 one on this CPU (measured once per process,
+    ~0.1 s): about 1 or less where the CPU has bf16 instructions (AVX512-BF16, AMX), ~20 where oneDNN emulates
+    them (AVX2-only CPUs, many AMD EPYCs among them)."""
+    import time
+
+    def fastest(dtype: torch.dtype) -> float:
+        a, b = torch.randn(256, 256, dtype=dtype), torch.randn(256, 256, dtype=dtype)
+        a @ b  # the first call picks and caches the kernel
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return fastest(torch.bfloat16) / fastest(torch.float32)
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 

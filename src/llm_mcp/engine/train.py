@@ -24,8 +24,9 @@ from transformers import TrainerCallback
 from llm_mcp.config import RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
 from llm_mcp.engine import CPU_KERNEL_CACHE_CAPACITY
-from llm_mcp.engine.device import (can_reuse_freed_memory, detect, freed_memory_reused, peak_memory_bytes, release_freed_memory,
-                                   reset_peak_memory)
+from llm_mcp.engine.device import (can_reuse_freed_memory, cpu_bf16_slowdown, detect, freed_memory_reused,
+                                   peak_memory_bytes, release_freed_memory, reset_peak_memory)
+from llm_mcp.engine.float32_compute import computes_in_half_precision, float32_compute
 from llm_mcp.engine.lean_lora import lean_lora_dropout
 from llm_mcp.engine.lean_mlp import lean_mlp
 from llm_mcp.engine.lean_norm import lean_rmsnorm
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 SPEC_METRICS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch")
 _PROGRESS_EVERY_S = 0.5
+# A CPU whose bf16 matmuls take this many times float32's emulates bf16 (measured ~20x on AVX2-only CPUs; ~1 or
+# less with AVX512-BF16 or AMX): the engine then multiplies in float32 (engine/float32_compute.py).
+_SLOW_BF16 = 2.0
 # Without CUDA the paged optimizers cannot page; their unpaged twins compute the same update.
 _UNPAGED = {"paged_adamw_32bit": "adamw_torch", "paged_adamw_8bit": "adamw_8bit"}
 
@@ -105,6 +109,7 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
     choices["padding_free"] = bool(config.padding_free) and not config.packing
     choices["group_by_length"] = bool(config.group_by_length)
     choices["use_gradient_checkpointing"] = config.use_gradient_checkpointing
+    choices["float32_compute"] = False
     choices["lean_lora_dropout"] = False
     choices.update(dict.fromkeys(_LEAN_FUNCTIONS, False))
     choices["use_liger_kernel"] = False
@@ -147,6 +152,15 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
         choices["bf16"] = False
         notes.append("precision: float32 compute instead of bf16 autocast, which is slower on CPUs; set "
                      "auto_precision=false (or bf16=true) to keep bf16.")
+    if config.auto_precision and choices["use_cpu"] and not (choices["bf16"] or choices["fp16"]) \
+            and computes_in_half_precision(bundle.model) and (slowdown := cpu_bf16_slowdown()) > _SLOW_BF16:
+        choices["float32_compute"] = True
+        notes.append(f"precision: this CPU has no bf16 instructions (a bf16 matmul measured {slowdown:.0f}x as long "
+                     "as float32's), so the 4-bit layers dequantize to and multiply in float32 instead of their "
+                     f"compute dtype ({bundle.compute_dtype}), and the LoRA adapters train in float32 instead of the "
+                     "bf16 TRL casts QLoRA adapters to: the same weights, computed more precisely (a llama-3.5M "
+                     "step took a sixth of the time); the layers' compute dtype comes back after training. Set "
+                     "auto_precision=false to keep bf16.")
     dropout = _lora_dropout(bundle)
     choices["lean_lora_dropout"] = config.lean_lora_dropout and not (choices["bf16"] or choices["fp16"]) \
         and dropout > 0
@@ -410,6 +424,8 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
         _make_padding_free(trainer)
     warnings += _engine_changes(trainer, choices)
     with ExitStack() as engine_patches:  # undone when training ends: generation and export run on peft's model
+        if choices["float32_compute"]:  # first: the lean functions read the dtypes it sets
+            engine_patches.enter_context(float32_compute(bundle.model))
         for key, (patch, _) in _LEAN_FUNCTIONS.items():
             if choices[key]:
                 engine_patches.enter_context(patch(bundle.model))

@@ -1,0 +1,64 @@
+"""float32_compute (engine/float32_compute.py): on a CPU without bf16 instructions the engine multiplies in float32
+where QLoRA would in bf16 (4-bit layers' compute dtype, TRL's bf16 adapters). The same model and loss up to bf16
+rounding, float32 gradients, the fused MLP still applying, and the layers' compute dtype restored afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_mcp.config import LoadConfig
+from llm_mcp.engine.device import cpu_bf16_slowdown
+from llm_mcp.engine.float32_compute import computes_in_half_precision, float32_compute
+from llm_mcp.engine.lean_mlp import lean_mlp
+from llm_mcp.engine.model import load_model
+
+
+def _four_bit_layers(model):
+    return [m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "compute_dtype")]
+
+
+@pytest.fixture()
+def qlora_model(tiny_model):
+    """NF4 computing in bf16 (the spec's default) with bf16 adapters, as TRL's SFTTrainer leaves a QLoRA model."""
+    bundle = load_model(LoadConfig(model_name=str(tiny_model), max_length=128, lora_rank=8, lora_dropout=0.0))
+    torch.manual_seed(0)
+    for name, param in bundle.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)  # every gradient non-zero
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    bundle.model.train()
+    return bundle.model
+
+
+def test_multiplies_in_float32_with_the_same_loss(qlora_model, lora_step):
+    model = qlora_model
+    layers = _four_bit_layers(model)
+    assert layers and {m.compute_dtype for m in layers} == {torch.bfloat16}
+    assert computes_in_half_precision(model)
+    bf16_loss, bf16_grads, _ = lora_step(model, [])
+    fp32_loss, fp32_grads, _ = lora_step(model, [float32_compute])
+    assert fp32_loss == pytest.approx(bf16_loss, rel=2e-2)  # bf16 rounding apart
+    for name, grad in fp32_grads.items():
+        assert grad.dtype == torch.float32 and grad.abs().sum() > 0, name
+        error = ((grad - bf16_grads[name].float()).norm() / grad.norm()).item()
+        assert error < 0.1, (name, error)
+    # the layers compute in their own dtype again; the adapters stay float32 (peft's own dtype)
+    assert {m.compute_dtype for m in layers} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    # nested inside it, the fused MLP sees float32 everywhere and gives the same loss as peft's forward
+    fused_loss, _, _ = lora_step(model, [float32_compute, lean_mlp])
+    assert fused_loss == pytest.approx(fp32_loss, rel=1e-5)
+
+
+def test_nothing_to_do_for_a_float32_model(tiny_model):
+    bundle = load_model(LoadConfig(model_name=str(tiny_model), max_length=128, lora_rank=8, quant_type="none",
+                                   compute_dtype="float32"))
+    assert not computes_in_half_precision(bundle.model)
+
+
+def test_the_probe_measures_a_ratio():
+    """~1 or less on CPUs with bf16 instructions, ~20 where they are emulated; cached for the process."""
+    slowdown = cpu_bf16_slowdown()
+    assert 0 < slowdown < 1000 and cpu_bf16_slowdown() == slowdown
