@@ -56,6 +56,20 @@ def test_evaluate_reports_loss_and_perplexity(mcp, trained, demo_rows):
     assert math.isclose(after["perplexity"], math.exp(after["eval_loss"]), rel_tol=1e-6)
 
 
+def test_evaluate_computes_the_eval_loss_as_training_does(mcp, trained, demo_rows):
+    """evaluate's eval_loss on the rows training evaluated equals the one the train answer reports (the same
+    dataset preparation, and the same precision: float32 where this CPU emulates bf16)."""
+    rows = demo_rows[:8]
+    answer = mcp.ok("qloraevolved_train", {"model_id": MODEL, "train_dataset": rows, "eval_dataset": rows,
+                                           "wait_seconds": -1, "training_config": {
+                                               **FAST_TRAIN, "max_steps": 1, "learning_rate": 1e-7,
+                                               "output_dir": "ship-eval-run"}})
+    after = mcp.ok("qloraevolved_evaluate", {"model_id": MODEL, "eval_dataset": rows,
+                                             "batch_size": FAST_TRAIN["batch_size"]})  # the same batches
+    assert after["eval_loss"] == pytest.approx(answer["metrics"]["eval_loss"], rel=1e-4)
+    assert answer["effective_config"]["float32_compute"] is any("float32" in w for w in after["warnings"])
+
+
 def test_inspect_dataset_shows_examples_as_trained_and_finds_problems(mcp, trained, demo_rows, workspace):
     """With a model: examples rendered with the trained part marked and ending in EOS, token statistics, rows
     max_length would cut; problems found: empty fields, mixed formats, duplicates."""

@@ -3,6 +3,7 @@ the same dataset preparation (answer-only loss, EOS) and TRL's SFTTrainer.evalua
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -10,6 +11,7 @@ from typing import Any
 
 from llm_mcp.data.datasets import prepare as prepare_dataset
 from llm_mcp.engine.device import detect
+from llm_mcp.engine.float32_compute import bf16_slowdown_if_emulated, float32_compute
 from llm_mcp.engine.model import ModelBundle
 
 
@@ -32,7 +34,11 @@ def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_siz
         trainer = SFTTrainer(model=bundle.model, args=args, train_dataset=data.dataset.select(range(1)),
                              eval_dataset=data.dataset, processing_class=bundle.tokenizer)
         started = time.perf_counter()
-        metrics = trainer.evaluate()
+        # as training computes on a CPU that emulates bf16 (after the trainer, which casts QLoRA adapters to bf16)
+        slowdown = None if args.bf16 or args.fp16 or bundle.engine != "transformers" \
+            else bf16_slowdown_if_emulated(bundle.model)
+        with float32_compute(bundle.model) if slowdown else contextlib.nullcontext():
+            metrics = trainer.evaluate()
     loss = float(metrics["eval_loss"])
     return {
         "status": "success",
@@ -42,5 +48,7 @@ def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_siz
         "dataset_format": data.source_format,
         "loss_on": "answers only" if data.source_format != "text" else "all tokens",
         "eval_runtime": round(time.perf_counter() - started, 3),
-        "warnings": data.warnings,
+        "warnings": data.warnings + ([f"this CPU has no bf16 instructions (a bf16 matmul measured {slowdown:.0f}x "
+                                      "as long as float32's): the 4-bit layers and adapters computed in float32, as "
+                                      "training computes here."] if slowdown else []),
     }

@@ -15,6 +15,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from llm_mcp.engine.device import cpu_bf16_slowdown, detect
+
+# A CPU whose bf16 matmuls take this many times float32's emulates bf16 (measured ~20x on AVX2-only CPUs; ~1 or
+# less with AVX512-BF16 or AMX).
+SLOW_BF16 = 2.0
+
 
 def _bitsandbytes_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
@@ -26,6 +32,15 @@ def computes_in_half_precision(model: nn.Module) -> bool:
     trainable parameters are half precision already."""
     return bool(_bitsandbytes_layers(model)) or \
         any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+
+
+def bf16_slowdown_if_emulated(model: nn.Module) -> float | None:
+    """The measured bf16/float32 matmul time ratio where float32_compute pays off for this model here (a CPU that
+    emulates bf16, a model that would multiply in half precision); None elsewhere."""
+    if detect().has_cuda or not computes_in_half_precision(model):
+        return None
+    slowdown = cpu_bf16_slowdown()
+    return slowdown if slowdown > SLOW_BF16 else None
 
 
 @contextmanager

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,9 @@ from transformers import TrainerCallback
 from llm_mcp.config import RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
 from llm_mcp.engine import CPU_KERNEL_CACHE_CAPACITY
-from llm_mcp.engine.device import (can_reuse_freed_memory, cpu_bf16_slowdown, detect, freed_memory_reused,
-                                   peak_memory_bytes, release_freed_memory, reset_peak_memory)
-from llm_mcp.engine.float32_compute import computes_in_half_precision, float32_compute
+from llm_mcp.engine.device import (can_reuse_freed_memory, detect, freed_memory_reused, peak_memory_bytes,
+                                   release_freed_memory, reset_peak_memory)
+from llm_mcp.engine.float32_compute import bf16_slowdown_if_emulated, float32_compute
 from llm_mcp.engine.lean_lora import lean_lora_dropout
 from llm_mcp.engine.lean_mlp import lean_mlp
 from llm_mcp.engine.lean_norm import lean_rmsnorm
@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 SPEC_METRICS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch")
 _PROGRESS_EVERY_S = 0.5
-# A CPU whose bf16 matmuls take this many times float32's emulates bf16 (measured ~20x on AVX2-only CPUs; ~1 or
-# less with AVX512-BF16 or AMX): the engine then multiplies in float32 (engine/float32_compute.py).
-_SLOW_BF16 = 2.0
 # Without CUDA the paged optimizers cannot page; their unpaged twins compute the same update.
 _UNPAGED = {"paged_adamw_32bit": "adamw_torch", "paged_adamw_8bit": "adamw_8bit"}
 
@@ -152,8 +149,8 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
         choices["bf16"] = False
         notes.append("precision: float32 compute instead of bf16 autocast, which is slower on CPUs; set "
                      "auto_precision=false (or bf16=true) to keep bf16.")
-    if config.auto_precision and choices["use_cpu"] and not (choices["bf16"] or choices["fp16"]) \
-            and computes_in_half_precision(bundle.model) and (slowdown := cpu_bf16_slowdown()) > _SLOW_BF16:
+    if config.auto_precision and not (choices["bf16"] or choices["fp16"]) \
+            and (slowdown := bf16_slowdown_if_emulated(bundle.model)):
         choices["float32_compute"] = True
         notes.append(f"precision: this CPU has no bf16 instructions (a bf16 matmul measured {slowdown:.0f}x as long "
                      "as float32's), so the 4-bit layers dequantize to and multiply in float32 instead of their "
@@ -438,7 +435,8 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
         result = _run_guarded(trainer, resume, config, bundle)
     metrics = {k: float(result.metrics[k]) for k in SPEC_METRICS if k in result.metrics}
     if eval_data is not None and not callback.stopped:  # a stopped run saves and ends quickly
-        metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+        with float32_compute(bundle.model) if choices["float32_compute"] else nullcontext():  # as it trained
+            metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     final = out / "final"
     trainer.save_model(str(final))
     bundle.tokenizer.save_pretrained(str(final))
