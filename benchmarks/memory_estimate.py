@@ -53,10 +53,12 @@ async def run(work: Path) -> list[dict]:
                 answer = await client.call_tool("qloraevolved_train", {
                     "model_id": model_id, "train_dataset": rows, "wait_seconds": -1,
                     "training_config": {**train, "max_steps": 4, "gradient_accumulation_steps": 1,
-                                        "report_to": "none", "output_dir": f"out-{model_id}", "save_steps": 1000}})
+                                        "report_to": "none", "output_dir": f"out-{model_id}", "save_steps": 1000,
+                                        "auto_gradient_checkpointing": False}})  # checkpointing as asked
                 measured = answer.structured_content["peak_memory_bytes"]
                 await client.call_tool("qloraevolved_unload_model", {"model_id": model_id})
-                results.append({"model": model_dir.name, "quant_type": quant_type, "checkpointing": checkpointing,
+                ran = answer.structured_content["effective_config"]["use_gradient_checkpointing"]
+                results.append({"model": model_dir.name, "quant_type": quant_type, "checkpointing": ran,
                                 "max_length": max_length, "estimate": estimate["total_bytes"], "measured": measured,
                                 "device": estimate["device"]})
     return results
