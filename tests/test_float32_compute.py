@@ -9,6 +9,7 @@ import torch
 
 from llm_mcp.config import LoadConfig
 from llm_mcp.engine.device import cpu_bf16_slowdown
+from llm_mcp.engine.evaluate import evaluate
 from llm_mcp.engine.float32_compute import computes_in_half_precision, float32_compute
 from llm_mcp.engine.lean_mlp import lean_mlp
 from llm_mcp.engine.model import load_model
@@ -50,6 +51,31 @@ def test_multiplies_in_float32_with_the_same_loss(qlora_model, lora_step):
     # nested inside it, the fused MLP sees float32 everywhere and gives the same loss as peft's forward
     fused_loss, _, _ = lora_step(model, [float32_compute, lean_mlp])
     assert fused_loss == pytest.approx(fp32_loss, rel=1e-5)
+
+
+def test_evaluate_changes_no_weight(qlora_model, tiny_model, demo_rows):
+    """Building TRL's SFTTrainer casts a quantized model's adapters to bf16 in place; evaluate puts the exact
+    tensors back, so float32 adapters keep every bit (a later generate or export sees the trained weights)."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(1)
+    for param in qlora_model.parameters():
+        if param.requires_grad:
+            param.data = torch.randn_like(param, dtype=torch.float32) * 0.05  # values bf16 cannot hold
+    before = {n: p.detach().clone() for n, p in qlora_model.named_parameters() if p.requires_grad}
+    bundle = SimpleNamespace(model=qlora_model, tokenizer=_tokenizer(tiny_model), max_length=128,
+                             compute_dtype="bfloat16", engine="transformers")
+    answer = evaluate(bundle, demo_rows[:4], dataset_format="auto", batch_size=4)
+    assert answer["eval_loss"] > 0
+    for name, param in qlora_model.named_parameters():
+        if param.requires_grad:
+            assert param.dtype == torch.float32 and torch.equal(param, before[name]), name
+
+
+def _tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def test_nothing_to_do_for_a_float32_model(tiny_model):

@@ -137,7 +137,7 @@ def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_ran
         activations = tokens * shape.hidden * act_bytes * shape.layers + per_layer_full
     else:
         activations = per_layer_full * shape.layers
-    activations += logits_bytes(tokens, shape.vocab, device=device, compute_dtype=compute_dtype)
+    activations += logits_bytes(tokens, shape.vocab, shape.hidden, device=device, compute_dtype=compute_dtype)
     runtime = RUNTIME_BYTES["cuda" if device == "cuda" else "cpu"]
     total = weights + lora + gradients + optimizer + activations + runtime
     free = free_bytes if free_bytes is not None else free_memory(device)
@@ -157,13 +157,15 @@ def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_ran
 LOGITS_TILE = (4096, 32768)
 
 
-def logits_bytes(tokens: int, vocab: int, *, device: str, compute_dtype: str) -> int:
-    """The LM head's share of the peak: one tile of logits and its temporaries. On CPU TRL folds a tile with torch
-    ops, ~8 float32 copies of it at once (calibrated on a 30M-parameter model and a 128k vocabulary,
-    docs/benchmarks.md); on CUDA a Triton kernel folds it in place: the tile buffer of the forward and the
-    backward, in the compute dtype."""
-    tile = min(tokens, LOGITS_TILE[0]) * min(vocab, LOGITS_TILE[1])
-    return tile * 4 * 8 if device != "cuda" else tile * _DTYPE_BYTES[compute_dtype] * 2
+def logits_bytes(tokens: int, vocab: int, hidden: int, *, device: str, compute_dtype: str) -> int:
+    """The LM head's share of the peak: one tile of logits and what sits beside it. On CPU TRL folds a tile with
+    torch ops, ~8 float32 copies of it at once (calibrated on a 30M-parameter model and a 128k vocabulary,
+    docs/benchmarks.md); on CUDA a Triton kernel folds it in place, beside the tile's slice of the LM head cast to the
+    compute dtype."""
+    tile_tokens, tile_vocab = min(tokens, LOGITS_TILE[0]), min(vocab, LOGITS_TILE[1])
+    if device != "cuda":
+        return tile_tokens * tile_vocab * 4 * 8
+    return tile_vocab * (tile_tokens + hidden) * _DTYPE_BYTES[compute_dtype]
 
 
 def _cheapest_fix(shape: ModelShape, free: int, **settings: Any) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from llm_mcp.data.datasets import prepare as prepare_dataset
 from llm_mcp.engine.device import detect
-from llm_mcp.engine.float32_compute import bf16_slowdown_if_emulated, float32_compute
+from llm_mcp.engine.float32_compute import bf16_slowdown, float32_compute, is_emulated, trainable_tensors_kept
 from llm_mcp.engine.model import ModelBundle
 
 
@@ -30,14 +30,16 @@ def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_siz
             fp16=hw.has_cuda and bundle.compute_dtype == "float16",
             disable_tqdm=True, dataloader_pin_memory=False,
         )
-        # SFTTrainer insists on a train_dataset; one row keeps its preprocessing cheap
-        trainer = SFTTrainer(model=bundle.model, args=args, train_dataset=data.dataset.select(range(1)),
-                             eval_dataset=data.dataset, processing_class=bundle.tokenizer)
+        # SFTTrainer insists on a train_dataset; one row keeps its preprocessing cheap. Evaluating changes no
+        # weight: building it would round a quantized model's adapters to bf16 in place (TRL's QLoRA cast).
+        with trainable_tensors_kept(bundle.model):
+            trainer = SFTTrainer(model=bundle.model, args=args, train_dataset=data.dataset.select(range(1)),
+                                 eval_dataset=data.dataset, processing_class=bundle.tokenizer)
         started = time.perf_counter()
-        # as training computes on a CPU that emulates bf16 (after the trainer, which casts QLoRA adapters to bf16)
+        # computed as training computes on a CPU that emulates bf16
         slowdown = None if args.bf16 or args.fp16 or bundle.engine != "transformers" \
-            else bf16_slowdown_if_emulated(bundle.model)
-        with float32_compute(bundle.model) if slowdown else contextlib.nullcontext():
+            else bf16_slowdown(bundle.model)
+        with float32_compute(bundle.model) if is_emulated(slowdown) else contextlib.nullcontext():
             metrics = trainer.evaluate()
     loss = float(metrics["eval_loss"])
     return {
@@ -50,5 +52,5 @@ def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_siz
         "eval_runtime": round(time.perf_counter() - started, 3),
         "warnings": data.warnings + ([f"this CPU has no bf16 instructions (a bf16 matmul measured {slowdown:.0f}x "
                                       "as long as float32's): the 4-bit layers and adapters computed in float32, as "
-                                      "training computes here."] if slowdown else []),
+                                      "training computes here."] if is_emulated(slowdown) else []),
     }

@@ -34,21 +34,43 @@ def computes_in_half_precision(model: nn.Module) -> bool:
         any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
 
 
-def bf16_slowdown_if_emulated(model: nn.Module) -> float | None:
-    """The measured bf16/float32 matmul time ratio where float32_compute pays off for this model here (a CPU that
-    emulates bf16, a model that would multiply in half precision); None elsewhere."""
+def bf16_slowdown(model: nn.Module) -> float | None:
+    """This CPU's bf16/float32 matmul time ratio, measured where it matters: a model that would multiply in half
+    precision, on a CPU. None on CUDA or for a model without half-precision compute."""
     if detect().has_cuda or not computes_in_half_precision(model):
         return None
-    slowdown = cpu_bf16_slowdown()
-    return slowdown if slowdown > SLOW_BF16 else None
+    return round(cpu_bf16_slowdown(), 2)
+
+
+def is_emulated(slowdown: float | None) -> bool:
+    """Whether that ratio says bf16 is emulated here, so float32_compute pays off."""
+    return slowdown is not None and slowdown > SLOW_BF16
+
+
+def bitsandbytes_compute_layers(model: nn.Module) -> list[nn.Module]:
+    """The bitsandbytes layers with a compute dtype (4-bit ones; 8-bit ones have none)."""
+    return [m for m in _bitsandbytes_layers(model) if hasattr(m, "compute_dtype")]
+
+
+@contextmanager
+def trainable_tensors_kept(model: nn.Module) -> Iterator[None]:
+    """Building TRL's SFTTrainer casts a quantized model's trainable parameters to bf16 in place; this puts the
+    tensors they had before back afterwards (their exact values, not bf16 ones widened again)."""
+    kept = [(p, p.data) for p in model.parameters() if p.requires_grad]
+    try:
+        yield
+    finally:
+        for param, data in kept:
+            param.data = data
 
 
 @contextmanager
 def float32_compute(model: nn.Module) -> Iterator[None]:
-    """While open, the 4-bit layers dequantize to and multiply in float32; the trainable parameters are made
-    float32 on entry (before the trainer builds its optimizer) and stay so: float32 is peft's own adapter dtype, and
-    generation and export read them as they are. The layers' compute dtype comes back on exit."""
-    layers = [(m, m.compute_dtype) for m in _bitsandbytes_layers(model) if hasattr(m, "compute_dtype")]
+    """While open, the 4-bit layers multiply in float32 (their weights dequantized and widened to it); trainable
+    parameters still in half precision are widened on entry (before the trainer builds its optimizer) and stay so:
+    float32 is peft's own adapter dtype, and generation and export read them as they are. The layers' compute dtype
+    comes back on exit."""
+    layers = [(m, m.compute_dtype) for m in bitsandbytes_compute_layers(model)]
     for layer, _ in layers:
         layer.compute_dtype = torch.float32
     for param in model.parameters():

@@ -14,7 +14,7 @@ import torch
 from llm_mcp.config import GenerationConfig
 
 from llm_mcp.engine.device import torch_dtype
-from llm_mcp.engine.float32_compute import bf16_slowdown_if_emulated, float32_compute
+from llm_mcp.engine.float32_compute import bf16_slowdown, float32_compute, is_emulated
 from llm_mcp.engine.model import avoid_cpu_repack_bug
 
 
@@ -43,7 +43,7 @@ def generate(bundle: Any, config: GenerationConfig) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         # float32 where this CPU emulates bf16 (20x faster matmuls there), as the transformers engine trains
-        fast = float32_compute(model) if bundle.engine == "transformers" and bf16_slowdown_if_emulated(model) \
+        fast = float32_compute(model) if bundle.engine == "transformers" and is_emulated(bf16_slowdown(model)) \
             else contextlib.nullcontext()
         with torch.no_grad(), without_adapter, fast:
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)

@@ -26,7 +26,8 @@ from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
 from llm_mcp.engine import CPU_KERNEL_CACHE_CAPACITY
 from llm_mcp.engine.device import (can_reuse_freed_memory, detect, freed_memory_reused, peak_memory_bytes,
                                    release_freed_memory, reset_peak_memory)
-from llm_mcp.engine.float32_compute import bf16_slowdown_if_emulated, float32_compute
+from llm_mcp.engine.float32_compute import (bf16_slowdown, bitsandbytes_compute_layers, float32_compute, is_emulated,
+                                            trainable_tensors_kept)
 from llm_mcp.engine.lean_lora import lean_lora_dropout
 from llm_mcp.engine.lean_mlp import lean_mlp
 from llm_mcp.engine.lean_norm import lean_rmsnorm
@@ -107,6 +108,7 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
     choices["group_by_length"] = bool(config.group_by_length)
     choices["use_gradient_checkpointing"] = config.use_gradient_checkpointing
     choices["float32_compute"] = False
+    choices["cpu_bf16_slowdown"] = None  # measured where float32_compute is considered
     choices["lean_lora_dropout"] = False
     choices.update(dict.fromkeys(_LEAN_FUNCTIONS, False))
     choices["use_liger_kernel"] = False
@@ -149,15 +151,18 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
         choices["bf16"] = False
         notes.append("precision: float32 compute instead of bf16 autocast, which is slower on CPUs; set "
                      "auto_precision=false (or bf16=true) to keep bf16.")
-    if config.auto_precision and not (choices["bf16"] or choices["fp16"]) \
-            and (slowdown := bf16_slowdown_if_emulated(bundle.model)):
+    if config.auto_precision and not (choices["bf16"] or choices["fp16"]):
+        choices["cpu_bf16_slowdown"] = bf16_slowdown(bundle.model)
+    if is_emulated(choices["cpu_bf16_slowdown"]):
         choices["float32_compute"] = True
-        notes.append(f"precision: this CPU has no bf16 instructions (a bf16 matmul measured {slowdown:.0f}x as long "
-                     "as float32's), so the 4-bit layers dequantize to and multiply in float32 instead of their "
-                     f"compute dtype ({bundle.compute_dtype}), and the LoRA adapters train in float32 instead of the "
-                     "bf16 TRL casts QLoRA adapters to: the same weights, computed more precisely (a llama-3.5M "
-                     "step took a sixth of the time); the layers' compute dtype comes back after training. Set "
-                     "auto_precision=false to keep bf16.")
+        layers = len(bitsandbytes_compute_layers(bundle.model))
+        notes.append(f"precision: this CPU has no bf16 instructions (a bf16 matmul measured "
+                     f"{choices['cpu_bf16_slowdown']:.0f}x as long as float32's), so "
+                     + (f"the {layers} 4-bit layers multiply in float32 instead of {bundle.compute_dtype} (their "
+                        "compute dtype comes back after training), and " if layers else "")
+                     + "the trainable parameters (the LoRA adapters) stay float32 instead of the bf16 TRL casts a "
+                     "quantized model's adapters to: the same weights, computed more precisely (a llama-3.5M step "
+                     "took a sixth of the time). Set auto_precision=false to keep bf16.")
     dropout = _lora_dropout(bundle)
     choices["lean_lora_dropout"] = config.lean_lora_dropout and not (choices["bf16"] or choices["fp16"]) \
         and dropout > 0
@@ -412,11 +417,13 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
         disable_tqdm=True, dataloader_pin_memory=False,
     )
     callback = _ProgressCallback(on_progress, should_stop, release_memory=choices["release_memory"])
-    trainer = SFTTrainer(
-        model=bundle.model, args=args, train_dataset=train_data.dataset,
-        eval_dataset=eval_data.dataset if eval_data else None, processing_class=bundle.tokenizer,
-        callbacks=[callback, *extra_callbacks],
-    )
+    # float32_compute keeps the adapters' float32 values: building the trainer rounds them to bf16 (TRL's QLoRA cast)
+    with trainable_tensors_kept(bundle.model) if choices["float32_compute"] else nullcontext():
+        trainer = SFTTrainer(
+            model=bundle.model, args=args, train_dataset=train_data.dataset,
+            eval_dataset=eval_data.dataset if eval_data else None, processing_class=bundle.tokenizer,
+            callbacks=[callback, *extra_callbacks],
+        )
     if choices["padding_free"]:
         _make_padding_free(trainer)
     warnings += _engine_changes(trainer, choices)
