@@ -212,14 +212,10 @@ def make_model(work: Path, name: str) -> Path:
 
 def describe_machine() -> str:
     """The machine a table was measured on: architecture, cores and GPU (nvidia-smi's name; no torch import)."""
-    gpu = "no GPU"
-    try:
-        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                               text=True, timeout=10, check=True).stdout.strip().splitlines()
-        gpu = ", ".join(names) or gpu
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
+    from llm_mcp.memory import nvidia_smi_query
+
+    gpus = nvidia_smi_query("name")
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {', '.join(gpus) if gpus else 'no GPU'}"
 
 
 MEASURES = ("tokens_per_second", "peak_memory_bytes", "eval_loss")  # reported as ratios to the baseline
@@ -288,9 +284,10 @@ def run_bench(quick: bool, record_table: bool, json_path: str | None, models: li
         command += f" --rows {rows}" if rows != default_rows else ""
         spread = (f" Each variant ran {repeats} times, the variants in turn; each figure is the median of its runs, "
                   f"each ratio the median (min-max) of the rounds' ratios." if repeats > 1 else "")
-        record("llm-mcp bench", f"Command: `{command}`; machine: {describe_machine()}; NF4 + LoRA r=64, batch 8, {epochs:g} epoch, long-tailed prompt/completion "
-                                f"rows. Ratios are against the baseline (TRL defaults + gradient checkpointing); "
-                                f"tokens are real (non-padding) tokens.{spread}\n\n{text}")
+        record("llm-mcp bench", f"Command: `{command}`; machine: {describe_machine()}; NF4 + LoRA r=64, batch 8, "
+                                f"{epochs:g} epoch, long-tailed prompt/completion rows. Ratios are against the "
+                                f"baseline (TRL defaults + gradient checkpointing); tokens are real (non-padding) "
+                                f"tokens.{spread}\n\n{text}")
     return 0
 
 

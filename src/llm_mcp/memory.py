@@ -215,11 +215,18 @@ def proc_kib_field(path: str, field: str) -> int | None:
 
 
 def _gpu_free_bytes() -> int | None:
+    free = nvidia_smi_query("memory.free")
+    return int(free[0]) * 1024 * 1024 if free else None
+
+
+def nvidia_smi_query(field: str) -> list[str] | None:
+    """One `nvidia-smi --query-gpu` field, a line per GPU (no header, no units); None where nvidia-smi is missing
+    or fails (no torch import: the server calls it before any worker starts)."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout.split()
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return int(out[0]) * 1024 * 1024 if out else None
+    return [line.strip() for line in out.splitlines() if line.strip()]

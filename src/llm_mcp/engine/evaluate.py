@@ -36,9 +36,8 @@ def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_siz
             trainer = SFTTrainer(model=bundle.model, args=args, train_dataset=data.dataset.select(range(1)),
                                  eval_dataset=data.dataset, processing_class=bundle.tokenizer)
         started = time.perf_counter()
-        # computed as training computes on a CPU that emulates bf16
-        slowdown = None if args.bf16 or args.fp16 or bundle.engine != "transformers" \
-            else bf16_slowdown(bundle.model)
+        # computed as training computes on a CPU that emulates bf16 (bf16_slowdown is None on CUDA)
+        slowdown = bf16_slowdown(bundle.model) if bundle.engine == "transformers" else None
         with float32_compute(bundle.model) if is_emulated(slowdown) else contextlib.nullcontext():
             metrics = trainer.evaluate()
     loss = float(metrics["eval_loss"])
