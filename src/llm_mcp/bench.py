@@ -199,6 +199,7 @@ MODEL_SIZES: dict[str, dict[str, Any] | None] = {
                            "vocab": 128256, "tie_word_embeddings": True, "max_positions": 8192},
     "llama-3.1-8B-shape": {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 8, "intermediate": 14336,
                            "vocab": 128256, "max_positions": 8192},
+    "smollm2-135m": {"real": "smollm2-135m-instruct"},  # real weights: fetched once (real_models.py), then cached
 }
 
 
@@ -207,6 +208,10 @@ def make_model(work: Path, name: str) -> Path:
     from llm_mcp.tiny import make_sized_model, make_tiny_model
 
     shape = MODEL_SIZES[name]
+    if shape and "real" in shape:
+        from llm_mcp.real_models import default_cache, fetch_model
+
+        return fetch_model(shape["real"], default_cache() / shape["real"])
     return make_tiny_model(work / name) if shape is None else make_sized_model(work / name, **shape)
 
 

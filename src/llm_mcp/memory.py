@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_mcp.config import DEFAULT_TARGET_MODULES
 from llm_mcp.errors import InvalidArgument
 from llm_mcp.paths import stat_kind
 
@@ -29,6 +28,11 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_BYTES = {"cpu": int(0.6 * GIB), "cuda": int(0.9 * GIB)}
 
 
+# Linear layers not adapted by default (the engine's rule, engine/model.py): routers, gates, output heads.
+NOT_DEFAULT_TARGETS = frozenset({"lm_head", "embed_out", "gate", "router", "shared_expert_gate", "score",
+                                 "classifier"})
+
+
 @dataclass(frozen=True)
 class ModelShape:
     hidden: int
@@ -39,13 +43,50 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied_embeddings: bool
+    model_type: str = "llama"
+    experts: int = 0  # routed experts per MoE layer (0: a dense model)
+    expert_intermediate: int = 0  # each expert's MLP width
+    shared_expert_intermediate: int = 0  # Qwen-MoE's always-on shared expert
+    learned_positions: int = 0  # rows of a learned position embedding (GPT-2, OPT); rotary models have none
+
+    def linear_layers(self) -> list[tuple[str, int, int]]:
+        """(leaf name, in_features, out_features) of each linear projection of one decoder layer, named as the
+        architecture names them (fused projections and Conv1D layers as one layer each)."""
+        h, i = self.hidden, self.intermediate
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.model_type == "gpt2":
+            return [("c_attn", h, 3 * h), ("c_proj", h, h), ("c_fc", h, i), ("c_proj", i, h)]
+        if self.model_type == "gpt_neox":
+            return [("query_key_value", h, 3 * h), ("dense", h, h), ("dense_h_to_4h", h, i), ("dense_4h_to_h", i, h)]
+        attention = ([("qkv_proj", h, q + 2 * kv)] if self.model_type == "phi3" else
+                     [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv)])
+        attention.append(("out_proj", q, h) if self.model_type == "opt" else ("o_proj", q, h))
+        if self.model_type == "opt":
+            return attention + [("fc1", h, i), ("fc2", i, h)]
+        if self.model_type == "phi3":
+            return attention + [("gate_up_proj", h, 2 * i), ("down_proj", i, h)]
+        if self.experts:  # routed experts are 3-D parameters (expert_layers); the router is a few logits per token
+            shared = self.shared_expert_intermediate
+            mlp = [("gate_proj", h, shared), ("up_proj", h, shared), ("down_proj", shared, h),
+                   ("shared_expert_gate", h, 1)] if shared else []
+            return attention + mlp
+        return attention + [("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+
+    def expert_layers(self) -> list[tuple[str, int, int, int]]:
+        """(path, experts, in_features, out_features) of the fused expert weights of one decoder layer."""
+        if not self.experts:
+            return []
+        h, i = self.hidden, self.expert_intermediate
+        return [("mlp.experts.gate_up_proj", self.experts, h, 2 * i),
+                ("mlp.experts.down_proj", self.experts, i, h)]
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each projection of one decoder layer."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
-                "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
-                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
+        """(in_features, out_features) by leaf name (a name used twice, as GPT-2's c_proj, sums its sizes)."""
+        out: dict[str, tuple[int, int]] = {}
+        for name, i, o in self.linear_layers():
+            prev = out.get(name, (0, 0))
+            out[name] = (prev[0] + i, prev[1] + o) if name in out else (i, o)
+        return out
 
 
 def read_shape(model_name: str) -> ModelShape:
@@ -78,11 +119,20 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape | None:
     heads = config.get("num_attention_heads") or config.get("n_head")
     if not hidden or not heads:
         return None
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    intermediate = (config.get("intermediate_size") or config.get("ffn_dim") or config.get("n_inner")
+                    or 4 * hidden)
     return ModelShape(
-        hidden=hidden, intermediate=config.get("intermediate_size") or 4 * hidden,
+        hidden=hidden, intermediate=intermediate,
         layers=config.get("num_hidden_layers") or config.get("n_layer"), heads=heads,
         kv_heads=config.get("num_key_value_heads") or heads, head_dim=config.get("head_dim") or hidden // heads,
-        vocab=config["vocab_size"], tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        vocab=config["vocab_size"],
+        tied_embeddings=bool(config.get("tie_word_embeddings", config.get("model_type") in ("gpt2", "opt"))),
+        model_type=str(config.get("model_type") or "llama"), experts=experts,
+        expert_intermediate=int(config.get("moe_intermediate_size") or intermediate) if experts else 0,
+        shared_expert_intermediate=int(config.get("shared_expert_intermediate_size") or 0),
+        learned_positions=int(config.get("n_positions") or config.get("max_position_embeddings") or 0)
+        if config.get("model_type") in ("gpt2", "opt") else 0,
     )
 
 
@@ -113,17 +163,23 @@ def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_ran
              free_bytes: int | None = None, with_advice: bool = True) -> MemoryEstimate:
     device = device or detect_device()
     dtype_bytes = _DTYPE_BYTES[compute_dtype]
-    linear_params = sum(i * o for i, o in shape.linear_shapes().values()) * shape.layers
+    linear_params = sum(i * o for _, i, o in shape.linear_layers()) * shape.layers
     # bitsandbytes' k-bit preparation upcasts the unquantized parameters (embeddings, lm_head) to float32
     other_bytes = 4 if quant_type in ("nf4", "nf4_optimized", "int8") else dtype_bytes
-    embed_params = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
+    embed_params = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2) + \
+        shape.learned_positions * shape.hidden
     linear_bytes = _LINEAR_BYTES.get(quant_type, dtype_bytes)
     if quant_type == "int4" and device == "cuda":
         linear_bytes = 0.53
-    weights = int(linear_params * linear_bytes + embed_params * other_bytes)
+    # fused expert weights are not Linear layers: they stay in the compute dtype whatever quant_type says
+    expert_params = sum(e * i * o for _, e, i, o in shape.expert_layers()) * shape.layers
+    weights = int(linear_params * linear_bytes + embed_params * other_bytes + expert_params * dtype_bytes)
 
-    targets = [t for t in (target_modules or DEFAULT_TARGET_MODULES) if t in shape.linear_shapes()]
-    lora_params = sum(lora_rank * sum(shape.linear_shapes()[t]) for t in targets) * shape.layers
+    targets = lora_targets(shape, target_modules)
+    lora_params = shape.layers * (
+        sum(lora_rank * (i + o) for name, i, o in shape.linear_layers() if name in targets)
+        + sum(lora_rank * e * (i + o) for path, e, i, o in shape.expert_layers()
+              if path in targets or path.rsplit(".", 1)[-1] in targets))
     lora = lora_params * 4  # peft keeps adapters in float32
     gradients = lora_params * 4
     optimizer = lora_params * (2 if "8bit" in optim else 8)  # Adam's two moments, 8-bit or 32-bit
@@ -150,6 +206,15 @@ def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_ran
                                device=device)
     return MemoryEstimate(weights, lora, gradients, optimizer, activations, runtime, total, device, free, fits,
                           advice)
+
+
+def lora_targets(shape: ModelShape, target_modules: tuple[str, ...] | None) -> set[str]:
+    """The names LoRA adapts, as the engine chooses them: the given ones, or every linear projection of attention
+    and MLP plus the experts' fused weights."""
+    if target_modules:
+        return set(target_modules)
+    return ({name for name, _, _ in shape.linear_layers() if name not in NOT_DEFAULT_TARGETS}
+            | {path for path, *_ in shape.expert_layers()})
 
 
 # TRL's fused LM head (SFTTrainer, trl >= 1.16) scores tokens against the vocabulary in tiles of at most this many

@@ -2,17 +2,20 @@
 its row format, and shape it into the columns TRL's SFTTrainer trains on.
 
 Formats: text, alpaca (instruction/input/output), prompt_completion, messages (and ShareGPT `conversations`).
-Prompt/completion, Alpaca and chat rows train on the answer only. No tokenization here: that is TRL's job.
+Prompt/completion, Alpaca and chat rows train on the answer only. TRL tokenizes, except chat rows whose template
+has no `{% generation %}` markers: those are tokenized here with the assistant mask of data/chat_templates.py
+(every assistant turn and its end-of-turn token) and given to TRL as pre-tokenized input_ids + labels (-100 off
+the mask), which TRL truncates and packs as they are.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm_mcp.data.chat_templates import has_generation_marks, tokenize_chat
 from llm_mcp.errors import DatasetError
 from llm_mcp.paths import stat_kind
 
@@ -23,7 +26,6 @@ FORMATS_HELP = (
     "rows with 'text'; or 'instruction' + 'output' (+ optional 'input', Alpaca); or 'prompt' + 'completion'; "
     "or 'messages' (a list of {role, content}); or ShareGPT 'conversations' (a list of {from, value})"
 )
-_GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "model": "assistant"}
 
@@ -32,9 +34,10 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 class PreparedDataset:
     """A dataset in TRL's columns, with what was detected and done to it."""
 
-    dataset: Any  # datasets.Dataset with text | prompt+completion | messages
+    dataset: Any  # datasets.Dataset with text | prompt+completion | messages | input_ids+labels
     source_format: str
-    assistant_only_loss: bool = False
+    assistant_only_loss: bool = False  # TRL masks by the template's {% generation %} markers
+    tokenized: bool = False  # input_ids + labels, masked here
     warnings: list[str] = field(default_factory=list)
 
 
@@ -118,8 +121,9 @@ def detect_format(columns: list[str]) -> str | None:
 
 
 def prepare(source: str | list[dict[str, Any]], *, dataset_format: str, chat_template: str | None,
-            param: str) -> PreparedDataset:
-    """Read, detect, check and convert a dataset for SFTTrainer; errors name the columns found."""
+            param: str, tokenizer: Any = None) -> PreparedDataset:
+    """Read, detect, check and convert a dataset for SFTTrainer; errors name the columns found. With the model's
+    tokenizer, chat rows train on every assistant turn whatever the template."""
     fmt, rows = convert_rows(read_source(source, param=param), dataset_format=dataset_format, param=param)
     usable = [r for r in rows if r is not None]
     if not usable:
@@ -129,7 +133,7 @@ def prepare(source: str | list[dict[str, Any]], *, dataset_format: str, chat_tem
     if len(usable) < len(rows):
         warnings.append(f"{param}: skipped {len(rows) - len(usable)} of {len(rows)} rows with empty or "
                         f"malformed fields.")
-    return _to_trl(usable, fmt, chat_template, warnings)
+    return _to_trl(usable, fmt, chat_template, warnings, tokenizer, param)
 
 
 def convert_rows(raw: Any, *, dataset_format: str, param: str) -> tuple[str, list[dict[str, Any] | None]]:
@@ -152,9 +156,10 @@ def row_format(row: dict[str, Any]) -> str | None:
     return detect_format([k for k, v in row.items() if v not in (None, "", [])])
 
 
-def to_training_rows(rows: list[dict[str, Any]], fmt: str, chat_template: str | None) -> PreparedDataset:
-    """Converted rows -> the dataset SFTTrainer gets (chat rows may become conversational prompt/completion)."""
-    return _to_trl(rows, fmt, chat_template, [])
+def to_training_rows(rows: list[dict[str, Any]], fmt: str, chat_template: str | None,
+                     tokenizer: Any = None) -> PreparedDataset:
+    """Converted rows -> the dataset SFTTrainer gets (chat rows may become pre-tokenized rows)."""
+    return _to_trl(rows, fmt, chat_template, [], tokenizer, "dataset")
 
 
 def _has_columns(columns: list[str], fmt: str) -> bool:
@@ -206,22 +211,53 @@ def _clean_messages(messages: Any) -> list[dict[str, str]] | None:
     return out
 
 
-def _to_trl(rows: list[dict[str, Any]], fmt: str, chat_template: str | None,
-            warnings: list[str]) -> PreparedDataset:
+def _to_trl(rows: list[dict[str, Any]], fmt: str, chat_template: str | None, warnings: list[str],
+            tokenizer: Any, param: str) -> PreparedDataset:
     import datasets
 
     if "messages" not in rows[0]:
         return PreparedDataset(datasets.Dataset.from_list(rows), fmt, warnings=warnings)
-    if chat_template and _GENERATION_MARK.search(chat_template):
+    if has_generation_marks(chat_template):
         return PreparedDataset(datasets.Dataset.from_list(rows), fmt, assistant_only_loss=True, warnings=warnings)
-    # Without generation markers TRL cannot find the assistant tokens in a rendered chat, so train on the last
-    # assistant turn as a conversational prompt/completion pair, which TRL masks itself.
+    if tokenizer is not None:
+        return _tokenized(rows, fmt, tokenizer, warnings, param)
+    # Without a tokenizer nothing can be rendered: train on the last assistant turn as a conversational
+    # prompt/completion pair, which TRL masks itself.
     split = []
     for r in rows:
         msgs = r["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         split.append({"prompt": msgs[:last], "completion": [msgs[last]]})
     if any(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in rows):
-        warnings.append("the chat template has no {% generation %} markers, so multi-turn rows train on their last "
-                        "assistant turn only; earlier turns are context.")
+        warnings.append("without the model's tokenizer, multi-turn rows train on their last assistant turn only; "
+                        "earlier turns are context.")
     return PreparedDataset(datasets.Dataset.from_list(split), fmt, warnings=warnings)
+
+
+def _tokenized(rows: list[dict[str, Any]], fmt: str, tokenizer: Any, warnings: list[str],
+               param: str) -> PreparedDataset:
+    """Chat rows rendered with the model's template and tokenized; labels are the assistant turns' tokens, -100
+    elsewhere: a labels column is taken as is by TRL 1.16 and by the TRL 1.15 Unsloth patches (both checked)."""
+    import datasets
+
+    columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+    empty = []
+    for i, row in enumerate(rows):
+        try:
+            encoded = tokenize_chat(tokenizer, row["messages"])
+        except Exception as exc:  # the template refuses the conversation (e.g. roles that do not alternate)
+            raise DatasetError(f"{param}: row {i} cannot be rendered with the model's chat template "
+                               f"({type(exc).__name__}: {str(exc)[:300]}); fix the row or load with another "
+                               f"chat_template.") from None
+        if not any(encoded["assistant_masks"]):
+            empty.append(i)
+            continue
+        columns["input_ids"].append(encoded["input_ids"])
+        columns["labels"].append([t if m else -100 for t, m in zip(encoded["input_ids"], encoded["assistant_masks"])])
+    if not columns["input_ids"]:
+        raise DatasetError(f"{param}: the model's chat template leaves no assistant tokens to train on in any row "
+                           f"(it does not write the assistant turns).")
+    if empty:
+        warnings.append(f"{param}: skipped {len(empty)} rows whose assistant turns the chat template does not "
+                        f"write (first row indexes: {empty[:10]}).")
+    return PreparedDataset(datasets.Dataset.from_dict(columns), fmt, tokenized=True, warnings=warnings)

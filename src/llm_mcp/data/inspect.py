@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
+from llm_mcp.data.chat_templates import choice_of, end_of_turn_token, summary, trained_runs
 from llm_mcp.data.datasets import convert_rows, read_source, row_format, to_training_rows
 
 TRAIN_START, TRAIN_END = "[[TRAIN]]", "[[/TRAIN]]"  # marks the trained part of a rendered example
 MAX_ROWS_MEASURED = 20_000
 _EXAMPLES = 2
+_CHAT_FORMATS = ("messages", "sharegpt", "alpaca")
 
 
 def inspect_dataset(source: Any, *, dataset_format: str, tokenizer: Any = None,
@@ -46,41 +49,46 @@ def inspect_dataset(source: Any, *, dataset_format: str, tokenizer: Any = None,
     }
     if not usable:
         return {**answer, "examples": [], "problems": problems}
-    rendered = None
-    if tokenizer is not None:
-        examples = to_training_rows(usable[:MAX_ROWS_MEASURED], fmt, getattr(tokenizer, "chat_template", None))
-        rendered = [_render(example, tokenizer) for example in examples.dataset]
-    if rendered is None:
+    if tokenizer is None:
         answer["examples"] = [_plain(r) for r in usable[:_EXAMPLES]]
         answer["length_chars"] = _stats([len(_plain(r)) for r in usable[:MAX_ROWS_MEASURED]])
         answer["note"] = "Pass model_id to render with the model's chat template and count tokens."
-    else:
-        chat_template = getattr(tokenizer, "chat_template", None)
-        answer["examples"] = [_marked(text, trained) for text, trained, _ in rendered[:_EXAMPLES]]
-        lengths = [n for _, _, n in rendered]
-        answer["length_tokens"] = _stats(lengths)
-        answer["trained_tokens"] = sum(len(tokenizer(t, add_special_tokens=False).input_ids)
-                                       for _, t, _ in rendered)
-        if len(usable) > MAX_ROWS_MEASURED:
-            answer["length_tokens"]["measured_rows"] = MAX_ROWS_MEASURED
-        if max_length is not None:
-            cut = sum(n > max_length for n in lengths)
-            answer["max_length"] = max_length
-            answer["truncated_rows"] = cut
-            if cut:
-                problems.append(f"{cut} rows are longer than max_length={max_length} tokens and would be cut "
-                                f"(their answers partly or wholly lost); load with a larger max_length or shorten "
-                                f"them.")
-        eos = tokenizer.eos_token
-        missing_eos = sum(not trained.rstrip().endswith(eos) for _, trained, _ in rendered)
-        if missing_eos:
-            problems.append(f"{missing_eos} rows' trained part does not end with the EOS token {eos!r}, so the "
-                            f"model may not learn to stop; fix the chat template (it should end assistant turns "
-                            f"with {eos!r}).")
-        if fmt in ("messages", "sharegpt", "alpaca") and not chat_template:
-            problems.append("the tokenizer has no chat template; training applies the server's default ChatML.")
+        answer["problems"] = problems
+        return answer
+    answer.update(_as_trained(usable, fmt, tokenizer, max_length, problems))
     answer["problems"] = problems
     return answer
+
+
+def _as_trained(usable: list[dict[str, Any]], fmt: str, tokenizer: Any, max_length: int | None,
+                problems: list[str]) -> dict[str, Any]:
+    """Examples, token lengths and trained tokens as training prepares the rows; problems found on the way."""
+    chat_template = getattr(tokenizer, "chat_template", None)
+    examples = to_training_rows(usable[:MAX_ROWS_MEASURED], fmt, chat_template, tokenizer)
+    rendered = [_render(example, tokenizer) for example in examples.dataset]
+    lengths = [r.tokens for r in rendered]
+    out: dict[str, Any] = {"examples": [r.marked for r in rendered[:_EXAMPLES]], "length_tokens": _stats(lengths),
+                           "trained_tokens": sum(r.trained_tokens for r in rendered)}
+    if fmt in _CHAT_FORMATS:
+        out["chat_template"] = summary(tokenizer)
+    if len(usable) > MAX_ROWS_MEASURED:
+        out["length_tokens"]["measured_rows"] = MAX_ROWS_MEASURED
+    if max_length is not None:
+        cut = sum(n > max_length for n in lengths)
+        out["max_length"] = max_length
+        out["truncated_rows"] = cut
+        if cut:
+            problems.append(f"{cut} rows are longer than max_length={max_length} tokens and would be cut "
+                            f"(their answers partly or wholly lost); load with a larger max_length or shorten "
+                            f"them.")
+    stops = [t for t in dict.fromkeys([tokenizer.eos_token, end_of_turn_token(tokenizer)]) if t]
+    missing_stop = sum(not all(part.rstrip().endswith(tuple(stops)) for part in r.trained) for r in rendered)
+    if missing_stop:
+        problems.append(f"{missing_stop} rows have a trained part that does not end with "
+                        f"{' or '.join(repr(t) for t in stops)}, so the model may not learn to stop; fix the chat "
+                        f"template (it should end assistant turns with {stops[-1]!r}).")
+    problems += _template_problems(fmt, tokenizer, chat_template, examples.warnings)
+    return out
 
 
 def _row_formats(raw: Any) -> dict[str, int]:
@@ -91,45 +99,68 @@ def _row_formats(raw: Any) -> dict[str, int]:
     return counts
 
 
-def _render(prepared: dict[str, Any], tokenizer: Any) -> tuple[str, str, int]:
-    """(full text, trained part, token count) of one example in TRL's columns, as TRL builds it: EOS after the
-    answer, prompt masked."""
+@dataclass(frozen=True)
+class _Rendered:
+    marked: str  # the example as the model sees it, trained parts between TRAIN markers
+    trained: list[str]  # each trained part (one per assistant turn in chat rows)
+    tokens: int
+    trained_tokens: int
+
+
+def _render(prepared: dict[str, Any], tokenizer: Any) -> _Rendered:
+    """One example in TRL's columns as training sees it: EOS after a text or an answer, the prompt masked, and
+    for chat rows the assistant mask training uses (the template's generation markers through transformers, or
+    the engine's mask: data/chat_templates.py)."""
     eos = tokenizer.eos_token
     if "text" in prepared:
         text = prepared["text"] if prepared["text"].endswith(eos) else prepared["text"] + eos
-        return text, text, _count(tokenizer, text)
-    if "messages" in prepared:  # the template marks assistant turns: train on all of them
+        n = _count(tokenizer, text)
+        return _Rendered(TRAIN_START + text + TRAIN_END, [text], n, n)
+    if "input_ids" in prepared:  # chat rows tokenized with the engine's assistant mask
+        return _from_tokens(tokenizer, prepared["input_ids"], [int(label != -100) for label in prepared["labels"]])
+    if "messages" in prepared:  # the template marks assistant turns: transformers masks them
         out = tokenizer.apply_chat_template(prepared["messages"], tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
-        ids, mask = out["input_ids"], out["assistant_masks"]
-        trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
-        text = tokenizer.decode(ids)
-        return text, trained, len(ids)
-    prompt, completion = prepared["prompt"], prepared["completion"]
-    if isinstance(prompt, list):  # conversational: TRL renders the prompt with the generation prompt
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        completion_text = full[len(prompt_text):] if full.startswith(prompt_text) else completion[0]["content"]
-    else:
-        prompt_text, completion_text = prompt, completion
+        return _from_tokens(tokenizer, out["input_ids"], out["assistant_masks"])
+    prompt_text, completion_text = prepared["prompt"], prepared["completion"]
     if not completion_text.rstrip().endswith(eos):
         completion_text += eos
     text = prompt_text + completion_text
-    return text, completion_text, _count(tokenizer, text)
+    return _Rendered(prompt_text + TRAIN_START + completion_text + TRAIN_END, [completion_text],
+                     _count(tokenizer, text), _count(tokenizer, completion_text))
+
+
+def _from_tokens(tokenizer: Any, ids: list[int], mask: list[int]) -> _Rendered:
+    """Token runs decoded in order, the trained ones between TRAIN markers."""
+    parts, at = [], 0
+    while at < len(ids):
+        end = at
+        while end < len(ids) and bool(mask[end]) == bool(mask[at]):
+            end += 1
+        text = tokenizer.decode(ids[at:end])
+        parts.append(TRAIN_START + text + TRAIN_END if mask[at] else text)
+        at = end
+    trained = [tokenizer.decode(run) for run in trained_runs(ids, mask)]
+    return _Rendered("".join(parts), trained, len(ids), int(sum(bool(m) for m in mask)))
+
+
+def _template_problems(fmt: str, tokenizer: Any, chat_template: Any, notes: list[str]) -> list[str]:
+    if fmt not in _CHAT_FORMATS:
+        return []
+    problems = list(notes)
+    choice = choice_of(tokenizer)
+    if choice is not None and choice.source == "fallback":
+        problems.append("the model's tokenizer has no chat template of its own: chat rows are rendered with the "
+                        "server's fallback ChatML (chat_template='chatml'), which a base model knows only once "
+                        "trained on it. Load with chat_template (a name or a Jinja string) to choose another.")
+    elif not chat_template:
+        problems.append("the tokenizer has no chat template; load the model through *_load_model, which applies "
+                        "one (chat_template).")
+    return problems
 
 
 def _count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def _marked(text: str, trained: str) -> str:
-    """The example with its trained part(s) between TRAIN markers."""
-    if trained and text.endswith(trained):
-        return text[: len(text) - len(trained)] + TRAIN_START + trained + TRAIN_END
-    at = text.find(trained) if trained else -1
-    if at < 0:
-        return text + f"\n{TRAIN_START}{trained}{TRAIN_END}"
-    return text[:at] + TRAIN_START + trained + TRAIN_END + text[at + len(trained):]
 
 
 def _plain(row: dict[str, Any]) -> str:

@@ -19,7 +19,8 @@ def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_siz
     from trl import SFTConfig, SFTTrainer
 
     data = prepare_dataset(source, dataset_format=dataset_format,
-                           chat_template=getattr(bundle.tokenizer, "chat_template", None), param="eval_dataset")
+                           chat_template=getattr(bundle.tokenizer, "chat_template", None), param="eval_dataset",
+                           tokenizer=bundle.tokenizer)
     hw = detect()
     with tempfile.TemporaryDirectory(prefix="llm-mcp-eval-") as scratch:  # evaluate() writes nothing we keep
         args = SFTConfig(

@@ -7,33 +7,20 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llm_mcp.config import DEFAULT_TARGET_MODULES, LoadConfig
+from llm_mcp.config import LoadConfig
 from llm_mcp.engine import quantize as quantization
 from llm_mcp.engine.device import detect, torch_dtype
 from llm_mcp.errors import EngineError, InvalidArgument
 from llm_mcp.paths import stat_kind
 
 log = logging.getLogger(__name__)
-
-# Used only when a tokenizer ships no chat template. ChatML; an assistant turn ends with the EOS token so the
-# model learns to stop, and assistant content is marked so TRL can train on the assistant part only.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 @dataclass
 class ModelBundle:
@@ -52,6 +39,8 @@ class ModelBundle:
     nf4_optimized: dict | None = None  # which layers nf4_optimized kept in 16-bit, and why
     linear_weight_bytes: int = 0  # the linear layers' weights as stored (quantized), scales included
     model_weight_bytes: int = 0  # every parameter and buffer as stored
+    attention: str | None = None  # attn_implementation the model was loaded with (eager | sdpa | flash_attention_2)
+    target_parameters: list[str] = field(default_factory=list)  # fused 3-D expert weights adapted by LoRA
 
     @property
     def has_lora(self) -> bool:
@@ -72,6 +61,8 @@ class ModelBundle:
             "dtype": self.compute_dtype,
             "engine": self.engine,
             "target_modules": self.target_modules,
+            "target_parameters": self.target_parameters,
+            "attention": self.attention,
             "quantization": self.quantization,
             "memory": {"linear_weight_bytes": self.linear_weight_bytes, "model_weight_bytes": self.model_weight_bytes},
             "nf4_optimized": self.nf4_optimized,
@@ -79,8 +70,8 @@ class ModelBundle:
         }
 
 
-def load_model(config: LoadConfig) -> ModelBundle:
-    """The qloraevolved load: base model (NF4 or unquantized) with LoRA attached."""
+def load_model(config: LoadConfig, adapter_dir: str | None = None) -> ModelBundle:
+    """The qloraevolved load: base model (NF4 or unquantized) with LoRA attached (the saved one in adapter_dir)."""
     warnings: list[str] = []
     dtype = _compute_dtype(config.compute_dtype, warnings)
     quant = config.effective_quant_type
@@ -99,8 +90,14 @@ def load_model(config: LoadConfig) -> ModelBundle:
     bundle = load_base(config.model_name, quant=quant, double_quant=config.use_double_quant, dtype=dtype,
                        device_map=config.device_map, trust_remote_code=config.trust_remote_code,
                        max_length=config.max_length, warnings=warnings,
-                       keep_16bit=[k["module"] for k in choice["kept_16bit"]] if choice else None)
+                       keep_16bit=[k["module"] for k in choice["kept_16bit"]] if choice else None,
+                       chat_template=config.chat_template)
     bundle.nf4_optimized = choice
+    if adapter_dir is not None:
+        from llm_mcp.engine.sources import attach_adapter
+
+        attach_adapter(bundle, adapter_dir)
+        return bundle
     attach_lora(bundle, r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                 target_modules=config.target_modules)
     return bundle
@@ -108,7 +105,7 @@ def load_model(config: LoadConfig) -> ModelBundle:
 
 def load_base(model_name: str, *, quant: str, double_quant: bool, dtype: torch.dtype, device_map: str,
               trust_remote_code: bool, max_length: int, warnings: list[str], token: str | None = None,
-              keep_16bit: list[str] | None = None) -> ModelBundle:
+              keep_16bit: list[str] | None = None, chat_template: str | None = None) -> ModelBundle:
     """Load a causal LM and its tokenizer with transformers, its linear layers quantized as `quant`."""
     source = check_source(model_name)
     quantization_config = quantization.quantization_config(quant, dtype, double_quant=double_quant,
@@ -118,10 +115,11 @@ def load_base(model_name: str, *, quant: str, double_quant: bool, dtype: torch.d
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, token=token)
+        attention = choose_attention(source, trust_remote_code=trust_remote_code, token=token, warnings=warnings)
         model = AutoModelForCausalLM.from_pretrained(
             source, quantization_config=quantization_config, dtype=dtype,
             device_map=_device_map(device_map, warnings), trust_remote_code=trust_remote_code,
-            attn_implementation="sdpa", token=token,
+            attn_implementation=attention, token=token,
         )
     except OSError as exc:
         raise InvalidArgument(
@@ -131,7 +129,7 @@ def load_base(model_name: str, *, quant: str, double_quant: bool, dtype: torch.d
     except ValueError as exc:
         raise EngineError(f"loading model_name={model_name!r} failed: {exc}") from None
     avoid_cpu_repack_bug(model)
-    fix_tokenizer(tokenizer, model, max_length)
+    fix_tokenizer(tokenizer, model, max_length, chat_template=chat_template, warnings=warnings)
     quantization.quantize_after_load(model, quant, warnings)  # int4/fp8: torchao, in place
     weight_bytes = quantization.linear_weight_bytes(model)
     if quantization_config is not None:  # bitsandbytes; it would upcast (dequantize) torchao tensors
@@ -139,9 +137,11 @@ def load_base(model_name: str, *, quant: str, double_quant: bool, dtype: torch.d
 
         # Freezes the base and upcasts norms; gradient checkpointing is the trainer's business.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if quant != "none":
+        warnings.extend(unquantized_experts_warning(model, quant))
     return ModelBundle(model, tokenizer, detect().device, max_length, str(dtype).removeprefix("torch."),
                        device_map, quantization=quant, warnings=warnings, linear_weight_bytes=weight_bytes,
-                       model_weight_bytes=quantization.model_weight_bytes(model))
+                       model_weight_bytes=quantization.model_weight_bytes(model), attention=attention)
 
 
 def attach_lora(bundle: ModelBundle, *, r: int, alpha: float, dropout: float,
@@ -150,10 +150,30 @@ def attach_lora(bundle: ModelBundle, *, r: int, alpha: float, dropout: float,
     from peft import LoraConfig, get_peft_model
 
     targets = resolve_target_modules(bundle.model, target_modules, bundle.warnings)
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+    # peft cannot apply dropout to parameter-targeted experts (LoRA there multiplies the weight, not the input),
+    # so the adapter is built without dropout and the module adapters get theirs afterwards.
+    expert_dropout_off = bool(targets.parameters) and dropout > 0
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0 if expert_dropout_off else dropout,
+                      target_modules=targets.modules, target_parameters=targets.parameters or None, bias="none",
                       task_type="CAUSAL_LM")
     bundle.model = get_peft_model(bundle.model, lora)
-    bundle.target_modules = targets
+    if expert_dropout_off:
+        _set_module_dropout(bundle.model, dropout)
+        bundle.warnings.append(f"lora_dropout={dropout} applies to the adapted linear layers; the experts' LoRA "
+                               f"({', '.join(targets.parameters)}) trains without dropout, which peft cannot apply to "
+                               "parameter-targeted weights.")
+    bundle.target_modules = targets.modules
+    bundle.target_parameters = targets.parameters
+
+
+def _set_module_dropout(model: Any, p: float) -> None:
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = torch.nn.Dropout(p)
 
 
 def check_source(name: str) -> str:
@@ -196,38 +216,124 @@ def avoid_cpu_repack_bug(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def fix_tokenizer(tokenizer: Any, model: Any, max_length: int) -> None:
+def fix_tokenizer(tokenizer: Any, model: Any, max_length: int, *, chat_template: str | None = None,
+                  warnings: list[str] | None = None) -> None:
+    """Pad and EOS tokens, the length limit, and the chat template (the tokenizer's own, the one asked for, or
+    the ChatML fallback, said in warnings: data/chat_templates.py); generation stops at the template's
+    end-of-turn token as well as at EOS, also in every export's generation_config."""
+    from llm_mcp.data.chat_templates import use_chat_template
+
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.eos_token is None:
         raise InvalidArgument("model_name", model.name_or_path, "a model whose tokenizer defines an EOS token")
-    if getattr(tokenizer, "chat_template", None) is None:
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    choice = use_chat_template(tokenizer, chat_template)
+    if warnings is not None:
+        warnings.extend(choice.warnings)
+    generation = getattr(model, "generation_config", None)
+    if choice.end_of_turn is not None and generation is not None:
+        configured = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+        stop = [i for i in dict.fromkeys([*configured, tokenizer.eos_token_id,
+                                          tokenizer.convert_tokens_to_ids(choice.end_of_turn)]) if i is not None]
+        generation.eos_token_id = stop if len(stop) > 1 else stop[0]
     tokenizer.model_max_length = max_length
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
+# Linear layers never adapted by default: output heads, and routers / gates that pick experts or scale a shared
+# expert (their outputs are a few logits per token; adapting them destabilises the expert choice).
+_NOT_DEFAULT_TARGETS = frozenset({"lm_head", "embed_out", "gate", "router", "shared_expert_gate", "score",
+                                  "classifier"})
+# Module classes LoRA can wrap: torch Linear (also under torchao's quantized weights), bitsandbytes' 4/8-bit
+# layers and GPT-2's Conv1D (peft handles its transposed weight with fan_in_fan_out).
+_ADAPTABLE = ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    modules: list[str]  # leaf names of linear layers (peft target_modules)
+    parameters: list[str]  # paths inside a decoder layer of fused 3-D expert weights (peft target_parameters)
+
+
 def _linear_names(model: Any) -> list[str]:
-    """Leaf names of the linear layers LoRA can wrap (plain or 4-bit), lm_head excluded."""
-    names = set()
+    """Leaf names of the layers LoRA can wrap (linear, 4/8-bit, Conv1D), the output head excluded, in the order a
+    decoder layer runs them (q, k, v, o, gate, up, down for Llama)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names: dict[str, None] = {}
     for full_name, module in model.named_modules():
-        kind = type(module).__name__
-        if kind in ("Linear", "Linear4bit", "Linear8bitLt") and not full_name.endswith("lm_head"):
-            names.add(full_name.rsplit(".", 1)[-1])
-    return sorted(names)
+        if type(module).__name__ in _ADAPTABLE and module is not output and not full_name.endswith("lm_head"):
+            names[full_name.rsplit(".", 1)[-1]] = None
+    return list(names)
 
 
-def resolve_target_modules(model: Any, wanted: tuple[str, ...] | None, warnings: list[str]) -> list[str]:
-    available = _linear_names(model)
+def expert_parameters(model: Any) -> list[str]:
+    """Fused expert weights (3-D parameters such as transformers 5's mlp.experts.gate_up_proj), as their path
+    inside a decoder layer: the names peft's target_parameters matches in every layer."""
+    return sorted({re.sub(r"^(?:.*\.)?\d+\.", "", name) for name, p in model.named_parameters() if p.dim() == 3})
+
+
+def resolve_target_modules(model: Any, wanted: tuple[str, ...] | None, warnings: list[str]) -> LoraTargets:
+    """The LoRA targets: by default every linear projection of attention and MLP (fused ones and Conv1D
+    included) and the experts' fused weights; or exactly the names given."""
+    available, experts = _linear_names(model), expert_parameters(model)
     if wanted is not None:
-        missing = [m for m in wanted if m not in available]
+        by_leaf = {e.rsplit(".", 1)[-1]: e for e in experts}
+        missing = [m for m in wanted if m not in available and m not in experts and m not in by_leaf]
         if missing:
-            raise InvalidArgument("target_modules", list(wanted), f"names of linear layers in this model: {available}")
-        return list(wanted)
-    targets = [m for m in DEFAULT_TARGET_MODULES if m in available]
-    if not targets:
-        warnings.append(f"none of the default target modules exist in this model; LoRA targets all its linear "
-                        f"layers instead: {available}")
-        targets = available
-    return targets
+            raise InvalidArgument("target_modules", list(wanted), f"names of linear layers in this model: "
+                                                                  f"{available}" + (f", or expert weights: {experts}"
+                                                                                    if experts else ""))
+        modules = [m for m in wanted if m in available]
+        return LoraTargets(modules, sorted({by_leaf.get(m, m) for m in wanted if m not in available}))
+    modules = [m for m in available if m not in _NOT_DEFAULT_TARGETS]
+    if not modules and not experts:
+        raise InvalidArgument("model_name", getattr(model, "name_or_path", "(this model)"),
+                              "a model with linear layers LoRA can adapt (found none besides the output head)")
+    skipped = sorted(set(available) - set(modules) - {"lm_head", "embed_out"})
+    if skipped:
+        warnings.append(f"LoRA is not attached to {skipped} by default (expert routers and gates: adapting them "
+                        f"shifts which experts run); name them in target_modules to adapt them too.")
+    return LoraTargets(modules, experts)
+
+
+def unquantized_experts_warning(model: Any, quant: str) -> list[str]:
+    """A warning when fused expert weights stayed unquantized (bitsandbytes and torchao quantize Linear layers)."""
+    experts = [(n, p) for n, p in model.named_parameters() if p.dim() == 3]
+    if not experts:
+        return []
+    expert_bytes = sum(p.numel() * p.element_size() for _, p in experts)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return [f"quant_type={quant!r} quantizes linear layers only: the experts' fused weights "
+            f"({', '.join(expert_parameters(model))}) stay in {str(experts[0][1].dtype).removeprefix('torch.')}, "
+            f"{expert_bytes / max(total, 1):.0%} of the model's weight bytes."]
+
+
+def choose_attention(source: str, *, trust_remote_code: bool, token: str | None, warnings: list[str]) -> str | None:
+    """The attention kernel to load with: flash-attention 2 on CUDA where flash_attn is installed and the
+    architecture has it, PyTorch SDPA where the architecture supports it, eager otherwise. None leaves the choice
+    to transformers (remote-code models)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, token=token)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (KeyError, OSError, ValueError):
+        return None
+    if detect().has_flash_attn and getattr(model_class, "_supports_flash_attn", False):
+        return "flash_attention_2"
+    if getattr(model_class, "_supports_sdpa", False):
+        return "sdpa"
+    warnings.append(f"{model_class.__name__} does not support PyTorch SDPA attention; it runs eager attention "
+                    f"(the reference implementation: correct, slower and more memory-hungry on long sequences).")
+    return "eager"
+
+
+def supports_flash_attention(model: Any) -> bool:
+    return bool(getattr(type(model), "_supports_flash_attn", False))
+
+
+def fallback_attention(model: Any) -> str:
+    """The kernel to use when flash-attention 2 is not wanted: SDPA where the architecture has it, else eager."""
+    return "sdpa" if getattr(type(model), "_supports_sdpa", False) else "eager"

@@ -15,7 +15,7 @@ import torch
 from llm_mcp.engine.device import detect
 
 INT4_GROUP_SIZE = 32  # group-wise scales; 32 divides the in_features of every common model (and the tiny one)
-_LINEAR_KINDS = ("Linear", "Linear4bit", "Linear8bitLt")
+_LINEAR_KINDS = ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")
 
 
 def quantization_config(quant: str, dtype: torch.dtype, *, double_quant: bool, warnings: list[str],
@@ -54,7 +54,30 @@ def quantize_after_load(model: Any, quant: str, warnings: list[str]) -> None:
             warnings.append("fp8: weights are stored as float8 e4m3 (8 bits) with per-row scales, but this hardware "
                             "has no native FP8 matmul, so they are computed in the compute dtype.")
         config = Float8WeightOnlyConfig()
+    conv1d_as_linear(model)
     quantize_(model, config, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
+
+
+def conv1d_as_linear(model: Any) -> int:
+    """Replace GPT-2-style Conv1D layers (a linear layer storing its weight as [in, out]) with nn.Linear holding
+    the transposed weight, as transformers' bitsandbytes route does at load, so torchao can quantize them. The
+    checkpoint layout stays Conv1D's: the merged export transposes these weights back. Returns how many."""
+    from transformers.pytorch_utils import Conv1D
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.weight.shape[0], child.nf, bias=child.bias is not None,
+                                         device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias)
+                linear.requires_grad_(child.weight.requires_grad)
+                setattr(parent, name, linear)
+                replaced += 1
+    return replaced
 
 
 def _int4_config(warnings: list[str]) -> Any:

@@ -32,7 +32,7 @@ from llm_mcp.engine.lean_lora import lean_lora_dropout
 from llm_mcp.engine.lean_mlp import lean_mlp
 from llm_mcp.engine.lean_norm import lean_rmsnorm
 from llm_mcp.engine.regional_compile import compiled_layers
-from llm_mcp.engine.model import ModelBundle
+from llm_mcp.engine.model import ModelBundle, fallback_attention, supports_flash_attention
 from llm_mcp.errors import InvalidArgument, OutOfMemory
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,19 @@ def _hardware_choices(bundle: ModelBundle, config: TrainingConfig) -> tuple[dict
         choices["report_to"] = []
         warnings.append("report_to='tensorboard' but tensorboard is not installed in the worker's environment; "
                         "no event files are written (pip install tensorboard).")
-    attn = "sdpa"
-    if config.use_flash_attention_2:
-        if hw.has_flash_attn:
+    attn = bundle.attention or "sdpa"  # what the model was loaded with (flash-attention 2, SDPA or eager)
+    if attn == "flash_attention_2" and not config.use_flash_attention_2 and bundle.engine != "unsloth":
+        attn = fallback_attention(bundle.model.get_base_model())
+    elif config.use_flash_attention_2 and attn != "flash_attention_2":
+        supported = bundle.engine == "unsloth" or supports_flash_attention(bundle.model.get_base_model())
+        if hw.has_flash_attn and supported:
             attn = "flash_attention_2"
         else:
-            why = "no CUDA GPU" if not hw.has_cuda else "the flash_attn package is not installed"
+            why = ("no CUDA GPU" if not hw.has_cuda else "the flash_attn package is not installed"
+                   if not hw.has_flash_attn else "this architecture has no flash-attention 2 implementation")
+            kernel = "PyTorch SDPA" if attn == "sdpa" else "eager"
             warnings.append(f"use_flash_attention_2=true but flash-attention 2 cannot run here ({why}); "
-                            "using PyTorch SDPA attention.")
+                            f"using {kernel} attention.")
     _set_attention(bundle, attn)
     choices["attn_implementation"] = attn
     if config.use_cpu_offload and not hw.has_cuda:
@@ -390,9 +395,10 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
 
     template = getattr(bundle.tokenizer, "chat_template", None)
     train_data = prepare_dataset(train_source, dataset_format=options.dataset_format, chat_template=template,
-                                 param="train_dataset")
+                                 param="train_dataset", tokenizer=bundle.tokenizer)
     eval_data = None if eval_source is None else prepare_dataset(
-        eval_source, dataset_format=options.dataset_format, chat_template=template, param="eval_dataset")
+        eval_source, dataset_format=options.dataset_format, chat_template=template, param="eval_dataset",
+        tokenizer=bundle.tokenizer)
     warnings += train_data.warnings + (eval_data.warnings if eval_data else [])
     engine_notes = _engine_choices(bundle, config, choices, warnings)
 

@@ -41,10 +41,12 @@ def load_model(config: UnslothLoadConfig) -> ModelBundle:
         token=config.token, device_map=config.device_map if detect().has_cuda else "cpu",
     )
     engine_model.avoid_cpu_repack_bug(model)
-    engine_model.fix_tokenizer(tokenizer, model, config.max_seq_length)
+    warnings: list[str] = []
+    engine_model.fix_tokenizer(tokenizer, model, config.max_seq_length, chat_template=config.chat_template,
+                               warnings=warnings)
     dtype = str(getattr(model.config, "dtype", None) or model.dtype).removeprefix("torch.")
     return ModelBundle(model, tokenizer, detect().device, config.max_seq_length, dtype, config.device_map,
-                       engine="unsloth", quantization="nf4" if config.load_in_4bit else "none")
+                       engine="unsloth", quantization="nf4" if config.load_in_4bit else "none", warnings=warnings)
 
 
 def _load_with_transformers(config: UnslothLoadConfig) -> ModelBundle:
@@ -55,7 +57,8 @@ def _load_with_transformers(config: UnslothLoadConfig) -> ModelBundle:
     bundle = engine_model.load_base(config.model_name, quant="nf4" if config.load_in_4bit else "none",
                                     double_quant=True, dtype=dtype,
                                     device_map=config.device_map, trust_remote_code=False,
-                                    max_length=config.max_seq_length, warnings=warnings, token=config.token)
+                                    max_length=config.max_seq_length, warnings=warnings, token=config.token,
+                                    chat_template=config.chat_template)
     return bundle
 
 
@@ -65,8 +68,12 @@ def attach_lora(bundle: ModelBundle, lora: LoraSpec) -> None:
                                  target_modules=lora.target_modules)
         return
     targets = engine_model.resolve_target_modules(bundle.model, lora.target_modules, bundle.warnings)
+    if targets.parameters:
+        bundle.warnings.append(f"Unsloth's get_peft_model adapts modules only: the experts' fused weights "
+                               f"({', '.join(targets.parameters)}) are not trained.")
     bundle.model = FastLanguageModel.get_peft_model(
-        bundle.model, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=targets,
-        bias="none", use_gradient_checkpointing=lora.gradient_checkpointing, random_state=lora.seed,
+        bundle.model, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        target_modules=targets.modules, bias="none", use_gradient_checkpointing=lora.gradient_checkpointing,
+        random_state=lora.seed,
     )
-    bundle.target_modules = targets
+    bundle.target_modules = targets.modules

@@ -13,9 +13,9 @@ from mcp.server.mcpserver import Context
 from pydantic import Field
 
 from llm_mcp.config import (
-    MAX_ID_CHARS, BatchSize, ComputeDtype, DatasetFormat, DeviceMap, Epochs, GradAccum, LearningRate, LoadConfig,
-    LoraAlpha, LoraDropout, LoraRank, LrScheduler, MaxGradNorm, MaxLength, MaxSteps, Nf4OptimizedBudget, Optimizer,
-    QuantType, ReportTo, SaveLimit, Seed, Steps,
+    MAX_ID_CHARS, BatchSize, ChatTemplate, ComputeDtype, DatasetFormat, DeviceMap, Epochs, GradAccum, LearningRate,
+    LoadConfig, LoraAlpha, LoraDropout, LoraRank, LrScheduler, MaxGradNorm, MaxLength, MaxSteps, Nf4OptimizedBudget,
+    Optimizer, QuantType, ReportTo, SaveLimit, Seed, Steps,
     TrainingConfig, WarmupRatio, WeightDecay, validated,
 )
 from llm_mcp.server.common import DatasetArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
@@ -28,7 +28,9 @@ ModelId = Annotated[str, Field(max_length=MAX_ID_CHARS, description="Id returned
 
 @agent_tool
 async def qloraevolved_load_model(
-    model_name: Annotated[str, Field(description="Local Hugging Face model folder, or a hub id such as "
+    model_name: Annotated[str, Field(description="Local Hugging Face model folder, a .gguf file (converted once), "
+                                                 "a finished adapter folder (<output_dir>/final: its base is loaded "
+                                                 "with the adapter on top), or a hub id such as "
                                                  "'Qwen/Qwen2.5-0.5B' (needs the hub or its cache).")],
     model_id: Annotated[str | None, Field(max_length=MAX_ID_CHARS, description=(
         "Id to give the model; generated from the name when null. An id already loaded is refused."))] = None,
@@ -54,6 +56,7 @@ async def qloraevolved_load_model(
     trust_remote_code: Annotated[bool, Field(description="Run code shipped with the model. Off unless you trust "
                                                          "its source.")] = LoadConfig.trust_remote_code,
     nf4_optimized_budget: Nf4OptimizedBudget = LoadConfig.nf4_optimized_budget,
+    chat_template: ChatTemplate = LoadConfig.chat_template,
     force: Annotated[bool, Field(description="Load even when the memory estimate says the weights cannot fit.")]
     = False,
     ctx: Context = None,
@@ -67,7 +70,8 @@ async def qloraevolved_load_model(
         model_name=model_name, max_length=max_length, load_in_4bit=load_in_4bit, quant_type=quant_type,
         use_double_quant=use_double_quant, compute_dtype=compute_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, target_modules=None if target_modules is None else tuple(target_modules),
-        device_map=device_map, trust_remote_code=trust_remote_code, nf4_optimized_budget=nf4_optimized_budget),
+        device_map=device_map, trust_remote_code=trust_remote_code, nf4_optimized_budget=nf4_optimized_budget,
+        chat_template=chat_template),
         where="load_model")
     loaded = await service_of(ctx).load(QLORA, config, model_id, force=force)
     return {
@@ -80,7 +84,10 @@ async def qloraevolved_load_model(
         "device": loaded.device,
         "quantization": loaded.info["quantization"],
         "memory": loaded.info["memory"],
+        "attention": loaded.info.get("attention"),
+        **({"target_parameters": loaded.info["target_parameters"]} if loaded.info.get("target_parameters") else {}),
         **({"nf4_optimized": loaded.info["nf4_optimized"]} if loaded.info.get("nf4_optimized") else {}),
+        "chat_template": loaded.info.get("chat_template"),
         "warnings": loaded.info["warnings"],
     }
 

@@ -108,9 +108,18 @@ class Sandbox:
         return source
 
     def model_source(self, param: str, name: str) -> str:
-        """A local model folder must be readable (returned resolved); a hub id passes as is."""
+        """A local model folder or .gguf file must be readable (returned resolved), and so must the base model a
+        LoRA adapter folder names; a hub id passes as is."""
         if self.looks_local(name):
-            return str(self.readable(param, name))
+            path = self.readable(param, name)
+            base = _adapter_base(path)
+            if base is not None and self.looks_local(base):
+                try:
+                    self.readable(param, base)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(param, name, f"an adapter folder whose base model, {base!r} in its "
+                                                       f"adapter_config.json, may be read too ({exc})") from None
+            return str(path)
         if not _HUB_ID.fullmatch(name):
             raise InvalidArgument(param, name, self._not_found("model folder", "'owner/name'"))
         return name
@@ -124,6 +133,19 @@ class Sandbox:
 
 def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
+
+
+def _adapter_base(path: Path) -> str | None:
+    """base_model_name_or_path of a LoRA adapter folder; None for anything else (the worker reports bad files)."""
+    import json
+
+    if stat_kind(path / "adapter_config.json") != "file" or stat_kind(path / "config.json") == "file":
+        return None
+    try:
+        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base.strip() else None
 
 
 def _json_size(rows: list[Any]) -> int:

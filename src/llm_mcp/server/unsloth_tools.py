@@ -11,7 +11,8 @@ from mcp.server.mcpserver import Context
 from pydantic import Field, WithJsonSchema
 
 from llm_mcp.config import (
-    MAX_ID_CHARS, MAX_TOKEN_CHARS, DeviceMap, MaxLength, UnslothLoadConfig, UnslothTrainingConfig, validated,
+    MAX_ID_CHARS, MAX_TOKEN_CHARS, ChatTemplate, DeviceMap, MaxLength, UnslothLoadConfig, UnslothTrainingConfig,
+    validated,
 )
 from llm_mcp.errors import InvalidArgument
 from llm_mcp.server.common import DatasetArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
@@ -24,7 +25,9 @@ ModelId = Annotated[str, Field(max_length=MAX_ID_CHARS, description="Id returned
 
 @agent_tool
 async def unsloth_load_model(
-    model_name: Annotated[str, Field(description="Local Hugging Face model folder, or a hub id such as "
+    model_name: Annotated[str, Field(description="Local Hugging Face model folder, a .gguf file (converted once), "
+                                                 "a finished adapter folder (<output_dir>/final: its base is loaded "
+                                                 "with the adapter on top), or a hub id such as "
                                                  "'unsloth/Llama-3.2-1B' (needs the hub or its cache).")],
     max_seq_length: MaxLength = UnslothLoadConfig.max_seq_length,
     load_in_4bit: Annotated[bool, Field(description="Load weights in 4-bit (bitsandbytes NF4).")]
@@ -36,6 +39,7 @@ async def unsloth_load_model(
     device_map: DeviceMap = UnslothLoadConfig.device_map,
     model_id: Annotated[str | None, Field(max_length=MAX_ID_CHARS, description=(
         "Id to give the model; default '<name>-unsloth' (numbered when taken)."))] = None,
+    chat_template: ChatTemplate = UnslothLoadConfig.chat_template,
     force: Annotated[bool, Field(description="Load even when the memory estimate says the weights cannot fit.")]
     = False,
     ctx: Context = None,
@@ -46,7 +50,8 @@ async def unsloth_load_model(
     if token is not None and not (isinstance(token, str) and 0 < len(token) <= MAX_TOKEN_CHARS):
         raise InvalidArgument("token", "(hidden)", f"a string of 1-{MAX_TOKEN_CHARS} characters, or null")
     config = validated(UnslothLoadConfig, dict(model_name=model_name, max_seq_length=max_seq_length,
-                                               load_in_4bit=load_in_4bit, token=token, device_map=device_map),
+                                               load_in_4bit=load_in_4bit, token=token, device_map=device_map,
+                                               chat_template=chat_template),
                        where="load_model")
     loaded = await service_of(ctx).load(UNSLOTH, config, model_id, force=force)
     return {
@@ -57,6 +62,8 @@ async def unsloth_load_model(
         "dtype": loaded.info["dtype"],
         "device": loaded.device,
         "engine": loaded.info["engine"],
+        "attention": loaded.info.get("attention"),
+        "chat_template": loaded.info.get("chat_template"),
         "warnings": loaded.info["warnings"],
     }
 

@@ -48,15 +48,15 @@ class WorkerState:
 def handle(cmd: Command, state: WorkerState, channel: _Channel, controls: "_Controls") -> dict[str, Any]:
     match cmd:
         case Load(config=UnslothLoadConfig() as config):
-            from llm_mcp.engine import unsloth_backend  # imports unsloth before transformers, as it must
+            from llm_mcp.engine import sources  # imports unsloth before transformers, as it must
 
-            state.bundle = unsloth_backend.load_model(config)
-            return state.bundle.describe()
+            state.bundle = sources.load_unsloth(config)  # a folder, hub id, .gguf or adapter folder
+            return _loaded(state.bundle)
         case Load(config=config):
-            from llm_mcp.engine import model as engine_model
+            from llm_mcp.engine import sources
 
-            state.bundle = engine_model.load_model(config)
-            return state.bundle.describe()
+            state.bundle = sources.load_qlora(config)
+            return _loaded(state.bundle)
         case Prepare(config=config, lora=lora):
             if lora is not None and not state.bundle.has_lora:
                 from llm_mcp.engine import unsloth_backend
@@ -98,6 +98,13 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, controls: "_Cont
             return inspect_dataset(dataset, dataset_format=fmt, tokenizer=state.bundle.tokenizer,
                                    max_length=state.bundle.max_length)
     raise AssertionError(f"unknown command {type(cmd).__name__}")
+
+
+def _loaded(bundle: Any) -> dict[str, Any]:
+    """The load answer: the bundle's description and the chat template in use."""
+    from llm_mcp.data.chat_templates import summary
+
+    return {**bundle.describe(), "chat_template": summary(bundle.tokenizer)}
 
 
 @dataclass
