@@ -15,12 +15,14 @@ from conftest import FAST_LOAD, FAST_TRAIN, McpSession
 from llm_mcp import memory
 from llm_mcp.config import LoadConfig, ServerConfig
 from llm_mcp.server.app import create_server
+from llm_mcp.tiny import demo_messages_records
 from llm_mcp.tiny_archs import ARCHITECTURES, MOE_ARCHITECTURES, make_tiny_arch
 
 QUANT_TYPES = ("nf4", "nf4_optimized", "int8", "int4", "fp8", "none")
 GGUF_UNSUPPORTED = ("opt",)  # llama.cpp has no OPT architecture
 # The tiny LayerNorm models with learned positions (GPT-2, OPT) memorise the facts only with a higher learning rate.
 TRAIN_LR = {"gpt2": 1e-2, "opt": 1e-2}
+TRAIN_STEPS = {"gpt2": 100}
 # Every projection of attention and MLP, by the names each architecture uses (fused ones and Conv1D included).
 EXPECTED_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -95,29 +97,31 @@ def matrix_mcp(arch_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_architecture_flow_through_mcp(arch, arch_dir, matrix_mcp, demo_rows):
+def test_architecture_flow_through_mcp(arch, arch_dir, matrix_mcp):
     """load (nf4) -> train -> generate -> evaluate -> export adapter / merged_16bit / gguf, through the MCP
     client, each export reloaded; GGUF refused with the supported list where llama.cpp has no such architecture."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     mcp, model_id = matrix_mcp, f"m-{arch}"
+    chats = demo_messages_records()
     loaded = mcp.ok("qloraevolved_load_model", {"model_name": str(arch_dir / arch), "model_id": model_id,
                                                 **FAST_LOAD})
     assert loaded["config"]["target_modules"] == EXPECTED_TARGETS[arch]
     assert loaded["attention"] == ("eager" if arch == "gemma2" else "sdpa")
-    before = mcp.ok("qloraevolved_evaluate", {"model_id": model_id, "eval_dataset": demo_rows[:8]})
-    trained = mcp.ok("qloraevolved_train", {"model_id": model_id, "train_dataset": demo_rows, "wait_seconds": -1,
-                                            "training_config": {**FAST_TRAIN, "max_steps": 60,
+    before = mcp.ok("qloraevolved_evaluate", {"model_id": model_id, "eval_dataset": chats[:8]})
+    trained = mcp.ok("qloraevolved_train", {"model_id": model_id, "train_dataset": chats, "wait_seconds": -1,
+                                            "training_config": {**FAST_TRAIN, "max_steps": TRAIN_STEPS.get(arch, 60),
                                                                 "learning_rate": TRAIN_LR.get(arch, FAST_TRAIN["learning_rate"]),
                                                                 "output_dir": f"run-{arch}"}})
     assert trained["status"] == "success", trained
-    after = mcp.ok("qloraevolved_evaluate", {"model_id": model_id, "eval_dataset": demo_rows[:8]})
+    after = mcp.ok("qloraevolved_evaluate", {"model_id": model_id, "eval_dataset": chats[:8]})
     assert after["eval_loss"] < 0.5 * before["eval_loss"], (before["eval_loss"], after["eval_loss"])
 
-    row = demo_rows[0]
-    answer = mcp.ok("qloraevolved_generate", {"model_id": model_id, "prompt": row["prompt"], "max_new_tokens": 24})
-    assert answer["finish_reason"] == "eos" and answer["text"].strip() == row["completion"].strip(), answer
+    question, fact = (m["content"] for m in chats[0]["messages"])
+    answer = mcp.ok("qloraevolved_generate", {"model_id": model_id, "max_new_tokens": 24,
+                                              "messages": [{"role": "user", "content": question}]})
+    assert answer["finish_reason"] == "eos" and answer["text"].strip() == fact, answer
 
     adapter = mcp.ok("qloraevolved_export", {"model_id": model_id, "format": "adapter",
                                              "output_dir": f"export-{arch}/adapter"})
@@ -126,13 +130,13 @@ def test_architecture_flow_through_mcp(arch, arch_dir, matrix_mcp, demo_rows):
     assert sum(p.numel() for n, p in reloaded.named_parameters() if "lora_" in n) == loaded["trainable_params"]
 
     merged = mcp.ok("qloraevolved_export", {"model_id": model_id, "format": "merged_16bit",
-                                            "output_dir": f"export-{arch}/merged"})
+                                            "output_dir": f"export-{arch}/merged", "probe_prompt": question})
     assert merged["verified"]["loads_with_transformers"] is True
     assert merged["verified"]["greedy_matches_adapter_model"] is True, merged["verified"]
     assert AutoModelForCausalLM.from_pretrained(str(mcp.workspace / merged["merged_dir"])).config.model_type == \
         base.config.model_type
 
-    gguf_args = {"model_id": model_id, "format": "gguf", "output_dir": f"export-{arch}/gguf"}
+    gguf_args = {"model_id": model_id, "format": "gguf", "output_dir": f"export-{arch}/gguf", "probe_prompt": question}
     if arch in GGUF_UNSUPPORTED:
         error = mcp.error("qloraevolved_export", gguf_args)
         assert "LlamaForCausalLM" in error and "Gemma3ForCausalLM" in error, error
@@ -140,5 +144,7 @@ def test_architecture_flow_through_mcp(arch, arch_dir, matrix_mcp, demo_rows):
     else:
         exported = mcp.ok("qloraevolved_export", gguf_args)
         assert (mcp.workspace / exported["gguf_file"]).is_file()
+        ran = exported["verified_llama_cpp"]  # llama.cpp ran the q8_0 file and answered what the model learned
+        assert ran["greedy_matches_merged_model"] is True and ran["answer"].strip() == fact, ran
     mcp.ok("qloraevolved_unload_model", {"model_id": model_id})
 

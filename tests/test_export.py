@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -154,6 +155,8 @@ def test_export_gguf_with_modelfile_reads_back(mcp, trained, workspace, demo_row
     verified = answer["verified"]
     assert verified["architecture"] == "llama" and verified["has_tokenizer"] and verified["has_chat_template"]
     assert verified["tensor_count"] == 2 * 9 + 3 and "Q8_0" in verified["tensor_types"]
+    if "verified_llama_cpp" in answer and answer["verified_llama_cpp"]["ran"]:  # with the [gguf] extra
+        assert isinstance(answer["verified_llama_cpp"]["answer"], str)
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./model-q8_0.gguf" in modelfile and "{{ .Prompt }}" in modelfile and 'stop "</s>"' in modelfile
 
@@ -167,16 +170,30 @@ def test_export_gguf_with_modelfile_reads_back(mcp, trained, workspace, demo_row
         assert (reread(ids).logits - merged(ids).logits).abs().max() < 0.6  # q8_0 rounding only
 
 
-def test_gguf_step_failure_keeps_adapter_and_merged(mcp, trained, workspace):
-    """q4_k_m without llama.cpp's quantizer: a typed error that says what to do, and the adapter, the merged model
-    and the f16 GGUF stay in place."""
-    text = mcp.error("qloraevolved_export", {"model_id": MODEL, "format": "gguf", "output_dir": "exp/q4",
-                                             "gguf_quantization": "q4_k_m", "verify": False})
-    assert "llama-quantize" in text
+def _need_llama_cpp() -> None:
+    if not os.environ.get("LLM_MCP_REQUIRE_LLAMA_CPP"):
+        pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [gguf] extra")
+
+
+def test_export_gguf_k_quant_runs_in_llama_cpp_and_replaces_cleanly(mcp, trained, workspace, demo_rows):
+    """q4_k_m through llama.cpp's own quantizer (llama-cpp-python): the answer says what llama.cpp answered and how
+    many greedy tokens agree with the merged model, and warns that low-bit types can lose what was learned; the
+    export is renamed into place (no temporary folder left), and overwrite=true replaces it whole."""
+    _need_llama_cpp()
+    answer = mcp.ok("qloraevolved_export", {"model_id": MODEL, "format": "gguf", "output_dir": "exp/q4",
+                                            "gguf_quantization": "q4_k_m", "probe_prompt": demo_rows[2]["prompt"]})
     out = workspace / "exp/q4"
-    assert (out / "adapter/adapter_model.safetensors").is_file() and (out / "merged/model.safetensors").is_file()
-    assert (out / "model-f16.gguf").is_file()
-    # the partial export can be replaced
+    assert answer["quantization"] == "q4_k_m" and answer["verified"]["file_type"] == 15
+    assert (out / "model-q4_k_m.gguf").is_file() and not list(out.parent.glob("q4.tmp-*"))
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "adapter", "export.json", "merged",
+                                                     "model-q4_k_m.gguf"]  # no intermediate f16 file
+    ran = answer["verified_llama_cpp"]
+    assert ran["ran"] and isinstance(ran["answer"], str)
+    if ran["compared"]:
+        assert 0 <= ran["matching_tokens"] <= ran["tokens_compared"] <= 16
+        assert any("can lose what fine-tuning taught" in w for w in answer["warnings"]), answer["warnings"]
     again = mcp.ok("qloraevolved_export", {"model_id": MODEL, "format": "gguf", "output_dir": "exp/q4",
                                            "gguf_quantization": "f16", "verify": False, "overwrite": True})
-    assert again["quantization"] == "f16"
+    assert again["quantization"] == "f16" and "verified_llama_cpp" not in again
+    assert (out / "model-f16.gguf").is_file() and not (out / "model-q4_k_m.gguf").exists()
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]

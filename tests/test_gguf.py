@@ -1,6 +1,7 @@
 """GGUF export on the real stack: the tiny Llama (and a tiny Qwen2) converted with the gguf package, read back
 with gguf.GGUFReader, and reloaded through transformers' own GGUF loader (which un-permutes q/k and dequantizes),
-whose logits and greedy tokens must match the original Hugging Face model."""
+whose logits and greedy tokens must match the original Hugging Face model. Running the files in llama.cpp, for
+every architecture, is tests/test_gguf_archs.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_mcp.engine.gguf_export import _permute, export_gguf, ollama_modelfile, verify_gguf
+from llm_mcp.engine.gguf_export import export_gguf, ollama_modelfile, permute_qk, verify_gguf
 from llm_mcp.errors import ExportError
 
 PROMPT = "What is the capital of Zorbland? Blip."
@@ -99,8 +100,8 @@ def test_metadata_and_llama_permutation_follow_llama_cpp(exported, tiny_model):
     hf_q = hf["model.layers.0.self_attn.q_proj.weight"].numpy()
     hf_k = hf["model.layers.0.self_attn.k_proj.weight"].numpy()
     assert q.shape == hf_q.shape and k.shape == hf_k.shape  # reader gives (rows, cols) like numpy
-    np.testing.assert_allclose(q, _permute(hf_q, 4, 4).astype(np.float16), rtol=0, atol=0)
-    np.testing.assert_allclose(k, _permute(hf_k, 4, 2).astype(np.float16), rtol=0, atol=0)
+    np.testing.assert_allclose(q, permute_qk(hf_q, 4, 4).astype(np.float16), rtol=0, atol=0)
+    np.testing.assert_allclose(k, permute_qk(hf_k, 4, 2).astype(np.float16), rtol=0, atol=0)
     assert not np.allclose(q, hf_q.astype(np.float16))  # really permuted, not copied
 
 
@@ -156,29 +157,38 @@ def test_modelfile_for_a_template_without_system_role_and_with_an_end_of_turn_ma
     assert 'PARAMETER stop "</s>"' in text
 
 
-def test_q4_k_m_without_llama_quantize_raises_and_keeps_the_f16_file(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.delenv("LLAMA_QUANTIZE", raising=False)
-    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no llama-quantize anywhere on PATH
-    with pytest.raises(ExportError) as info:
-        export_gguf(tiny_model, tmp_path / "out", "q4_k_m")
-    assert info.value.kind == "quantizer_missing"
-    f16 = tmp_path / "out" / "model-f16.gguf"
-    assert "llama-quantize" in str(info.value) and str(f16) in str(info.value)
-    assert f16.is_file() and verify_gguf(f16)["architecture"] == "llama"
-    assert not (tmp_path / "out" / "model-q4_k_m.gguf").exists()
+def test_k_quants_without_llama_cpp_raise_before_writing_anything(tiny_model, tmp_path, monkeypatch):
+    """q4_k_m needs llama.cpp's quantizer (llama-cpp-python): without it, a typed error that says how to install it,
+    raised before any file is written; f16 still exports, read back but not run, and says so."""
+    import llm_mcp.engine.gguf_run as gguf_run
+
+    monkeypatch.setattr(gguf_run, "llama_cpp_or_none", lambda: None)
+    for quant in ("q4_k_m", "q5_k_m", "q6_k"):
+        with pytest.raises(ExportError) as info:
+            export_gguf(tiny_model, tmp_path / "out", quant)
+        assert info.value.kind == "quantizer_missing" and "llm-mcp-server[gguf]" in str(info.value)
+    assert not (tmp_path / "out").exists()
+    answer = export_gguf(tiny_model, tmp_path / "f16", "f16")
+    assert answer["verified_llama_cpp"] == {"ran": False, "reason": "llama-cpp-python is not installed"}
+    assert any("not run" in w for w in answer["warnings"])
 
 
-def test_unsupported_architecture_raises_typed_error(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_unsupported_architecture_raises_typed_error_listing_the_supported(tmp_path):
+    """OPT, which llama.cpp has no architecture for, is refused with every supported architecture named."""
+    from transformers import OPTConfig, OPTForCausalLM
 
-    folder = tmp_path / "tiny-gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=512,
-                               bos_token_id=0, eos_token_id=0)).save_pretrained(folder)
+    folder = tmp_path / "tiny-opt"
+    OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, num_hidden_layers=1,
+                             num_attention_heads=2, vocab_size=512)).save_pretrained(folder)
     with pytest.raises(ExportError) as info:
         export_gguf(folder, tmp_path / "out", "f16")
     assert info.value.kind == "unsupported_architecture"
-    assert "GPT2LMHeadModel" in str(info.value) and "convert_hf_to_gguf.py" in str(info.value)
-    assert not list((tmp_path / "out").glob("*.gguf"))
+    assert "OPTForCausalLM" in str(info.value) and "merged_16bit" in str(info.value)
+    for name in ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
+                 "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                 "Phi3ForCausalLM", "GPTNeoXForCausalLM", "GPT2LMHeadModel"):
+        assert name in str(info.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unreadable_file_raises_typed_error(tmp_path):
@@ -244,7 +254,7 @@ def test_pre_tokenizer_names_match_llama_cpp():
     """Llama 3 and Qwen2 tokenizer.json split regexes get llama.cpp's pre-tokenizer names; plain ByteLevel is gpt-2."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-    from llm_mcp.engine.gguf_export import _pre_tokenizer_name
+    from llm_mcp.engine.gguf_vocab import pre_tokenizer_name
 
     def seq(regex: str) -> dict:
         return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
@@ -252,8 +262,8 @@ def test_pre_tokenizer_names_match_llama_cpp():
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}}
 
     warnings: list[str] = []
-    assert _pre_tokenizer_name(seq(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), warnings) == "llama-bpe"
-    assert _pre_tokenizer_name(seq(GGUF_PRE_TOKENIZER_SPLITS["qwen2"]), warnings) == "qwen2"
-    assert _pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}, warnings) == "gpt-2"
+    assert pre_tokenizer_name(seq(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), warnings) == "llama-bpe"
+    assert pre_tokenizer_name(seq(GGUF_PRE_TOKENIZER_SPLITS["qwen2"]), warnings) == "qwen2"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}, warnings) == "gpt-2"
     assert not warnings
-    assert _pre_tokenizer_name(seq(r"\d+|\w+"), warnings) == "default" and warnings
+    assert pre_tokenizer_name(seq(r"\d+|\w+"), warnings) == "default" and warnings

@@ -112,7 +112,8 @@ def test_adapter_whose_base_is_outside_the_sandbox_is_refused(tiny_model, tmp_pa
 
 
 def test_resolve_without_torch(tmp_path):
-    """resolve: a plain name passes; an adapter folder names its base; a base-less adapter is an error."""
+    """resolve: a plain name passes; an adapter folder names its base; an adapter whose base is an adapter (itself)
+    or that names none is an error."""
     assert resolve("owner/model", tmp_path) == Source("owner/model")
     adapter = tmp_path / "final"
     adapter.mkdir()
@@ -120,6 +121,9 @@ def test_resolve_without_torch(tmp_path):
     assert adapter_base(adapter) == "owner/base"
     source = resolve(str(adapter), tmp_path)
     assert source.model_dir == "owner/base" and source.adapter_dir == str(adapter.resolve())
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(adapter)}))
+    with pytest.raises(InvalidArgument, match="another adapter folder"):
+        resolve(str(adapter), tmp_path)  # its own base: refused, not a recursion
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8}))
     with pytest.raises(InvalidArgument, match="base_model_name_or_path"):
         resolve(str(adapter), tmp_path)

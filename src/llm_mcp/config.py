@@ -266,7 +266,7 @@ class RunOptions:
 
 
 ExportFormat = Literal["adapter", "merged_16bit", "gguf"]
-GgufQuantization = Literal["f16", "q8_0", "q4_k_m"]
+GgufQuantization = Literal["f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
 MaxNewTokens = Annotated[int, Field(ge=1, le=8192, description="Most tokens to generate; generation stops at EOS.")]
 Temperature = Annotated[float, Field(ge=0, le=5, description="Sampling temperature; 0 = greedy (deterministic).")]
 TopP = Annotated[float, Field(gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this "

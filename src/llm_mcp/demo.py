@@ -119,14 +119,17 @@ async def _real_flow(workdir: Path, model_dir: Path, steps: int) -> None:
                 "model_id": "real-demo", "messages": [{"role": "user", "content": question}], "max_new_tokens": 24,
                 "use_adapter": use_adapter})
 
+        prepared = await _call(client, "qloraevolved_prepare_for_training",
+                               {"model_id": "real-demo", "max_steps": steps, **REAL_TRAINING})
+        _show("qloraevolved_prepare_for_training", prepared, ["message"])
         print("\n== qloraevolved_train on invented facts (progress notifications as they arrive)")
 
         async def progress(step: float, total: float | None, message: str | None) -> None:
             print(f"   {message}", flush=True)
 
         trained = await _call(client, "qloraevolved_train", {
-            "model_id": "real-demo", "train_dataset": fact_rows(), "max_steps": steps, "overwrite_output_dir": True,
-            "wait_seconds": -1, **REAL_TRAINING}, progress_callback=progress)
+            "model_id": "real-demo", "train_dataset": fact_rows(), "overwrite_output_dir": True, "wait_seconds": -1},
+            progress_callback=progress)
         _show("qloraevolved_train result", trained, ["status", "output_dir", "loss"])
         print("\n== qloraevolved_generate (chat, greedy) without -> with the trained adapter")
         for question, answer in FACTS:

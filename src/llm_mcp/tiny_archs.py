@@ -50,14 +50,18 @@ def _qwen3(t):
     return Qwen3Config(**_decoder(t))
 
 
+def _gemma(t):
+    return {**_decoder(t), "tie_word_embeddings": True}  # released Gemma models tie them; llama.cpp's gemma needs it
+
+
 def _gemma2(t):
     from transformers import Gemma2Config
-    return Gemma2Config(**_decoder(t), query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=512)
+    return Gemma2Config(**_gemma(t), query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=512)
 
 
 def _gemma3(t):
     from transformers import Gemma3TextConfig
-    return Gemma3TextConfig(**_decoder(t), query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=512)
+    return Gemma3TextConfig(**_gemma(t), query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=512)
 
 
 def _phi3(t):

@@ -56,23 +56,29 @@ def adapter_base(folder: Path) -> str | None:
 
 
 def resolve(name: str, cache_root: Path) -> Source:
-    """A .gguf -> its converted folder under cache_root; an adapter folder -> its base (resolved the same way)
-    and the adapter; anything else unchanged."""
-    if is_gguf(name):
-        folder, converted = cached_conversion(Path(os.path.expanduser(name)).resolve(), cache_root)
-        how = "converted" if converted else "converted earlier; reused"
-        return Source(str(folder), notes=[f"model_name is a GGUF file: {how} (dequantized) into the folder "
-                                          f"{folder}, which is what is loaded."])
+    """A .gguf -> its converted folder under cache_root; an adapter folder -> its base (a .gguf base converted
+    the same way) and the adapter; anything else unchanged."""
     path = Path(os.path.expanduser(name))
     base = adapter_base(path) if stat_kind(path) == "dir" else None
     if base is None:
-        return Source(name)
-    inner = resolve(base, cache_root)
-    if inner.adapter_dir is not None:
-        raise InvalidArgument("model_name", name, "an adapter folder whose base is a model, not another adapter")
+        return _model_source(name, cache_root)
+    base_path = Path(os.path.expanduser(base))
+    if stat_kind(base_path) == "dir" and adapter_base(base_path) is not None:
+        raise InvalidArgument("model_name", name, f"an adapter folder whose base is a model; {base!r} in its "
+                                                  "adapter_config.json is another adapter folder")
+    inner = _model_source(base, cache_root)
     note = (f"model_name is a LoRA adapter folder: its base {base!r} was loaded with this adapter on top "
             "(trainable; its LoRA settings come from adapter_config.json).")
     return Source(inner.model_dir, str(path.resolve()), [*inner.notes, note])
+
+
+def _model_source(name: str, cache_root: Path) -> Source:
+    if not is_gguf(name):
+        return Source(name)
+    folder, converted = cached_conversion(Path(os.path.expanduser(name)).resolve(), cache_root)
+    how = "converted" if converted else "converted earlier; reused"
+    return Source(str(folder), notes=[f"model_name is a GGUF file: {how} (dequantized) into the folder {folder}, "
+                                      "which is what is loaded."])
 
 
 # -- GGUF -> HF folder ---------------------------------------------------------------------------------------
@@ -97,6 +103,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: str | None = None) -> Pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or ("float32" if gguf_file.stat().st_size <= FLOAT32_UP_TO_BYTES else "bfloat16")
+    log.info("converting %s to a %s Hugging Face folder at %s", gguf_file, dtype, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

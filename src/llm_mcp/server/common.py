@@ -169,7 +169,9 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
         output_dir: Annotated[str, Field(description="Folder to write (relative to the workspace); must be new or "
                                                      "empty unless overwrite=true.")] = ExportConfig.output_dir,
         gguf_quantization: Annotated[GgufQuantization, Field(description=(
-            "gguf only: f16, q8_0, or q4_k_m (needs llama.cpp's llama-quantize on PATH)."))]
+            "gguf only: f16, q8_0 (same answers as the merged model), or the k-quants q4_k_m, q5_k_m, q6_k "
+            "(smaller; can lose what was learned, the answer reports the measured agreement; they need the "
+            "[gguf] extra, llama-cpp-python)."))]
         = ExportConfig.gguf_quantization,
         save_dtype: Annotated[Literal["float16", "bfloat16"], Field(description="Dtype of merged weights.")]
         = ExportConfig.save_dtype,

@@ -1,0 +1,83 @@
+"""The probes exports are verified with, and greedy token answers from a Hugging Face model.
+
+A probe is the agent's probe_prompt (or a short default chat), rendered with the model's chat template as the
+generate tool renders `messages`; longer probes follow for a model that answers the first with EOS alone, because
+an empty answer agreeing with another empty answer proves nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llm_mcp.config import ChatMessage, GenerationConfig
+
+DEFAULT_PROBE = "Hello! What can you do?"
+LONGER_PROBE = "Please describe in a few full sentences what you know and what you can help me with."
+RAW_PROBE = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A prompt as the model reads it."""
+
+    label: str  # the user's message, or the raw prompt
+    text: str  # the rendered chat (or the raw prompt)
+    is_chat: bool  # rendered with the chat template (which writes BOS itself where the model wants one)
+
+    def generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        if self.is_chat:
+            return GenerationConfig(messages=(ChatMessage(role="user", content=self.label),),
+                                    max_new_tokens=max_new_tokens)
+        return GenerationConfig(prompt=self.text, max_new_tokens=max_new_tokens)
+
+    def input_ids(self, tokenizer: Any) -> list[int]:
+        return tokenizer(self.text, add_special_tokens=not self.is_chat).input_ids
+
+    def describe(self) -> dict[str, Any]:
+        return {"prompt": self.label, "chat_template": self.is_chat}
+
+
+def probes(tokenizer: Any, probe_prompt: str | None) -> list[Probe]:
+    """The probe to use first, then longer ones for a model that answers it with nothing."""
+    out: list[Probe] = []
+    for message in dict.fromkeys([probe_prompt or DEFAULT_PROBE, LONGER_PROBE]):
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                                 add_generation_prompt=True)
+            out.append(Probe(message, text, True))
+        else:
+            out.append(Probe(message, message, False))
+    out.append(Probe(RAW_PROBE, RAW_PROBE, False))
+    return out
+
+
+def stop_ids(tokenizer: Any, model: Any) -> list[int]:
+    """EOS of the tokenizer and every id of the generation config's eos_token_id (end-of-turn tokens)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def greedy_tokens(model: Any, tokenizer: Any, probe: Probe, n: int) -> dict[str, Any]:
+    """Up to n greedy tokens (the stop token included when one comes), their text, and the prompt ids."""
+    ids = probe.input_ids(tokenizer)
+    stops = stop_ids(tokenizer, model)
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                             eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    tokens = out[0, len(ids):].tolist()
+    first_stop = next((k for k, t in enumerate(tokens) if t in stops), None)
+    if first_stop is not None:
+        tokens = tokens[:first_stop + 1]
+    return {"tokens": tokens, "text": tokenizer.decode(tokens, skip_special_tokens=True), "prompt_ids": ids,
+            "stops": stops}
+
+
+def is_empty(tokens: list[int], stops: list[int]) -> bool:
+    """No answer at all: nothing generated, or the stop token first."""
+    return not tokens or tokens[0] in stops
