@@ -30,14 +30,14 @@ LEARNING_RATE, STEPS = 1e-2, 40
 QUANT = {"gpt2": "nf4"}  # GPT-2's Conv1D through bitsandbytes, merged back to Conv1D's layout; the rest plain LoRA
 
 
-def _tied_gemma2(folder: Path) -> Path:
-    """Gemma 2 as released: lm_head is the embedding (llama.cpp's gemma2 has no separate output head)."""
+def _untied_gemma2(folder: Path) -> Path:
+    """A Gemma 2 whose lm_head is not its embedding (released Gemma models tie them, as the tiny one does)."""
     from transformers import AutoModelForCausalLM
 
     make_tiny_arch("gemma2", folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.config.tie_word_embeddings = True
-    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone() + 0.1)
     model.save_pretrained(folder)
     return folder
 
@@ -59,7 +59,7 @@ def arch_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _model_dir(arch: str, root: Path) -> Path:
     folder = root / "models" / arch
     if not (folder / "config.json").is_file():
-        _tied_gemma2(folder) if arch == "gemma2" else make_tiny_arch(arch, folder)
+        make_tiny_arch(arch, folder)
     return folder
 
 
@@ -167,7 +167,7 @@ def test_untied_gemma2_is_refused_as_llama_cpp_would_answer_differently(arch_roo
     """llama.cpp's gemma2 always uses the embedding as the output head: an untied lm_head is refused, clearly."""
     from llm_mcp.engine.gguf_export import export_gguf
 
-    folder = make_tiny_arch("gemma2", tmp_path / "gemma2-untied")
+    folder = _untied_gemma2(tmp_path / "gemma2-untied")
     with pytest.raises(ExportError, match="lm_head differs from its embed_tokens") as info:
         export_gguf(folder, tmp_path / "out", "f16")
     assert info.value.kind == "unsupported_architecture" and not (tmp_path / "out" / "model-f16.gguf").exists()

@@ -43,8 +43,9 @@ def test_each_quant_type_trains_and_saves_an_adapter(mcp, tiny_model, demo_rows,
     assert merged["verified"]["loads_with_transformers"] is True
     from llm_mcp.engine.export import PROBE_TOKENS
 
-    after = mcp.ok("qloraevolved_generate", {"model_id": quant_type, "prompt": demo_rows[0]["prompt"],
-                                             "max_new_tokens": PROBE_TOKENS})  # as verification generated
+    after = mcp.ok("qloraevolved_generate", {"model_id": quant_type, "max_new_tokens": PROBE_TOKENS,
+                                             "messages": [{"role": "user", "content": demo_rows[0]["prompt"]}]})
+    # as verification generated: the probe rendered with the chat template
     assert after["text"] == merged["verified"]["adapter_model_answer"]
     mcp.ok("qloraevolved_unload_model", {"model_id": quant_type})
     _reload_adapter(workspace / trained["output_dir"], tiny_model)

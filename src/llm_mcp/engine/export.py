@@ -50,6 +50,10 @@ def export(bundle: ModelBundle, config: ExportConfig, *, probe_prompt: str | Non
         config_dict = base.config.to_dict()
         config_dict["architectures"] = config_dict.get("architectures") or [type(base).__name__]
         check_architecture(config_dict, repr(_model_name(bundle)))
+        from llm_mcp.engine.gguf_run import EXACT_QUANTS, require_quantizer
+
+        if config.gguf_quantization not in EXACT_QUANTS:
+            require_quantizer(config.gguf_quantization)  # a k-quant: refused before the merge, not after
     tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier export of this process that was killed
     tmp.mkdir(parents=True)

@@ -115,7 +115,8 @@ def load_base(model_name: str, *, quant: str, double_quant: bool, dtype: torch.d
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, token=token)
-        attention = choose_attention(source, trust_remote_code=trust_remote_code, token=token, warnings=warnings)
+        attention = choose_attention(source, trust_remote_code=trust_remote_code, token=token, warnings=warnings,
+                                     half_precision=dtype in (torch.float16, torch.bfloat16))
         model = AutoModelForCausalLM.from_pretrained(
             source, quantization_config=quantization_config, dtype=dtype,
             device_map=_device_map(device_map, warnings), trust_remote_code=trust_remote_code,
@@ -137,6 +138,7 @@ def load_base(model_name: str, *, quant: str, double_quant: bool, dtype: torch.d
 
         # Freezes the base and upcasts norms; gradient checkpointing is the trainer's business.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _experts_to(model, dtype)  # peft upcast them to float32 with the norms: they are most of an MoE's bytes
     if quant != "none":
         warnings.extend(unquantized_experts_warning(model, quant))
     return ModelBundle(model, tokenizer, detect().device, max_length, str(dtype).removeprefix("torch."),
@@ -297,6 +299,12 @@ def resolve_target_modules(model: Any, wanted: tuple[str, ...] | None, warnings:
     return LoraTargets(modules, experts)
 
 
+def _experts_to(model: Any, dtype: torch.dtype) -> None:
+    for param in model.parameters():
+        if param.dim() == 3 and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def unquantized_experts_warning(model: Any, quant: str) -> list[str]:
     """A warning when fused expert weights stayed unquantized (bitsandbytes and torchao quantize Linear layers)."""
     experts = [(n, p) for n, p in model.named_parameters() if p.dim() == 3]
@@ -309,7 +317,8 @@ def unquantized_experts_warning(model: Any, quant: str) -> list[str]:
             f"{expert_bytes / max(total, 1):.0%} of the model's weight bytes."]
 
 
-def choose_attention(source: str, *, trust_remote_code: bool, token: str | None, warnings: list[str]) -> str | None:
+def choose_attention(source: str, *, trust_remote_code: bool, token: str | None, warnings: list[str],
+                     half_precision: bool = True) -> str | None:
     """The attention kernel to load with: flash-attention 2 on CUDA where flash_attn is installed and the
     architecture has it, PyTorch SDPA where the architecture supports it, eager otherwise. None leaves the choice
     to transformers (remote-code models)."""
@@ -320,8 +329,11 @@ def choose_attention(source: str, *, trust_remote_code: bool, token: str | None,
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, token=token)
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except (KeyError, OSError, ValueError):
+        warnings.append("this model's architecture is not one transformers knows by name; its attention kernel is "
+                        "transformers' default for it.")
         return None
-    if detect().has_flash_attn and getattr(model_class, "_supports_flash_attn", False):
+    # flash-attention 2 computes in float16/bfloat16 only; generate and evaluate run without autocast
+    if half_precision and detect().has_flash_attn and getattr(model_class, "_supports_flash_attn", False):
         return "flash_attention_2"
     if getattr(model_class, "_supports_sdpa", False):
         return "sdpa"

@@ -75,6 +75,7 @@ def conv1d_as_linear(model: Any) -> int:
                     if child.bias is not None:
                         linear.bias.copy_(child.bias)
                 linear.requires_grad_(child.weight.requires_grad)
+                linear.source_cls = Conv1D  # as transformers' bitsandbytes route marks it: merged exports transpose back
                 setattr(parent, name, linear)
                 replaced += 1
     return replaced
