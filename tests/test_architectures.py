@@ -148,3 +148,20 @@ def test_architecture_flow_through_mcp(arch, arch_dir, matrix_mcp):
         assert ran["greedy_matches_merged_model"] is True and ran["answer"].strip() == fact, ran
     mcp.ok("qloraevolved_unload_model", {"model_id": model_id})
 
+
+
+def test_moe_experts_stay_in_the_compute_dtype_under_4_bit(arch_dir):
+    """bitsandbytes quantizes Linear layers only; the experts' fused weights stay in the compute dtype (peft's
+    k-bit preparation would upcast them to float32, doubling most of an MoE model's bytes)."""
+    from llm_mcp.engine.model import load_model
+
+    bundle = load_model(LoadConfig(model_name=str(arch_dir / "mixtral"), quant_type="nf4", compute_dtype="bfloat16",
+                                   lora_rank=4))
+    experts = {n: p.dtype for n, p in bundle.model.named_parameters() if p.dim() == 3}
+    assert experts and set(experts.values()) == {torch.bfloat16}, experts
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2]])
+    bundle.model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = bundle.model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in bundle.model.named_parameters() if "experts" in n and "lora_B" in n)

@@ -99,6 +99,10 @@ async def _flow(workdir: Path, model_dir: Path, steps: int) -> None:
         print(f"   merged model reloaded with transformers, same greedy answer: "
               f"{exported['verified_merged']['greedy_matches_adapter_model']}; GGUF read back: "
               f"{exported['verified']['architecture']}, {exported['verified']['tensor_count']} tensors")
+        ran = exported.get("verified_llama_cpp") or {}
+        if ran.get("ran"):
+            print(f"   llama.cpp ran the GGUF: {ran.get('answer', '')!r} (same greedy tokens as the merged model: "
+                  f"{ran.get('greedy_matches_merged_model')})")
 
         listed = await _call(client, "qloraevolved_list_models", {})
         print(f"\n== qloraevolved_list_models\n   {json.dumps({k: v['device'] for k, v in listed['models'].items()})}")
