@@ -165,3 +165,19 @@ def test_moe_experts_stay_in_the_compute_dtype_under_4_bit(arch_dir):
         loss = bundle.model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert all(p.grad is not None for n, p in bundle.model.named_parameters() if "experts" in n and "lora_B" in n)
+
+
+@pytest.mark.parametrize("arch, targets", [("qwen2_moe", ("down_proj",)), ("mixtral", ("q_proj", "gate_up_proj")),
+                                           ("gpt2", ("c_proj",))])
+def test_estimate_counts_the_adapters_named_targets_give(arch, targets, arch_dir):
+    """estimate_memory with target_modules counts what the engine adapts for them: a leaf name that is a Linear
+    (Qwen2-MoE's shared-expert down_proj) is not also an expert weight; a leaf used twice (GPT-2's c_proj) counts
+    both layers."""
+    from llm_mcp.engine.model import load_model
+
+    bundle = load_model(LoadConfig(model_name=str(arch_dir / arch), quant_type="none", compute_dtype="float32",
+                                   lora_rank=4, lora_dropout=0.0, target_modules=targets))
+    estimate = memory.estimate(memory.read_shape(str(arch_dir / arch)), quant_type="none", compute_dtype="float32",
+                               lora_rank=4, batch_size=1, max_length=16, use_gradient_checkpointing=True,
+                               target_modules=targets)
+    assert estimate.lora_bytes // 4 == bundle.param_counts()[0]

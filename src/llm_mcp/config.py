@@ -28,6 +28,10 @@ DatasetFormat = Literal["auto", "text", "alpaca", "prompt_completion", "messages
 
 FOUR_BIT_QUANT_TYPES: tuple[str, ...] = ("nf4", "nf4_optimized", "int4")
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Linear layers LoRA leaves out by default (engine/model.py and memory.py both read it): output heads, and routers /
+# gates that pick experts or scale a shared expert (a few logits per token; adapting them shifts the expert choice).
+NOT_DEFAULT_LORA_TARGETS = frozenset({"lm_head", "embed_out", "gate", "router", "shared_expert_gate", "score",
+                                      "classifier"})
 
 # Typed, bounded parameters: one definition serves the tool schema and the dataclass validation.
 MaxLength = Annotated[int, Field(ge=16, le=131072, description="Maximum tokens per training example; longer ones are cut.")]

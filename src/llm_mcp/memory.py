@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llm_mcp.config import NOT_DEFAULT_LORA_TARGETS
 from llm_mcp.errors import InvalidArgument
 from llm_mcp.paths import stat_kind
 
@@ -26,11 +27,6 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # torch + transformers + peft + trl in a worker process before any model (measured: ~0.55 GB RSS on CPU);
 # a CUDA context plus allocator slack on a GPU.
 RUNTIME_BYTES = {"cpu": int(0.6 * GIB), "cuda": int(0.9 * GIB)}
-
-
-# Linear layers not adapted by default (the engine's rule, engine/model.py): routers, gates, output heads.
-NOT_DEFAULT_TARGETS = frozenset({"lm_head", "embed_out", "gate", "router", "shared_expert_gate", "score",
-                                 "classifier"})
 
 
 @dataclass(frozen=True)
@@ -178,8 +174,7 @@ def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_ran
     targets = lora_targets(shape, target_modules)
     lora_params = shape.layers * (
         sum(lora_rank * (i + o) for name, i, o in shape.linear_layers() if name in targets)
-        + sum(lora_rank * e * (i + o) for path, e, i, o in shape.expert_layers()
-              if path in targets or path.rsplit(".", 1)[-1] in targets))
+        + sum(lora_rank * e * (i + o) for path, e, i, o in shape.expert_layers() if _names_expert(path, targets, shape)))
     lora = lora_params * 4  # peft keeps adapters in float32
     gradients = lora_params * 4
     optimizer = lora_params * (2 if "8bit" in optim else 8)  # Adam's two moments, 8-bit or 32-bit
@@ -213,8 +208,15 @@ def lora_targets(shape: ModelShape, target_modules: tuple[str, ...] | None) -> s
     and MLP plus the experts' fused weights."""
     if target_modules:
         return set(target_modules)
-    return ({name for name, _, _ in shape.linear_layers() if name not in NOT_DEFAULT_TARGETS}
+    return ({name for name, _, _ in shape.linear_layers() if name not in NOT_DEFAULT_LORA_TARGETS}
             | {path for path, *_ in shape.expert_layers()})
+
+
+def _names_expert(path: str, targets: set[str], shape: ModelShape) -> bool:
+    """Whether the targets adapt an expert weight: by its path, or by its leaf name where no linear layer has that
+    name (the engine's rule: "down_proj" in Qwen2-MoE is the shared expert's Linear)."""
+    leaf = path.rsplit(".", 1)[-1]
+    return path in targets or (leaf in targets and leaf not in shape.linear_shapes())
 
 
 # TRL's fused LM head (SFTTrainer, trl >= 1.16) scores tokens against the vocabulary in tiles of at most this many

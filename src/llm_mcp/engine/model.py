@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from llm_mcp.config import LoadConfig
+from llm_mcp.config import NOT_DEFAULT_LORA_TARGETS, LoadConfig
 from llm_mcp.engine import quantize as quantization
 from llm_mcp.engine.device import detect, torch_dtype
 from llm_mcp.errors import EngineError, InvalidArgument
@@ -243,10 +243,6 @@ def fix_tokenizer(tokenizer: Any, model: Any, max_length: int, *, chat_template:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-# Linear layers never adapted by default: output heads, and routers / gates that pick experts or scale a shared
-# expert (their outputs are a few logits per token; adapting them destabilises the expert choice).
-_NOT_DEFAULT_TARGETS = frozenset({"lm_head", "embed_out", "gate", "router", "shared_expert_gate", "score",
-                                  "classifier"})
 # Module classes LoRA can wrap: torch Linear (also under torchao's quantized weights), bitsandbytes' 4/8-bit
 # layers and GPT-2's Conv1D (peft handles its transposed weight with fan_in_fan_out).
 _ADAPTABLE = ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")
@@ -288,7 +284,7 @@ def resolve_target_modules(model: Any, wanted: tuple[str, ...] | None, warnings:
                                                                                     if experts else ""))
         modules = [m for m in wanted if m in available]
         return LoraTargets(modules, sorted({by_leaf.get(m, m) for m in wanted if m not in available}))
-    modules = [m for m in available if m not in _NOT_DEFAULT_TARGETS]
+    modules = [m for m in available if m not in NOT_DEFAULT_LORA_TARGETS]
     if not modules and not experts:
         raise InvalidArgument("model_name", getattr(model, "name_or_path", "(this model)"),
                               "a model with linear layers LoRA can adapt (found none besides the output head)")
