@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from llm_mcp.config import ChatMessage, GenerationConfig
+from llm_mcp.engine.generate import stop_ids
 
 DEFAULT_PROBE = "Hello! What can you do?"
 LONGER_PROBE = "Please describe in a few full sentences what you know and what you can help me with."
@@ -52,14 +53,6 @@ def probes(tokenizer: Any, probe_prompt: str | None) -> list[Probe]:
             out.append(Probe(message, message, False))
     out.append(Probe(RAW_PROBE, RAW_PROBE, False))
     return out
-
-
-def stop_ids(tokenizer: Any, model: Any) -> list[int]:
-    """EOS of the tokenizer and every id of the generation config's eos_token_id (end-of-turn tokens)."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
 
 
 def greedy_tokens(model: Any, tokenizer: Any, probe: Probe, n: int) -> dict[str, Any]:

@@ -31,7 +31,7 @@ def generate(bundle: Any, config: GenerationConfig) -> dict[str, Any]:
     ids = ids.to(_input_device(model))
     sampling = config.temperature > 0
     kwargs: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "do_sample": sampling,
-                              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": _stop_ids(tokenizer, model),
+                              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stop_ids(tokenizer, model),
                               "use_cache": True}
     if sampling:
         kwargs.update(temperature=config.temperature, top_p=config.top_p)
@@ -64,7 +64,7 @@ def generate(bundle: Any, config: GenerationConfig) -> dict[str, Any]:
     }
 
 
-def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
+def stop_ids(tokenizer: Any, model: Any) -> list[int]:
     """EOS of the tokenizer and of the generation config (chat models often end turns with another token)."""
     ids = {tokenizer.eos_token_id}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.errors import InvalidArgument
-from llm_mcp.paths import stat_kind
+from llm_mcp.paths import adapter_base, stat_kind
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +39,6 @@ class Source:
 
 def is_gguf(name: str) -> bool:
     return name.lower().endswith(".gguf") and stat_kind(Path(os.path.expanduser(name))) == "file"
-
-
-def adapter_base(folder: Path) -> str | None:
-    """The base model an adapter folder names, or None when the folder is not a LoRA adapter."""
-    if stat_kind(folder / "adapter_config.json") != "file" or stat_kind(folder / "config.json") == "file":
-        return None
-    try:
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        base = None
-    if not isinstance(base, str) or not base.strip():
-        raise InvalidArgument("model_name", str(folder), "an adapter folder whose adapter_config.json names its base "
-                                                         "model in base_model_name_or_path")
-    return base
 
 
 def resolve(name: str, cache_root: Path) -> Source:

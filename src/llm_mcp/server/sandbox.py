@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.errors import InvalidArgument
-from llm_mcp.paths import stat_kind
+from llm_mcp.paths import adapter_base, stat_kind
 
 MAX_PATH_CHARS = 4096
 # Inline rows travel in the JSON of one tool call: past these, a file in the workspace is the better carrier.
@@ -112,7 +112,7 @@ class Sandbox:
         LoRA adapter folder names; a hub id passes as is."""
         if self.looks_local(name):
             path = self.readable(param, name)
-            base = _adapter_base(path)
+            base = adapter_base(path)
             if base is not None and self.looks_local(base):
                 try:
                     self.readable(param, base)
@@ -133,19 +133,6 @@ class Sandbox:
 
 def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
-
-
-def _adapter_base(path: Path) -> str | None:
-    """base_model_name_or_path of a LoRA adapter folder; None for anything else (the worker reports bad files)."""
-    import json
-
-    if stat_kind(path / "adapter_config.json") != "file" or stat_kind(path / "config.json") == "file":
-        return None
-    try:
-        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return base if isinstance(base, str) and base.strip() else None
 
 
 def _json_size(rows: list[Any]) -> int:
