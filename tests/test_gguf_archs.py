@@ -44,7 +44,7 @@ def _untied_gemma2(folder: Path) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine contending threads cost 10-50x."""
+    """Tiny models gain nothing from threads, and on a shared 2-core machine contending threads slow them down."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -2,7 +2,7 @@
 GGUF inside a wheel) and converted once per run, learns invented facts with QLoRA; the adapter answers them and
 stops at <|im_end|>, the base does not know them, and the exported q8_0 GGUF answers the same in llama.cpp.
 
-Set LLM_MCP_MODEL_CACHE to keep the converted folder between runs (CI converts it once per run, ~25 s).
+Set LLM_MCP_MODEL_CACHE to keep the converted folder between runs (CI converts it once per run).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from llm_mcp.server.app import create_server
 MODEL = "smol"
 LOAD = {"quant_type": "nf4", "compute_dtype": "float32", "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0,
         "max_length": 256}
-# Every step sees all five facts; 10 steps at this rate memorise them (loss ~2.2 -> ~0.002), ~5-10 s a step here.
+# Every step sees all five facts; 10 steps at this rate memorise them.
 TRAIN = {"learning_rate": 3e-3, "batch_size": 5, "gradient_accumulation_steps": 1, "warmup_ratio": 0.0,
          "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "logging_steps": 1, "save_steps": 1000,
          "use_gradient_checkpointing": False, "report_to": "none", "max_steps": 10, "output_dir": "facts-run"}
