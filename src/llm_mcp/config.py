@@ -267,6 +267,7 @@ class RunOptions:
     resume_from_checkpoint: bool | str = False  # True: latest checkpoint in output_dir; str: a checkpoint folder
     overwrite_output_dir: bool = False
     eval_steps: int | None = None  # None: evaluate at the end only
+    skip_invalid_rows: bool = False  # False: a malformed row refuses the run, naming it; True: skipped and counted
 
 
 ExportFormat = Literal["adapter", "merged_16bit", "gguf"]

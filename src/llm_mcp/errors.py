@@ -11,6 +11,9 @@
      +-- OutOfMemory          training ran out of GPU memory (message carries concrete advice)
      +-- EngineError          loading/training failed inside the worker (message carries the cause)
      +-- ExportError          exporting a merged model (GGUF) failed; .kind says why
+     +-- DiskFull             a folder's file system has too little free space (folder, bytes needed and free)
+     +-- OutputDirBusy        another live run or export holds the output folder's lock (names the holder)
+     +-- Cancelled            a command was stopped (cancel_training, unload) before it finished
 
 Only server/common.py (agent_tool) turns these into MCP tool errors. Leaf module: imports nothing from the package.
 """
@@ -109,9 +112,39 @@ class ExportError(LlmMcpError):
         super().__init__(message)
 
 
+class DiskFull(LlmMcpError):
+    """Too little free space in a folder's file system. The message names the folder, the bytes needed and free;
+    nothing half-written is left behind by the code that raises it."""
+
+    def __init__(self, folder: object, *, needed: int | None, free: int | None, doing: str) -> None:
+        self.folder, self.needed, self.free = str(folder), needed, free
+        need = f"~{_size(needed)} needed" if needed else "more space needed"
+        have = f"{_size(free)} free" if free is not None else "free space unknown"
+        super().__init__(f"disk full: {doing} in {self.folder} stopped ({need}, {have}). Free space on that file "
+                         "system (or use another output_dir / --workspace) and try again.")
+
+
+class OutputDirBusy(LlmMcpError):
+    """Another live training or export holds the output folder (its lock file names the holder)."""
+
+
+class Cancelled(LlmMcpError):
+    """A command was stopped (cancel_training, unload, shutdown) before it finished."""
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 # Worker -> server: errors cross the process boundary as (class name, message) and are rebuilt here.
 _BY_NAME = {c.__name__: c for c in (InvalidArgument, DatasetError, EngineError, ExportError, OutOfMemory, WorkerBusy,
-                                     WorkerDied)}
+                                     WorkerDied, DiskFull, OutputDirBusy, Cancelled)}
 
 
 def rebuild(kind: str, message: str) -> LlmMcpError:

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 from llm_mcp.data.chat_templates import has_generation_marks, tokenize_chat
 from llm_mcp.errors import DatasetError
@@ -121,7 +122,8 @@ def detect_format(columns: list[str]) -> str | None:
 
 
 def prepare(source: str | list[dict[str, Any]], *, dataset_format: str, chat_template: str | None,
-            param: str, tokenizer: Any = None) -> PreparedDataset:
+            param: str, tokenizer: Any = None, should_stop: Callable[[], bool] | None = None,
+            skip_invalid_rows: bool = False) -> PreparedDataset:
     """Read, detect, check and convert a dataset for SFTTrainer; errors name the columns found. With the model's
     tokenizer, chat rows train on every assistant turn whatever the template."""
     fmt, rows = convert_rows(read_source(source, param=param), dataset_format=dataset_format, param=param)

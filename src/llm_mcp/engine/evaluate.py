@@ -7,6 +7,7 @@ import contextlib
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from llm_mcp.data.datasets import prepare as prepare_dataset
@@ -15,12 +16,13 @@ from llm_mcp.engine.float32_compute import bf16_slowdown, float32_compute, is_em
 from llm_mcp.engine.model import ModelBundle
 
 
-def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_size: int) -> dict[str, Any]:
+def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_size: int,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     data = prepare_dataset(source, dataset_format=dataset_format,
                            chat_template=getattr(bundle.tokenizer, "chat_template", None), param="eval_dataset",
-                           tokenizer=bundle.tokenizer)
+                           tokenizer=bundle.tokenizer, should_stop=should_stop)
     hw = detect()
     with tempfile.TemporaryDirectory(prefix="llm-mcp-eval-") as scratch:  # evaluate() writes nothing we keep
         args = SFTConfig(

@@ -395,10 +395,11 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
 
     template = getattr(bundle.tokenizer, "chat_template", None)
     train_data = prepare_dataset(train_source, dataset_format=options.dataset_format, chat_template=template,
-                                 param="train_dataset", tokenizer=bundle.tokenizer)
+                                 param="train_dataset", tokenizer=bundle.tokenizer, should_stop=should_stop,
+                                 skip_invalid_rows=options.skip_invalid_rows)
     eval_data = None if eval_source is None else prepare_dataset(
         eval_source, dataset_format=options.dataset_format, chat_template=template, param="eval_dataset",
-        tokenizer=bundle.tokenizer)
+        tokenizer=bundle.tokenizer, should_stop=should_stop, skip_invalid_rows=options.skip_invalid_rows)
     warnings += train_data.warnings + (eval_data.warnings if eval_data else [])
     engine_notes = _engine_choices(bundle, config, choices, warnings)
 

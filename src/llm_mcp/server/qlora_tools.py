@@ -150,7 +150,8 @@ async def qloraevolved_train(
                                                                  "is reported at the end.")] = None,
     training_config: Annotated[dict[str, Any] | None, Field(
         description="Overrides of the prepared config by name (learning_rate, batch_size, max_steps, ...), plus "
-                    "dataset_format, resume_from_checkpoint, overwrite_output_dir, eval_steps.")] = None,
+                    "dataset_format, resume_from_checkpoint, overwrite_output_dir, eval_steps, skip_invalid_rows (true: skip "
+                    "malformed rows and count them instead of refusing the run).")] = None,
     dataset_format: Annotated[DatasetFormat, Field(description="Row format; 'auto' detects it from the columns.")]
     = "auto",
     resume_from_checkpoint: Annotated[bool | str, Field(description="true: continue from the latest checkpoint in "

@@ -100,7 +100,8 @@ async def unsloth_train(
                                                                  "is reported at the end.")] = None,
     training_config: Annotated[dict[str, Any] | None, Field(
         description="Overrides of the prepared settings by name (learning_rate, max_steps, output_dir, ...), plus "
-                    "dataset_format, resume_from_checkpoint, overwrite_output_dir, eval_steps.")] = None,
+                    "dataset_format, resume_from_checkpoint, overwrite_output_dir, eval_steps, skip_invalid_rows (true: skip "
+                    "malformed rows and count them instead of refusing the run).")] = None,
     wait_seconds: WaitSeconds = 45,
     ctx: Context = None,
 ) -> dict[str, Any]:
