@@ -150,16 +150,26 @@ def _fake_serve(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> dict:
 
     seen: dict = {}
 
-    def fake_create_server(config, *, token=None):
+    def fake_create_server(config, *, token=None, closed=None):
         seen.update(config=config, token=token)
 
         class _Server:
-            def run(self, *args, **kwargs) -> None:
-                seen.update(run_args=args, run_kwargs=kwargs)
+            async def run_stdio_async(self) -> None:
+                seen.update(run_args=("stdio",))
+
+            def streamable_http_app(self, **kwargs):
+                from starlette.applications import Starlette
+
+                seen.update(run_args=("streamable-http",), run_kwargs=kwargs)
+                return Starlette()
 
         return _Server()
 
+    async def no_serve(self, *args, **kwargs) -> None:  # nothing binds a port
+        seen.update(uvicorn_host=self.config.host, uvicorn_port=self.config.port)
+
     monkeypatch.setattr("llm_mcp.server.app.create_server", fake_create_server)
+    monkeypatch.setattr("uvicorn.Server.serve", no_serve)
     assert cli.main(argv) == 0
     return seen
 
@@ -185,6 +195,7 @@ def test_cli_non_loopback_host_with_token_keeps_host_checks_on(tmp_path, monkeyp
                                      "--workspace", str(tmp_path)])
     security = seen["run_kwargs"]["transport_security"]
     assert seen["token"] == TOKEN and seen["run_kwargs"]["host"] == "192.0.2.1"
+    assert (seen["uvicorn_host"], seen["uvicorn_port"]) == ("192.0.2.1", 9123)
     assert security.enable_dns_rebinding_protection and security.allowed_hosts == ["192.0.2.1:9123"]
     assert "http://192.0.2.1:9123" in security.allowed_origins
 

@@ -6,8 +6,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("llm_mcp.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--allow-remote-code", action="store_true",
                        help="let a tool call ask for trust_remote_code=true (runs code shipped with a model)")
     serve.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--max-dataset-bytes", type=_positive_int, default=None, metavar="BYTES",
+                       help="refuse dataset files larger than this (default 2 GiB)")
+    serve.add_argument("--max-dataset-rows", type=_positive_int, default=None, metavar="ROWS",
+                       help="refuse datasets with more rows than this (default 10 million)")
 
     demo = sub.add_parser("demo", help="run load -> prepare -> train -> list -> unload through a real MCP client")
     demo.add_argument("--workdir", default=None, help="where to build the tiny model and write outputs "
@@ -79,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return number
+
+
 def _real_model_names() -> list[str]:
     from llm_mcp.real_models import MODELS
 
@@ -117,21 +133,62 @@ def _check_serve_args(serve: argparse.ArgumentParser, args: argparse.Namespace) 
 def _serve(args: argparse.Namespace) -> int:
     # stdout is the protocol stream in stdio mode: logs go to stderr only.
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    import anyio
+
     from llm_mcp.config import ServerConfig
     from llm_mcp.server.app import create_server
 
     config = ServerConfig(workspace=args.workspace, worker_python=args.worker_python,
                           unsloth_python=args.unsloth_python, allow_read=args.allow_read,
-                          allow_remote_code=args.allow_remote_code)
-    server = create_server(config, token=args.token)
+                          allow_remote_code=args.allow_remote_code, max_dataset_bytes=args.max_dataset_bytes,
+                          max_dataset_rows=args.max_dataset_rows)
+    closed = threading.Event()
+    server = create_server(config, token=args.token, closed=closed)
     if args.transport == "stdio":
-        server.run("stdio")
+        anyio.run(_serve_stdio, server, closed)
     else:
-        from llm_mcp.server.http_auth import transport_security
-
-        server.run("streamable-http", host=args.host, port=args.port,
-                   transport_security=transport_security(args.host, args.port))
+        anyio.run(_serve_http, server, args)
     return 0
+
+
+async def _serve_stdio(server: Any, closed: threading.Event) -> None:
+    """stdio until stdin closes, or until SIGINT/SIGTERM: then, as over HTTP, trainings stop at a step boundary with
+    a checkpoint, their jobs end 'cancelled', and the process exits (the thread reading stdin cannot be
+    interrupted, so the exit does not wait for it once the server has closed)."""
+    import anyio
+
+    async with anyio.create_task_group() as group:
+        async def on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                async for signum in received:
+                    log.warning("%s received: stopping trainings with a checkpoint, then exiting",
+                                signal.Signals(signum).name)
+                    threading.Thread(target=_exit_once_closed, args=(closed,), daemon=True).start()
+                    group.cancel_scope.cancel()
+                    return
+
+        group.start_soon(on_signal)
+        await server.run_stdio_async()
+        group.cancel_scope.cancel()
+
+
+def _exit_once_closed(closed: threading.Event) -> None:
+    closed.wait(timeout=120)  # the workers' grace, with room; then exit whatever is left
+    logging.shutdown()
+    os._exit(0)
+
+
+async def _serve_http(server: Any, args: argparse.Namespace) -> None:
+    """Streamable HTTP through uvicorn, at the server's log level, with query strings kept out of the access log
+    (a token sent as ?token=... must never reach a log)."""
+    import uvicorn
+
+    from llm_mcp.server.http_auth import QueryStringRedactor, transport_security
+
+    app = server.streamable_http_app(transport_security=transport_security(args.host, args.port), host=args.host)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    logging.getLogger("uvicorn.access").addFilter(QueryStringRedactor())  # after Config, which resets logging
+    await uvicorn.Server(config).serve()
 
 
 if __name__ == "__main__":

@@ -328,6 +328,8 @@ class ServerConfig:
     worker_env: dict[str, str] = field(default_factory=dict)
     allow_read: tuple[str, ...] = ()  # folders outside the workspace that datasets and models may be read from
     allow_remote_code: bool = False  # whether a tool call may ask for trust_remote_code=true
+    max_dataset_bytes: int | None = None  # a dataset file larger than this is refused (None: data/'s default)
+    max_dataset_rows: int | None = None  # a dataset with more rows than this is refused (None: data/'s default)
 
 
 def check_chat_template(value: str | None) -> None:

@@ -11,13 +11,15 @@ import asyncio
 import logging
 import os
 import time
+import dataclasses
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from llm_mcp.errors import InvalidArgument, WorkerBusy
+from llm_mcp.errors import Cancelled, InvalidArgument, WorkerBusy
+from llm_mcp.jobs import ends
 from llm_mcp.jobs.store import JobRecord, JobStore
 from llm_mcp.workers.pool import LoadedModel, new_request_id
 from llm_mcp.workers.protocol import Progress, SetThreads, Stop, Train
@@ -49,6 +51,7 @@ class JobManager:
     def __init__(self, store: JobStore) -> None:
         self.store = store
         self._live: dict[str, _LiveJob] = {}
+        self.shutting_down = False  # set when the server stops: runs it ends are 'cancelled' by a shutdown
 
     # -- starting and finishing ------------------------------------------------------------------------------
     def start(self, loaded: LoadedModel, command: Train, *, family_cancel_tool: str,
@@ -63,6 +66,7 @@ class JobManager:
         record = self.store.create(model_id=loaded.model_id, family=loaded.family, config=config,
                                    output_dir=str(Path(command.config.output_dir)),
                                    log_path=str(loaded.worker.log_path))
+        command = dataclasses.replace(command, job_id=record.job_id)
         self._live[record.job_id] = _LiveJob(loaded, command.request_id)
         self.store.transition(record.job_id, "running")  # before submit: the pump may finish it at once
         try:
@@ -86,10 +90,13 @@ class JobManager:
                 log.info("could not send SetThreads to %s: %s", job.loaded.model_id, exc)
 
     def _on_progress(self, job_id: str, event: Progress) -> None:
-        """Pump thread: persist, then wake the waiting calls."""
-        self.store.record_progress(job_id, step=event.step, total_steps=event.total_steps, loss=event.loss,
-                                   learning_rate=event.learning_rate, epoch=event.epoch, eval_loss=event.eval_loss,
-                                   checkpoint=event.checkpoint)
+        """Pump thread: persist, then wake the waiting calls (also when the store cannot write)."""
+        try:
+            self.store.record_progress(job_id, step=event.step, total_steps=event.total_steps, loss=event.loss,
+                                       learning_rate=event.learning_rate, epoch=event.epoch,
+                                       eval_loss=event.eval_loss, checkpoint=event.checkpoint)
+        except Exception:
+            log.exception("could not record progress of job %s", job_id)
         live = self._live.get(job_id)
         if live is None:
             return
@@ -103,13 +110,17 @@ class JobManager:
 
     def _finish(self, job_id: str, *, result: dict[str, Any] | None = None, error: BaseException | None = None) -> None:
         try:
-            if error is not None:
+            if isinstance(error, Cancelled):  # stopped before its first step (e.g. while reading the dataset)
+                self.store.transition(job_id, "cancelled", error=self._shutdown_note(str(error)))
+            elif error is not None:
                 self.store.transition(job_id, "failed", error=str(error) or type(error).__name__)
             else:
                 result = {**result, "job_id": job_id}
                 state = "cancelled" if result.get("status") == "cancelled" else "succeeded"
-                self.store.transition(job_id, state, result=result)
-        except Exception:  # the record could not be written; the model must not stay "busy" because of it
+                note = self._shutdown_note(None) if state == "cancelled" else None
+                self.store.transition(job_id, state, result=result, error=note)
+            ends.remove(self.store.path.parent, job_id)  # recorded: the worker's own note of the end is not needed
+        except Exception:  # the store keeps an end it cannot write in memory; the model must not stay "busy"
             log.exception("could not record the end of job %s", job_id)
         finally:
             live = self._live.pop(job_id, None)
@@ -118,6 +129,12 @@ class JobManager:
                 for waiter in list(live.waiters):
                     waiter.loop.call_soon_threadsafe(waiter.queue.put_nowait, None)
                 self._share_cores()
+
+    def _shutdown_note(self, why: str | None) -> str | None:
+        if not self.shutting_down:
+            return why
+        return ("a server shutdown stopped this job; its last checkpoint is kept: load the model again and train "
+                "with resume_from_checkpoint=true to continue.")
 
     # -- waiting ----------------------------------------------------------------------------------------------
     async def wait(self, job_id: str, seconds: float, on_progress: ProgressSink | None) -> JobRecord:
@@ -153,6 +170,18 @@ class JobManager:
         return None
 
     def find(self, *, family: str, model_id: str | None, job_id: str | None) -> JobRecord:
+        record = self._find(family=family, model_id=model_id, job_id=job_id)
+        return self.reconciled(record)
+
+    def reconciled(self, record: JobRecord) -> JobRecord:
+        """A job this server started that no worker runs any more can never end by itself: record its end now
+        (what its worker wrote to the job-end file, else failed)."""
+        if record.is_terminal or record.job_id in self._live or record.server_pid != os.getpid():
+            return record
+        return self.store.settle(record.job_id, "its worker ended without reporting the end of the run.",
+                                 record.last_checkpoint)
+
+    def _find(self, *, family: str, model_id: str | None, job_id: str | None) -> JobRecord:
         if job_id is not None:
             record = self.store.get(job_id)
             if record.family != family:

@@ -2,21 +2,32 @@
 
 Written as a job goes (the worker pump thread writes, tool calls read), so status and history survive the
 server. One connection guarded by a lock; WAL so reads never wait on the disk.
+
+A full disk never leaves a job `running` when it has ended: an end the database cannot take is kept in memory
+(and read back through `get`/`list`) and written at the next chance, and progress points that cannot be written
+are dropped. After a restart, a job's end recorded by its worker in a job-end file (jobs/ends.py) wins over
+"the server stopped".
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from llm_mcp.errors import InvalidArgument
+from llm_mcp.disk import free_bytes, is_disk_full
+from llm_mcp.errors import DiskFull, InvalidArgument
+from llm_mcp.jobs import ends
+
+log = logging.getLogger(__name__)
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -120,6 +131,9 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable at checkpoints, no fsync per write
         self._db.executescript(SCHEMA)
         self._add_missing_columns()
+        # job_id -> (state, error, result, finished_at): ends the database could not take (a full disk)
+        self._pending_ends: dict[str, tuple[str, str | None, dict[str, Any] | None, float]] = {}
+        self._progress_dropped = False
 
     def _add_missing_columns(self) -> None:
         """Older state folders lack columns added since; add them (new columns are all nullable)."""
@@ -129,37 +143,94 @@ class JobStore:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
+        self.flush_pending()
         with self._lock:
             self._db.close()
 
     def create(self, *, model_id: str, family: str, config: dict[str, Any], output_dir: str,
                log_path: str | None) -> JobRecord:
         job_id = f"j-{uuid.uuid4().hex[:8]}"
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO jobs (job_id, model_id, family, state, created_at, config, output_dir, log_path, "
-                "server_pid) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (job_id, model_id, family, time.time(), json.dumps(config), output_dir, log_path, os.getpid()))
+        self.flush_pending()
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT INTO jobs (job_id, model_id, family, state, created_at, config, output_dir, log_path, "
+                    "server_pid) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                    (job_id, model_id, family, time.time(), json.dumps(config), output_dir, log_path, os.getpid()))
+        except sqlite3.Error as exc:
+            raise self._disk_full(exc, "recording a new training job") from exc
         return self.get(job_id)
+
+    def _disk_full(self, exc: sqlite3.Error, doing: str) -> Exception:
+        """A full disk as DiskFull naming the state folder; any other database error unchanged."""
+        if is_disk_full(exc):
+            return DiskFull(self.path.parent, needed=None, free=free_bytes(self.path.parent), doing=doing)
+        return exc
 
     def transition(self, job_id: str, state: JobState, *, error: str | None = None,
                    result: dict[str, Any] | None = None) -> JobRecord:
         """Move a job to `state`; illegal moves (e.g. out of a terminal state) are refused."""
+        if job_id in self._pending_ends:
+            raise AssertionError(f"job {job_id}: illegal transition {self._pending_ends[job_id][0]} -> {state}")
+        try:
+            changed = self._write_transition(job_id, state, error, result, time.time())
+        except sqlite3.Error as exc:
+            if state not in TERMINAL or not is_disk_full(exc):
+                raise self._disk_full(exc, f"recording job {job_id} as {state}") from exc
+            # The end must not be lost to a full disk: keep it here, where get/list read it, until it can be written
+            log.warning("job %s ended %s but the job store cannot write it (%s); kept in memory until it can",
+                        job_id, state, exc)
+            self._pending_ends[job_id] = (state, error, result, time.time())
+            return self.get(job_id)
+        if not changed:
+            raise AssertionError(f"job {job_id}: illegal transition {self.get(job_id).state} -> {state}")
+        self.flush_pending()
+        return self.get(job_id)
+
+    def _write_transition(self, job_id: str, state: str, error: str | None, result: dict[str, Any] | None,
+                          now: float) -> bool:
         sources = [s for s, targets in _ALLOWED.items() if state in targets]
-        now = time.time()
         with self._lock:  # check and write in one statement: the pump thread and tool calls both transition
-            changed = self._db.execute(
+            return bool(self._db.execute(
                 "UPDATE jobs SET state = ?, error = COALESCE(?, error), result = COALESCE(?, result), "
                 "started_at = CASE WHEN ? = 'running' THEN ? ELSE started_at END, "
                 "finished_at = CASE WHEN ? IN ('succeeded', 'failed', 'cancelled') THEN ? ELSE finished_at END "
                 f"WHERE job_id = ? AND state IN ({', '.join('?' * len(sources))})",
                 (state, error, json.dumps(result) if result is not None else None, state, now, state, now, job_id,
-                 *sources)).rowcount
-        if not changed:
-            raise AssertionError(f"job {job_id}: illegal transition {self.get(job_id).state} -> {state}")
-        return self.get(job_id)
+                 *sources)).rowcount)
+
+    def flush_pending(self) -> None:
+        """Write the ends kept in memory, now that the disk may have room again."""
+        for job_id, (state, error, result, at) in list(self._pending_ends.items()):
+            try:
+                self._write_transition(job_id, state, error, result, at)
+            except sqlite3.Error:
+                return  # still full: try again at the next call
+            self._pending_ends.pop(job_id, None)
+            log.info("job %s: its end (%s) is now recorded", job_id, state)
+
+    def _overlay(self, record: JobRecord) -> JobRecord:
+        pending = self._pending_ends.get(record.job_id)
+        if pending is None:
+            return record
+        state, error, result, at = pending
+        return dataclasses.replace(record, state=state, error=error or record.error,
+                                   result=result if result is not None else record.result, finished_at=at)
 
     def record_progress(self, job_id: str, *, step: int, total_steps: int, loss: float | None,
+                        learning_rate: float | None, epoch: float | None, eval_loss: float | None,
+                        checkpoint: str | None) -> None:
+        try:
+            self._write_progress(job_id, step=step, total_steps=total_steps, loss=loss, learning_rate=learning_rate,
+                                 epoch=epoch, eval_loss=eval_loss, checkpoint=checkpoint)
+        except sqlite3.Error as exc:  # a full disk loses progress points, never the job
+            if not is_disk_full(exc):
+                raise
+            if not self._progress_dropped:
+                log.warning("the job store cannot write progress (%s); points are dropped until it can", exc)
+            self._progress_dropped = True
+
+    def _write_progress(self, job_id: str, *, step: int, total_steps: int, loss: float | None,
                         learning_rate: float | None, epoch: float | None, eval_loss: float | None,
                         checkpoint: str | None) -> None:
         with self._lock:
@@ -174,27 +245,31 @@ class JobStore:
                     (job_id, step, time.time(), loss, eval_loss, learning_rate))
 
     def request_cancel(self, job_id: str) -> None:
-        with self._lock:
-            self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?", (job_id,))
+        try:
+            with self._lock:
+                self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?", (job_id,))
+        except sqlite3.Error as exc:  # the Stop is sent all the same; only the flag shown in status is lost
+            if not is_disk_full(exc):
+                raise
 
     def get(self, job_id: str) -> JobRecord:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         if row is None:
             raise InvalidArgument("job_id", job_id, "an id returned by a train call (see the list_jobs tool)")
-        return JobRecord.from_row(row)
+        return self._overlay(JobRecord.from_row(row))
 
     def latest_for_model(self, model_id: str, family: str) -> JobRecord | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE model_id = ? AND family = ? "
                                    "ORDER BY created_at DESC LIMIT 1", (model_id, family)).fetchone()
-        return JobRecord.from_row(row) if row else None
+        return self._overlay(JobRecord.from_row(row)) if row else None
 
     def list(self, family: str | None = None) -> list[JobRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs WHERE ? IS NULL OR family = ? ORDER BY created_at",
                                     (family, family)).fetchall()
-        return [JobRecord.from_row(r) for r in rows]
+        return [self._overlay(JobRecord.from_row(r)) for r in rows]
 
     def points(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -203,15 +278,38 @@ class JobStore:
         return [dict(r) for r in rows]
 
     def recover_after_restart(self) -> int:
-        """Jobs left queued or running by a server that is gone can no longer finish: mark them failed. Jobs of
-        another live server on the same workspace are left alone."""
+        """Jobs left queued or running by a server that is gone: the end their worker recorded in a job-end file
+        (it finishes the step, saves a checkpoint and the adapter when the server goes away), or else failed.
+        Jobs of another live server on the same workspace are left alone."""
         with self._lock:
             rows = [r for r in self._db.execute("SELECT job_id, last_checkpoint, server_pid FROM jobs "
                                                 "WHERE state IN ('queued', 'running')").fetchall()
                     if not _process_alive(r["server_pid"])]
-            for row in rows:
-                hint = (f" The last checkpoint is {row['last_checkpoint']}: load the model again and call train with "
-                        "resume_from_checkpoint=true to continue from it." if row["last_checkpoint"] else "")
-                self._db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE job_id = ?",
-                                 (time.time(), "the server stopped while this job ran." + hint, row["job_id"]))
+        for row in rows:
+            self.settle(row["job_id"], "the server stopped while this job ran.", row["last_checkpoint"])
         return len(rows)
+
+    def settle(self, job_id: str, why: str, last_checkpoint: str | None = None) -> JobRecord:
+        """Record the end of a job whose worker is gone: the end it wrote to its job-end file, or failed with
+        `why` (and where to resume from)."""
+        state_dir = self.path.parent
+        end = ends.read(state_dir, job_id)
+        if end is not None:
+            result = end.get("result") if isinstance(end.get("result"), dict) else None
+            with self._lock:
+                self._db.execute(
+                    "UPDATE jobs SET state = ?, finished_at = ?, error = ?, result = COALESCE(?, result), "
+                    "last_checkpoint = COALESCE(?, last_checkpoint), step = COALESCE(?, step) "
+                    "WHERE job_id = ? AND state IN ('queued', 'running')",
+                    (end["state"], end.get("finished_at") or time.time(), end.get("error"),
+                     json.dumps(result) if result is not None else None, end.get("last_checkpoint"),
+                     end.get("step"), job_id))
+            ends.remove(state_dir, job_id)
+            return self.get(job_id)
+        hint = (f" The last checkpoint is {last_checkpoint}: load the model again and call train with "
+                "resume_from_checkpoint=true to continue from it." if last_checkpoint else "")
+        with self._lock:
+            self._db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, error = ? "
+                             "WHERE job_id = ? AND state IN ('queued', 'running')",
+                             (time.time(), why + hint, job_id))
+        return self.get(job_id)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,6 +13,7 @@ from mcp.server.mcpserver import MCPServer
 
 from llm_mcp import __version__
 from llm_mcp.config import ServerConfig
+from llm_mcp.jobs import ends
 from llm_mcp.jobs.manager import JobManager
 from llm_mcp.jobs.store import JobStore
 from llm_mcp.server import general_tools, qlora_tools, unsloth_tools
@@ -31,9 +34,17 @@ INSTRUCTIONS = (
 )
 
 
-def create_server(config: ServerConfig | None = None, *, token: str | None = None) -> MCPServer:
+def _dataset_limits(config: ServerConfig) -> dict[str, str]:
+    """The dataset size limits as the environment variables data/ reads, in the server and its workers."""
+    limits = {"LLM_MCP_MAX_DATASET_BYTES": config.max_dataset_bytes, "LLM_MCP_MAX_DATASET_ROWS": config.max_dataset_rows}
+    return {name: str(value) for name, value in limits.items() if value is not None}
+
+
+def create_server(config: ServerConfig | None = None, *, token: str | None = None,
+                  closed: threading.Event | None = None) -> MCPServer:
     """The server with every tool; with `token`, each HTTP request must carry `Authorization: Bearer <token>`
-    (stdio ignores it). The token stays out of ServerConfig so no config repr, log or pickle can carry it."""
+    (stdio ignores it). The token stays out of ServerConfig so no config repr, log or pickle can carry it.
+    `closed` is set once the server has stopped its workers and closed its job store."""
     config = config or ServerConfig()
     workspace = Path(config.workspace).expanduser().resolve()
     state_dir = Path(config.state_dir).expanduser().resolve() if config.state_dir else workspace / ".llm-mcp"
@@ -43,15 +54,22 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
         store = JobStore(state_dir / "jobs.sqlite")
         recovered = store.recover_after_restart()
         if recovered:
-            log.warning("%d job(s) were running when the server last stopped; marked failed", recovered)
+            log.warning("%d job(s) were running when the server last stopped; their ends recorded", recovered)
+        limits = _dataset_limits(config)
+        os.environ.update(limits)  # inspect_dataset without a model reads in this process
         pool = WorkerPool(python=config.worker_python, cwd=workspace, log_dir=state_dir / "logs",
-                          env=dict(config.worker_env), family_python={"unsloth": config.unsloth_python or ""})
+                          env={**config.worker_env, ends.STATE_DIR_ENV: str(state_dir), **limits},
+                          family_python={"unsloth": config.unsloth_python or ""})
+        jobs = JobManager(store)
         try:
-            yield ModelService(pool, JobManager(store), Sandbox.create(str(workspace), config.allow_read),
+            yield ModelService(pool, jobs, Sandbox.create(str(workspace), config.allow_read),
                                allow_remote_code=config.allow_remote_code)
         finally:
+            jobs.shutting_down = True
             pool.close()  # every worker ends with the server; running jobs stop with a checkpoint
             store.close()
+            if closed is not None:
+                closed.set()
 
     auth = {"token_verifier": StaticTokenVerifier(token), "auth": auth_settings()} if token else {}
     server = MCPServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, **auth)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import socket
 
 from mcp.server.auth.provider import AccessToken
@@ -106,3 +107,14 @@ def _machine_names() -> list[str]:
     except OSError:  # no IPv4 route at all
         pass
     return [n.split("%", 1)[0] for n in names if n]
+
+
+class QueryStringRedactor(logging.Filter):
+    """Drops the query string from uvicorn's access-log lines: a client may put a token there (it is refused, but
+    the line would still carry it). uvicorn logs (client, method, path with query, http version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?<redacted>", *args[3:])
+        return True

@@ -229,14 +229,15 @@ class ModelService:
 
     # -- try, evaluate, ship ------------------------------------------------------------------------------------
     async def generate(self, family: Family, model_id: str, config: GenerationConfig) -> dict[str, Any]:
-        answer = await self._get(family, model_id).worker.request(Generate(new_request_id(), config))
+        answer = await self._get(family, model_id).worker.request(Generate(new_request_id(), config), queue=True)
         return {"status": "success", "model_id": model_id, **answer}
 
     async def evaluate(self, family: Family, model_id: str, dataset: DatasetSource, dataset_format: str,
                        batch_size: int) -> dict[str, Any]:
         loaded = self._get(family, model_id)
         dataset = self.sandbox.dataset("eval_dataset", dataset)
-        return {**await loaded.worker.request(Evaluate(new_request_id(), dataset, dataset_format, batch_size)),
+        return {**await loaded.worker.request(Evaluate(new_request_id(), dataset, dataset_format, batch_size),
+                                                queue=True),
                 "model_id": model_id}
 
     async def export(self, family: Family, model_id: str, config: ExportConfig,
@@ -258,7 +259,8 @@ class ModelService:
 
             return await asyncio.to_thread(inspect_dataset, dataset, dataset_format=dataset_format)
         loaded = self.pool.find(model_id)
-        return {**await loaded.worker.request(InspectDataset(new_request_id(), dataset, dataset_format)),
+        return {**await loaded.worker.request(InspectDataset(new_request_id(), dataset, dataset_format),
+                                                queue=True),
                 "model_id": model_id}
 
     # -- jobs -----------------------------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ class ModelService:
 
     def list_jobs(self, family: Family) -> dict[str, Any]:
         jobs = []
-        for r in self.jobs.store.list(family.prefix):
+        for r in map(self.jobs.reconciled, self.jobs.store.list(family.prefix)):
             jobs.append({
                 "job_id": r.job_id, "model_id": r.model_id, "state": r.state, "step": r.step,
                 "total_steps": r.total_steps, "loss": r.loss, "output_dir": r.output_dir,

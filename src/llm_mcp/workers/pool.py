@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 ProgressListener = Callable[[Progress], None]  # called on the pump thread
 _EXIT_GRACE_S = 10.0
+# Calls that wait for a busy worker instead of bouncing (generate, evaluate, inspect): how many may wait, how long
+QUEUE_LIMIT = 16
+QUEUE_WAIT_S = 300.0
 
 
 def new_request_id() -> str:
@@ -63,6 +66,9 @@ class WorkerProcess:
         self._running_request: str | None = None
         self.running: str | None = None  # the command the worker is executing, for "busy" errors
         self.exit_reason: str | None = None
+        self._freed = threading.Event()  # set by the pump each time the worker finishes a command
+        self._turn = asyncio.Lock()  # queued calls take their turn in order, one at a time at the head
+        self._queued = 0
         self._reader = threading.Thread(target=self._pump, name=f"pump-{name}", daemon=True)
         self._reader.start()
 
@@ -94,9 +100,32 @@ class WorkerProcess:
             raise
         return future
 
-    async def request(self, command: Command) -> dict[str, Any]:
-        """Send one command and wait for its answer."""
-        return await asyncio.wrap_future(self.submit(command))
+    async def request(self, command: Command, *, queue: bool = False) -> dict[str, Any]:
+        """Send one command and wait for its answer. queue: while the worker runs another short command, wait
+        for it in order (bounded: QUEUE_LIMIT calls, QUEUE_WAIT_S seconds) instead of answering busy; a training
+        is never waited for."""
+        if not queue or self.running is None:
+            return await asyncio.wrap_future(self.submit(command))
+        if self._queued >= QUEUE_LIMIT:
+            raise WorkerBusy(self.name, f"{self.running}, with {self._queued} calls already waiting")
+        self._queued += 1
+        try:
+            async with self._turn:
+                await self._wait_until_free()
+                future = self.submit(command)
+        finally:
+            self._queued -= 1
+        return await asyncio.wrap_future(future)
+
+    async def _wait_until_free(self) -> None:
+        deadline = asyncio.get_running_loop().time() + QUEUE_WAIT_S
+        while self.running is not None:
+            if self.running == "train" or asyncio.get_running_loop().time() > deadline:
+                raise WorkerBusy(self.name, self.running)
+            self._freed.clear()
+            if self.running is None:
+                break
+            await asyncio.to_thread(self._freed.wait, 0.5)
 
     def _pump(self) -> None:
         """Reader thread: route each event to its command's Future or progress listener; on EOF fail the rest."""
@@ -118,6 +147,7 @@ class WorkerProcess:
             if isinstance(event, (Done, Failed)):
                 if event.request_id == self._running_request:
                     self._running_request, self.running = None, None  # the worker is free again
+                    self._freed.set()
                 self._pending.pop(event.request_id, None)
             if pending is None:
                 continue
@@ -138,12 +168,15 @@ class WorkerProcess:
         code = self.proc.wait()
         self.exit_reason = self.exit_reason or _describe_exit(code, self.log_path)
         self._running_request, self.running = None, None
+        self._freed.set()
         for request_id in list(self._pending):
             pending = self._pending.pop(request_id)
             _resolve(pending.future, error=WorkerDied(f"the worker of {self.name!r} ended: {self.exit_reason}"))
 
-    def stop(self) -> None:
-        """Ask the worker to exit, then make sure it has; every byte it held goes back to the system."""
+    def stop(self, *, grace_s: float = _EXIT_GRACE_S) -> None:
+        """Ask the worker to exit, then make sure it has; every byte it held goes back to the system. A worker
+        that is training stops at its next step boundary with a checkpoint; if that takes longer than grace_s it
+        is killed, losing at most the step it was in (its checkpoints stay)."""
         if self.proc.poll() is None:
             self.exit_reason = "unloaded"
             try:
@@ -152,8 +185,9 @@ class WorkerProcess:
             except OSError:
                 pass
             try:
-                self.proc.wait(timeout=_EXIT_GRACE_S)
+                self.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
+                log.warning("worker %s did not exit within %.0f s; killing it", self.name, grace_s)
                 self.proc.kill()
                 self.proc.wait()
         self._reader.join(timeout=5)  # its last writes (a job's end) land before the caller moves on
@@ -260,6 +294,15 @@ class WorkerPool:
         loaded = self._models.pop(model_id)
         await asyncio.to_thread(loaded.worker.stop)
 
-    def close(self) -> None:
-        for model_id in list(self._models):
-            self._models.pop(model_id).worker.stop()
+    def close(self, *, grace_s: float = _EXIT_GRACE_S) -> None:
+        """End every worker at once (a training stops with a checkpoint), each within grace_s."""
+        workers = [self._models.pop(model_id).worker for model_id in list(self._models)]
+        for worker in workers:  # all asked first, so their trainings save at the same time
+            if worker.proc.poll() is None:
+                try:
+                    with worker._send_lock:
+                        worker._conn.send(Shutdown())
+                except OSError:
+                    pass
+        for worker in workers:
+            worker.stop(grace_s=grace_s)

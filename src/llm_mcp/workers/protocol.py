@@ -37,6 +37,7 @@ class Train:
     eval_dataset: DatasetSource | None = None
     options: RunOptions = field(default_factory=RunOptions)
     warnings: tuple[str, ...] = ()  # notes from the server side, carried into the final answer
+    job_id: str | None = None  # set by the job manager: the worker records the run's end under it (jobs/ends.py)
 
 
 @dataclass(frozen=True)

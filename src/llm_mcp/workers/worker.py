@@ -3,6 +3,11 @@
 The only module that imports the engine (and so torch). One `match` loop, one handler per command, exactly one
 Done or Failed per command. A reader thread turns a Stop, a Shutdown, or the server going away, into a stop flag,
 and a SetThreads into a thread count, which the training loop checks between steps.
+
+The server going away (EOF or a broken pipe, whichever the worker meets first) or SIGTERM ends a training as
+a cancel does: the step finishes, a checkpoint and the adapter are saved, the end is written to the job-end file
+(jobs/ends.py) for the next server to read, and the worker exits. SIGINT is left to the server, which stops its
+trainings the same way (a terminal's Ctrl-C reaches the whole process group).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import traceback
@@ -18,7 +24,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from llm_mcp.config import UnslothLoadConfig
-from llm_mcp.errors import LlmMcpError
+from llm_mcp.disk import free_bytes, is_disk_full
+from llm_mcp.errors import DiskFull, LlmMcpError
+from llm_mcp.jobs import ends
 from llm_mcp.workers.protocol import (
     Command, Done, Evaluate, Export, Failed, Generate, InspectDataset, Load, Prepare, Progress, SetThreads, Shutdown,
     Stop, Train,
@@ -31,10 +39,21 @@ log = logging.getLogger("llm_mcp.worker")
 class _Channel:
     conn: Connection
     lock: threading.Lock
+    gone: threading.Event  # set once the server cannot be reached: nothing more is sent
 
-    def send(self, event: Any) -> None:
-        with self.lock:
-            self.conn.send(event)
+    def send(self, event: Any) -> bool:
+        """Send an event; False (never an exception) once the server is gone, so a training that reports
+        progress to a dead server still finishes its step and saves."""
+        if self.gone.is_set():
+            return False
+        try:
+            with self.lock:
+                self.conn.send(event)
+            return True
+        except OSError:
+            log.warning("the server cannot be reached; stopping at the next step boundary")
+            self.gone.set()
+            return False
 
 
 class WorkerState:
@@ -68,18 +87,7 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, controls: "_Cont
             state.training_config = config
             return {**state.bundle.describe(), **result, "warnings": result["warnings"]}
         case Train():
-            from llm_mcp.engine import train as engine_train
-
-            def on_progress(step: int, total: int, logs: dict[str, Any]) -> None:
-                channel.send(Progress(cmd.request_id, step, total, logs.get("loss"), logs.get("learning_rate"),
-                                      logs.get("epoch"), logs.get("eval_loss"), logs.get("checkpoint")))
-
-            controls.cancel.clear()  # a Stop aimed at an earlier run must not end this one
-            return engine_train.train(
-                state.bundle, cmd.config, cmd.train_dataset, cmd.eval_dataset, cmd.options,
-                on_progress=on_progress, should_stop=controls.should_stop, notes=list(cmd.warnings),
-                cpu_threads=lambda: controls.threads,
-            )
+            return _train(cmd, state, channel, controls)
         case Generate(config=config):
             from llm_mcp.engine.generate import generate
 
@@ -87,7 +95,8 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, controls: "_Cont
         case Evaluate(dataset=dataset, dataset_format=fmt, batch_size=batch_size):
             from llm_mcp.engine.evaluate import evaluate
 
-            return evaluate(state.bundle, dataset, dataset_format=fmt, batch_size=batch_size)
+            return evaluate(state.bundle, dataset, dataset_format=fmt, batch_size=batch_size,
+                            should_stop=controls.should_stop)
         case Export(config=config, probe_prompt=probe):
             from llm_mcp.engine.export import export
 
@@ -96,8 +105,56 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, controls: "_Cont
             from llm_mcp.data.inspect import inspect_dataset
 
             return inspect_dataset(dataset, dataset_format=fmt, tokenizer=state.bundle.tokenizer,
-                                   max_length=state.bundle.max_length)
+                                   max_length=state.bundle.max_length, should_stop=controls.should_stop)
     raise AssertionError(f"unknown command {type(cmd).__name__}")
+
+
+def _train(cmd: Train, state: WorkerState, channel: _Channel, controls: "_Controls") -> dict[str, Any]:
+    """Run a training; its end, whatever it is, also goes to the job-end file, which outlives the server."""
+    from llm_mcp.engine import train as engine_train
+
+    seen: dict[str, Any] = {"step": 0, "checkpoint": None}
+
+    def on_progress(step: int, total: int, logs: dict[str, Any]) -> None:
+        seen["step"] = step
+        seen["checkpoint"] = logs.get("checkpoint") or seen["checkpoint"]
+        channel.send(Progress(cmd.request_id, step, total, logs.get("loss"), logs.get("learning_rate"),
+                              logs.get("epoch"), logs.get("eval_loss"), logs.get("checkpoint")))
+
+    controls.cancel.clear()  # a Stop aimed at an earlier run must not end this one
+    state_dir = os.environ.get(ends.STATE_DIR_ENV)
+    try:
+        result = engine_train.train(
+            state.bundle, cmd.config, cmd.train_dataset, cmd.eval_dataset, cmd.options,
+            on_progress=on_progress, should_stop=controls.should_stop, notes=list(cmd.warnings),
+            cpu_threads=lambda: controls.threads,
+        )
+    except BaseException as exc:
+        error = _as_disk_full(exc, cmd.config.output_dir) if isinstance(exc, Exception) else None
+        cancelled = type(error or exc).__name__ == "Cancelled"
+        ends.write(state_dir, cmd.job_id, state="cancelled" if cancelled else "failed",
+                   error=str(error or exc) or type(exc).__name__, step=seen["step"],
+                   last_checkpoint=seen["checkpoint"])
+        if error is not None and error is not exc:
+            raise error from exc
+        raise
+    if channel.gone.is_set() or controls.shutdown.is_set():
+        result["warnings"] = [*result.get("warnings", []), "the server went away during this run: it stopped at a "
+                              "step boundary with a checkpoint and the adapter saved."]
+    ends.write(state_dir, cmd.job_id, state="cancelled" if result.get("status") == "cancelled" else "succeeded",
+               result={**result, "job_id": cmd.job_id}, step=result.get("global_step", seen["step"]),
+               last_checkpoint=seen["checkpoint"])
+    return result
+
+
+def _as_disk_full(exc: Exception, folder: str) -> Exception:
+    """A full disk met anywhere (a model conversion, a dataset cache, a checkpoint) as DiskFull naming the folder
+    (the file's own folder when the error names one), instead of an error that blames a parameter."""
+    if isinstance(exc, DiskFull) or not is_disk_full(exc):
+        return exc
+    filename = getattr(exc, "filename", None) or getattr(exc.__context__, "filename", None)
+    where = os.path.dirname(os.path.abspath(filename)) if isinstance(filename, str) else os.path.abspath(folder)
+    return DiskFull(where, needed=None, free=free_bytes(where), doing=f"{type(exc).__name__}: {str(exc)[:200]};")
 
 
 def _loaded(bundle: Any) -> dict[str, Any]:
@@ -115,8 +172,10 @@ class _Controls:
     shutdown: threading.Event  # set by Shutdown or by the server going away
     threads: int | None = None  # set by SetThreads: CPU threads while other trainings share the cores
 
+    gone: threading.Event | None = None  # the channel's: the server cannot be reached
+
     def should_stop(self) -> bool:
-        return self.cancel.is_set() or self.shutdown.is_set()
+        return self.cancel.is_set() or self.shutdown.is_set() or bool(self.gone and self.gone.is_set())
 
 
 def _read_commands(channel: _Channel, commands: queue.Queue, controls: _Controls) -> None:
@@ -146,9 +205,12 @@ def worker_main(fd: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Libraries print to stdout (progress bars, trainer logs); fd 1 is our log file already, but make sure.
     os.dup2(2, 1)
-    channel = _Channel(Connection(fd), threading.Lock())
+    channel = _Channel(Connection(fd), threading.Lock(), threading.Event())
     commands: queue.Queue = queue.Queue()
-    controls = _Controls(threading.Event(), threading.Event())
+    controls = _Controls(threading.Event(), threading.Event(), gone=channel.gone)
+    # SIGTERM: stop as the server's Shutdown does (step, checkpoint, adapter, exit); SIGINT: the server decides
+    signal.signal(signal.SIGTERM, lambda *_: (controls.shutdown.set(), commands.put(Shutdown("sigterm"))))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_read_commands, args=(channel, commands, controls), daemon=True).start()
     state = WorkerState()
     while True:
@@ -159,15 +221,16 @@ def worker_main(fd: int) -> None:
         log.info("command %s %s", type(cmd).__name__, cmd.request_id)
         try:
             answer: Any = Done(cmd.request_id, handle(cmd, state, channel, controls))
-        except LlmMcpError as exc:
-            answer = Failed(cmd.request_id, type(exc).__name__, str(exc))
         except Exception as exc:  # report, never die: the model stays loaded for the next command
-            log.exception("command %s failed", cmd.request_id)
-            answer = Failed(cmd.request_id, "EngineError", f"{type(exc).__name__}: {exc}", traceback.format_exc())
-        try:
-            channel.send(answer)
-        except OSError:  # the server is gone; nobody is left to answer
-            log.info("server gone; exiting")
+            error = _as_disk_full(exc, os.getcwd())
+            if isinstance(error, LlmMcpError):
+                answer = Failed(cmd.request_id, type(error).__name__, str(error))
+            else:
+                log.exception("command %s failed", cmd.request_id)
+                answer = Failed(cmd.request_id, "EngineError", f"{type(exc).__name__}: {exc}",
+                                traceback.format_exc())
+        if not channel.send(answer) or controls.shutdown.is_set():  # the server is gone, or SIGTERM came
+            log.info("server gone or shutdown asked; exiting")
             break
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown of torch threads; the server waits on our exit

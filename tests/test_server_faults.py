@@ -1,0 +1,297 @@
+"""Faults around the server: a full job store, a server killed or stopped by a signal during training, calls that
+queue on a busy model, and secrets kept out of logs. Loopback only; each case bounded in time.
+
+Every case checks the same promises: a clear error or a true end state, the server alive (or restarted cleanly),
+nothing already written lost, no orphan process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST_LOAD, FAST_TRAIN, McpSession, server_config
+from llm_mcp.jobs import ends
+from llm_mcp.jobs.store import JobStore
+from llm_mcp.server.app import create_server
+
+EXE = Path(sys.executable).with_name("llm-mcp")
+TOKEN = "s3cret-token-for-logs-0123456789"
+LONG_RUN = {**FAST_TRAIN, "max_steps": 400, "save_steps": 5, "logging_steps": 1, "batch_size": 2}
+
+
+# -- the job store on a full disk ---------------------------------------------------------------------------------
+def _fill(store: JobStore) -> None:
+    """SQLite answers 'database or disk is full' once the file may not grow: a full disk, deterministically."""
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def _free(store: JobStore) -> None:
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+
+
+def test_job_end_survives_a_full_job_store(tmp_path):
+    """With the store full, progress is dropped without an error, the end is kept in memory (status and list show
+    it, never 'running'), a new job is refused as DiskFull naming the state folder, and once space returns the end
+    is written and survives a reopen."""
+    store = JobStore(tmp_path / "state" / "jobs.sqlite")
+    job = store.create(model_id="m", family="qloraevolved", config={}, output_dir="out", log_path=None)
+    store.transition(job.job_id, "running")
+    for n in range(200):  # fill the pages the job table has left
+        store.record_progress(job.job_id, step=n, total_steps=10, loss=1.0, learning_rate=None, epoch=None,
+                              eval_loss=None, checkpoint=None)
+    _fill(store)
+    for n in range(200, 400):  # would grow the file: dropped, no error
+        store.record_progress(job.job_id, step=n, total_steps=10, loss=1.0, learning_rate=None, epoch=None,
+                              eval_loss=None, checkpoint=None)
+    blob = "x" * 200_000  # a result too large for the pages left
+    ended = store.transition(job.job_id, "failed", error="worker failed: " + blob)
+    assert ended.state == "failed" and store.get(job.job_id).state == "failed"
+    assert [r.state for r in store.list()] == ["failed"]
+    with pytest.raises(Exception) as refused:
+        store.create(model_id="m", family="qloraevolved", config={"pad": blob}, output_dir="out", log_path=None)
+    assert type(refused.value).__name__ == "DiskFull" and str(tmp_path / "state") in str(refused.value)
+    _free(store)
+    store.flush_pending()
+    store.close()
+    reopened = JobStore(tmp_path / "state" / "jobs.sqlite")
+    assert reopened.get(job.job_id).state == "failed"
+    assert reopened.get(job.job_id).error.startswith("worker failed")
+
+
+def test_restart_reads_the_end_the_worker_recorded(tmp_path):
+    """A job left 'running' by a dead server takes the end its worker wrote to the job-end file (here: cancelled
+    with a checkpoint at step 12); without such a file it is failed with a resume hint."""
+    state = tmp_path / "state"
+    store = JobStore(state / "jobs.sqlite")
+    recorded = store.create(model_id="m", family="qloraevolved", config={}, output_dir="out", log_path=None)
+    silent = store.create(model_id="m2", family="qloraevolved", config={}, output_dir="out2", log_path=None)
+    for job in (recorded, silent):
+        store.transition(job.job_id, "running")
+    store._db.execute("UPDATE jobs SET server_pid = 999999999")  # a server that is gone
+    assert ends.write(state, recorded.job_id, state="cancelled", result={"status": "cancelled", "global_step": 12},
+                      step=12, last_checkpoint="/ws/out/checkpoint-10")
+    store.close()
+
+    store = JobStore(state / "jobs.sqlite")
+    assert store.recover_after_restart() == 2
+    after = store.get(recorded.job_id)
+    assert (after.state, after.step, after.last_checkpoint) == ("cancelled", 12, "/ws/out/checkpoint-10")
+    assert after.result["global_step"] == 12
+    assert not ends.path_of(state, recorded.job_id).exists()  # consumed
+    assert store.get(silent.job_id).state == "failed" and "server stopped" in store.get(silent.job_id).error
+
+
+# -- the server dies, or is stopped, during training --------------------------------------------------------------
+def _worker_pids_anywhere(model_id: str) -> list[int]:
+    """Worker processes for model_id whoever their parent is (a killed server's workers are re-parented)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+            zombie = " Z " in (proc / "stat").read_text()
+        except OSError:
+            continue
+        if "llm_mcp.workers.worker" in args and args[-1] == model_id and not zombie:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http_server(workspace: Path, tiny_model: Path, log: Path, *extra: str, env: dict | None = None):
+    port = _free_port()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([str(EXE), "serve", "--transport", "streamable-http", "--port", str(port),
+                                 "--workspace", str(workspace), "--allow-read", str(tiny_model.parent), *extra],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    _wait_for(lambda: _port_open(port), 60, "the HTTP server to listen")
+    return proc, port
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _status(mcp: McpSession, job_id: str) -> dict:
+    return mcp.ok("qloraevolved_training_status", {"job_id": job_id})
+
+
+def test_server_killed_mid_training_loses_at_most_a_step(tmp_path, tiny_model, demo_rows):
+    """kill -9 of the server while it trains: the worker finishes its step, saves a checkpoint and the adapter,
+    records the end and exits (no orphan); the next server reports the job's true end, and resume continues."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    proc, port = _http_server(workspace, tiny_model, tmp_path / "server.log")
+    try:
+        with McpSession(f"http://127.0.0.1:{port}/mcp") as mcp:
+            mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "doomed", **FAST_LOAD})
+            job = mcp.ok("qloraevolved_train", {"model_id": "doomed", "train_dataset": demo_rows, "wait_seconds": 0,
+                                                "training_config": {**LONG_RUN, "output_dir": "run"}})["job_id"]
+            _wait_for(lambda: _status(mcp, job)["step"] >= 7, 120, "a few training steps")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _wait_for(lambda: not _worker_pids_anywhere("doomed"), 60, "the orphaned worker to save and exit")
+    assert (workspace / "run" / "final" / "adapter_model.safetensors").is_file()
+
+    with McpSession(create_server(server_config(workspace, tiny_model))) as mcp:
+        [record] = mcp.ok("qloraevolved_list_jobs")["jobs"]
+        assert record["job_id"] == job and record["state"] == "cancelled", record
+        assert record["last_checkpoint"] and Path(record["last_checkpoint"]).is_dir()
+        assert record["step"] >= 7
+        mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "again", **FAST_LOAD})
+        resumed = mcp.ok("qloraevolved_train", {"model_id": "again", "train_dataset": demo_rows,
+                                                "resume_from_checkpoint": True, "wait_seconds": -1,
+                                                "training_config": {**LONG_RUN, "max_steps": record["step"] + 6,
+                                                                    "output_dir": "run"}})
+        assert resumed["status"] == "success" and resumed["resumed_from"]
+        assert resumed["global_step"] == record["step"] + 6
+
+
+class _StdioPeer:
+    """A bare JSON-RPC peer on `llm-mcp serve`'s stdin/stdout (the SDK's client hides the server's pid, and this
+    test must signal that process)."""
+
+    def __init__(self, args: list[str], stderr: Path) -> None:
+        with open(stderr, "ab") as err:
+            self.proc = subprocess.Popen([str(EXE), "serve", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=err)
+        self._id = 0
+        self.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                    "clientInfo": {"name": "fault-test", "version": "0"}})
+        self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    def _send(self, message: dict) -> None:
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def request(self, method: str, params: dict) -> dict:
+        self._id += 1
+        self._send({"jsonrpc": "2.0", "id": self._id, "method": method, "params": params})
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, "the server closed its stdout"
+            message = json.loads(line)
+            if message.get("id") == self._id:
+                assert "error" not in message, message
+                return message["result"]
+
+    def tool(self, name: str, arguments: dict) -> dict:
+        result = self.request("tools/call", {"name": name, "arguments": arguments})
+        assert not result.get("isError"), result
+        return result["structuredContent"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stdio_server_stops_trainings_on_a_signal(tmp_path, tiny_model, demo_rows, signum):
+    """SIGTERM or SIGINT to a stdio server during training: the training stops at a step with a checkpoint and the
+    adapter, the job ends 'cancelled' saying a shutdown stopped it, and the server and its worker exit within
+    seconds, without waiting for stdin to close."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    peer = _StdioPeer(["--workspace", str(workspace), "--allow-read", str(tiny_model.parent)], tmp_path / "err.log")
+    try:
+        peer.tool("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "sig", **FAST_LOAD})
+        job = peer.tool("qloraevolved_train", {"model_id": "sig", "train_dataset": demo_rows, "wait_seconds": 0,
+                                               "training_config": {**LONG_RUN, "output_dir": "run"}})["job_id"]
+        _wait_for(lambda: peer.tool("qloraevolved_training_status", {"job_id": job})["step"] >= 3, 120,
+                  "a few training steps")
+        peer.proc.send_signal(signum)
+        assert peer.proc.wait(60) == 0  # stdin is still open: the server exits on its own
+    finally:
+        if peer.proc.poll() is None:
+            peer.proc.kill()
+    _wait_for(lambda: not _worker_pids_anywhere("sig"), 30, "the worker to exit")
+    stderr = (tmp_path / "err.log").read_text()
+    assert "Traceback" not in stderr, stderr[-3000:]
+    store = JobStore(workspace / ".llm-mcp" / "jobs.sqlite")
+    record = store.get(job)
+    assert record.state == "cancelled" and "shutdown" in record.error, record
+    assert record.last_checkpoint and Path(record.last_checkpoint).is_dir()
+    assert (workspace / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+# -- calls wait their turn ---------------------------------------------------------------------------------------
+def test_concurrent_generate_calls_queue_instead_of_bouncing(mcp, tiny_model):
+    """Six generate calls at once on one model all answer (in turn), the same greedy text each time."""
+    mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "queue", **FAST_LOAD})
+
+    async def together():
+        calls = [mcp.client.call_tool("qloraevolved_generate", {"model_id": "queue", "prompt": "The capital of",
+                                                                "max_new_tokens": 24}) for _ in range(6)]
+        return await asyncio.gather(*calls)
+
+    results = mcp.run(together())
+    assert all(not r.is_error for r in results), [r.content for r in results if r.is_error]
+    texts = {r.structured_content["text"] for r in results}
+    assert len(texts) == 1
+    mcp.ok("qloraevolved_unload_model", {"model_id": "queue"})
+
+
+# -- secrets -----------------------------------------------------------------------------------------------------
+def test_token_never_reaches_a_log(tmp_path, tiny_model):
+    """With access logging on (--log-level DEBUG), a token sent in a query string, a wrong bearer token and the
+    right one leave no trace of the token in the server's output or any file of its state folder."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    log = tmp_path / "server.log"
+    proc, port = _http_server(workspace, tiny_model, log, "--log-level", "DEBUG", env={"LLM_MCP_TOKEN": TOKEN})
+    initialize = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}).encode()
+
+    def post(query: str, bearer: str | None) -> int:
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        if bearer:
+            headers["Authorization"] = f"Bearer {bearer}"
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/mcp{query}", data=initialize, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status
+        except urllib.error.HTTPError as refused:
+            return refused.code
+
+    try:
+        assert post(f"?token={TOKEN}", None) == 401
+        assert post(f"?access_token={TOKEN}&x=1", f"{TOKEN}x") == 401
+        assert post(f"?token={TOKEN}", TOKEN) == 200  # the right header: served, and logged without the query
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    output = log.read_text(errors="replace")
+    assert "/mcp?<redacted>" in output  # the access log ran, with the query string removed
+    leaks = [str(p) for p in [log, *workspace.rglob("*")] if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert leaks == []
