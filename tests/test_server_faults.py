@@ -295,3 +295,18 @@ def test_token_never_reaches_a_log(tmp_path, tiny_model):
     assert "/mcp?<redacted>" in output  # the access log ran, with the query string removed
     leaks = [str(p) for p in [log, *workspace.rglob("*")] if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert leaks == []
+
+
+def test_a_full_disk_is_named_as_such_wherever_it_is_met():
+    """What a worker meets as ENOSPC in other words (torch's zip writer, a load error that blamed model_name)
+    reaches the agent as DiskFull naming the folder; other errors pass unchanged."""
+    from llm_mcp.errors import DiskFull, InvalidArgument
+    from llm_mcp.workers.worker import _as_disk_full
+
+    blamed = InvalidArgument("model_name", "m", "a local model folder ([Errno 28] No space left on device)")
+    torn = RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 1234 vs 1200")
+    for exc in (blamed, torn, OSError(28, "No space left on device", "/ws/out/x.bin")):
+        error = _as_disk_full(exc, "/ws/out")
+        assert isinstance(error, DiskFull) and "disk full" in str(error) and "/ws/out" in str(error)
+    other = ValueError("bad value")
+    assert _as_disk_full(other, "/ws/out") is other

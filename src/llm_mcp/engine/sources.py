@@ -103,10 +103,15 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: str | None = None) -> Pa
                               f"{str(exc).splitlines()[0][:300]}") from None
     _drop_gguf_quantizer(model)
     _set_generation_stop(model, tokenizer)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / CONVERTED_MARKER).write_text(json.dumps({
-        "gguf_file": str(gguf_file), "size": gguf_file.stat().st_size, "dtype": dtype}, indent=1), encoding="utf-8")
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / CONVERTED_MARKER).write_text(json.dumps({
+            "gguf_file": str(gguf_file), "size": gguf_file.stat().st_size, "dtype": dtype}, indent=1),
+            encoding="utf-8")
+    except BaseException:  # a full disk, or a stop: no half-written conversion is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, out_dir)
     except OSError:  # another worker finished the same conversion first: keep theirs
