@@ -310,3 +310,76 @@ def test_a_full_disk_is_named_as_such_wherever_it_is_met():
         assert isinstance(error, DiskFull) and "disk full" in str(error) and "/ws/out" in str(error)
     other = ValueError("bad value")
     assert _as_disk_full(other, "/ws/out") is other
+
+
+# -- a workspace that fills up ------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 40 MiB tmpfs as the workspace (mounting needs root: CI runs as root; skipped where it is refused)."""
+    root = tmp_path / "small"
+    root.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(root)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root)], capture_output=True)
+
+
+def _fill_disk(folder: Path, leave: int) -> Path:
+    """Take all but `leave` bytes of the file system holding folder."""
+    filler = folder / "filler.bin"
+    with open(filler, "wb") as f:
+        chunk = b"\0" * (1 << 20)
+        try:
+            while os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize > leave + len(chunk):
+                f.write(chunk)
+                f.flush()
+            f.write(b"\0" * max(0, os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize - leave))
+            f.flush()
+        except OSError:  # already full
+            pass
+    return filler
+
+
+def test_a_full_workspace_fails_the_run_clearly_and_keeps_what_was_written(small_disk, tiny_model, demo_rows):
+    """A run into a workspace that fills mid-run ends 'failed' with a DiskFull message naming the folder (never
+    'running', never a raw torch error); the checkpoints completed before stay readable, no torn one is left; the
+    server and the model stay up, and once space is freed the same model trains again."""
+    with McpSession(create_server(server_config(small_disk, tiny_model))) as mcp:
+        mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "full", **FAST_LOAD})
+        job = mcp.ok("qloraevolved_train", {"model_id": "full", "train_dataset": demo_rows, "wait_seconds": 0,
+                                            "training_config": {**LONG_RUN, "output_dir": "run"}})["job_id"]
+        _wait_for(lambda: _status(mcp, job)["last_checkpoint"] is not None, 120, "a first checkpoint")
+        filler = _fill_disk(small_disk, leave=64 * 1024)
+        _wait_for(lambda: _status(mcp, job)["state"] != "running", 120, "the run to end")
+        status = _status(mcp, job)
+        assert status["state"] == "failed" and "disk full" in status["error"], status
+        assert str(small_disk / "run") in status["error"]
+        checkpoints = sorted((small_disk / "run").glob("checkpoint-*"))
+        assert checkpoints, "the checkpoint completed before the disk filled was lost"
+        for checkpoint in checkpoints:  # every checkpoint left is complete
+            assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] > 0
+        assert mcp.ok("qloraevolved_list_models")["models"]["full"]["state"] in ("ready", "prepared")
+        filler.unlink()
+        again = mcp.ok("qloraevolved_train", {"model_id": "full", "train_dataset": demo_rows, "wait_seconds": -1,
+                                              "training_config": {**LONG_RUN, "max_steps": 6, "output_dir": "run2"}})
+        assert again["status"] == "success"
+        assert [j["state"] for j in mcp.ok("qloraevolved_list_jobs")["jobs"]] == ["failed", "succeeded"]
+
+
+def test_cancel_while_the_dataset_is_read_ends_the_job_at_once(mcp, tiny_model, workspace):
+    """cancel_training right after train starts on a large file: the job ends 'cancelled' (reading and tokenizing
+    stop, or the first step does), and the model is free for the next call."""
+    mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "reader", **FAST_LOAD})
+    big = workspace / "big.jsonl"
+    row = json.dumps({"prompt": "Q: what is the capital of France?\nA:", "completion": " Paris."}) + "\n"
+    big.write_text(row * 200_000)
+    job = mcp.ok("qloraevolved_train", {"model_id": "reader", "train_dataset": str(big), "wait_seconds": 0,
+                                        "training_config": {**FAST_TRAIN, "max_steps": 5, "output_dir": "read"}})
+    mcp.ok("qloraevolved_cancel_training", {"job_id": job["job_id"]})
+    _wait_for(lambda: _status(mcp, job["job_id"])["state"] != "running", 300, "the job to end")
+    assert _status(mcp, job["job_id"])["state"] == "cancelled"
+    assert mcp.ok("qloraevolved_generate", {"model_id": "reader", "prompt": "Hi", "max_new_tokens": 2})["text"] is not None
+    mcp.ok("qloraevolved_unload_model", {"model_id": "reader"})

@@ -2,77 +2,170 @@
 two examples rendered with the model's chat template and the trained part marked, token length statistics, rows
 that max_length would cut, and concrete problems (unusable rows, mixed formats, a missing EOS, duplicates).
 
-Without a tokenizer (no model_id) it runs in the server process and must not import torch: examples are then
-shown in a generic layout and lengths counted in characters.
+Without a tokenizer (no model_id) it runs in the server process and must not import torch nor hold a dataset:
+it reads only the start of a file or folder (SAMPLE, said in the answer's `sampled`), shows examples in a generic
+layout and counts lengths in characters. With one (in the model's worker) it reads every row, keeping only the
+first MAX_ROWS_MEASURED for examples and lengths.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from llm_mcp.data.chat_templates import choice_of, end_of_turn_token, summary, trained_runs
-from llm_mcp.data.datasets import convert_rows, read_source, row_format, to_training_rows
+from llm_mcp.data.datasets import CheckedRow, CheckedRows, Tally, read_source, to_training_rows
+from llm_mcp.data.readers import MiB, Prefix, ReadProgress
+from llm_mcp.data.rows import row_format
+from llm_mcp.errors import DatasetError
 
 TRAIN_START, TRAIN_END = "[[TRAIN]]", "[[/TRAIN]]"  # marks the trained part of a rendered example
 MAX_ROWS_MEASURED = 20_000
+SAMPLE = Prefix(rows=2_000, bytes=32 * MiB)  # what the server process reads of a dataset (no model given)
 _EXAMPLES = 2
 _CHAT_FORMATS = ("messages", "sharegpt", "alpaca")
 
 
-def inspect_dataset(source: Any, *, dataset_format: str, tokenizer: Any = None,
-                    max_length: int | None = None) -> dict[str, Any]:
-    raw = read_source(source, param="dataset")
-    fmt, converted = convert_rows(raw, dataset_format=dataset_format, param="dataset")
-    problems: list[str] = []
-    unusable = [i for i, r in enumerate(converted) if r is None]
-    if unusable:
-        problems.append(f"{len(unusable)} of {len(converted)} rows have empty or malformed fields for format "
-                        f"{fmt!r} and would be skipped (first row indexes: {unusable[:10]}).")
-    formats = _row_formats(raw) if isinstance(source, list) else {}
-    if len(formats) > 1:
-        problems.append(f"mixed row formats: {formats}; training uses {fmt!r} for every row, so the others would "
-                        f"be skipped or misread. Split them or convert them to one format.")
-    duplicates = len(raw) - len({json.dumps(row, sort_keys=True, default=str) for row in raw})
-    if duplicates:
-        problems.append(f"{duplicates} rows are exact duplicates of an earlier row.")
-    usable = [r for r in converted if r is not None]
+def inspect_dataset(source: Any, *, dataset_format: str, tokenizer: Any = None, max_length: int | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """What training would see and refuse in a dataset. With a tokenizer (in a model's worker) every row is read;
+    without one (in the server) only the start of a file or folder, said in `sampled`."""
+    source_rows = read_source(source, param="dataset", should_stop=should_stop,
+                              prefix=None if tokenizer is not None else SAMPLE)
+    rows = CheckedRows(source_rows, dataset_format=dataset_format)
+    survey = _survey(rows)
+    problems = survey.problems(rows.fmt)
     answer: dict[str, Any] = {
         "status": "success",
-        "format": fmt,
-        "rows": len(raw),
-        "usable_rows": len(usable),
-        "columns": raw.column_names,
-        "loss_on": "answers only" if fmt != "text" else "all tokens",
+        "format": rows.fmt,
+        "rows": survey.rows,
+        "usable_rows": survey.usable_count,
+        "columns": rows.columns,
+        "loss_on": "answers only" if rows.fmt != "text" else "all tokens",
     }
-    if not usable:
-        return {**answer, "examples": [], "problems": problems}
+    notes = []
+    if not source_rows.progress.complete:
+        answer["sampled"] = _sampled(source_rows.progress)
+        notes.append(_sample_note(source_rows.progress))
+    if not survey.usable:
+        return {**answer, "examples": [], "problems": problems, **_note(notes)}
     if tokenizer is None:
-        answer["examples"] = [_plain(r) for r in usable[:_EXAMPLES]]
-        answer["length_chars"] = _stats([len(_plain(r)) for r in usable[:MAX_ROWS_MEASURED]])
-        answer["note"] = "Pass model_id to render with the model's chat template and count tokens."
-        answer["problems"] = problems
-        return answer
-    answer.update(_as_trained(usable, fmt, tokenizer, max_length, problems))
-    answer["problems"] = problems
-    return answer
+        answer["examples"] = [_plain(r) for r in survey.usable[:_EXAMPLES]]
+        answer["length_chars"] = _stats([len(_plain(r)) for r in survey.usable])
+        notes.append("Pass model_id to render with the model's chat template and count tokens"
+                     f"{', reading every row in its worker' if 'sampled' in answer else ''}.")
+        return {**answer, "problems": problems, **_note(notes)}
+    answer.update(_as_trained(survey, rows.fmt, tokenizer, max_length, problems))
+    return {**answer, "problems": problems, **_note(notes)}
 
 
-def _as_trained(usable: list[dict[str, Any]], fmt: str, tokenizer: Any, max_length: int | None,
+@dataclass
+class _Survey:
+    """What reading every row (or the prefix) found: counts, the rows measured, and what is wrong."""
+
+    rows: int = 0
+    usable_count: int = 0
+    usable: list[dict[str, Any]] = field(default_factory=list)  # the first MAX_ROWS_MEASURED usable rows
+    labels: list[str] = field(default_factory=list)  # where each of those is
+    empty: Tally = field(default_factory=Tally)
+    invalid: Tally = field(default_factory=Tally)
+    formats: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    seen: set[int] = field(default_factory=set)  # hashes of the first MAX_ROWS_MEASURED rows, for duplicates
+    stopped: str | None = None  # why reading ended before the end of the file
+
+    def add(self, row: CheckedRow) -> None:
+        self.rows += 1
+        if row.raw is not None:
+            kind = row_format(row.raw) or "unknown"
+            self.formats[kind] = self.formats.get(kind, 0) + 1
+            self._count_duplicate(row.raw)
+        if row.problem is not None:
+            self.invalid.add(f"{row.where}: {row.problem}")
+        elif row.converted is None:
+            self.empty.add(row.where)
+        else:
+            self.usable_count += 1
+            if len(self.usable) < MAX_ROWS_MEASURED:
+                self.usable.append(row.converted)
+                self.labels.append(row.where)
+
+    def _count_duplicate(self, raw: dict[str, Any]) -> None:
+        key = hash(json.dumps(raw, sort_keys=True, default=str))  # a hash: long rows are not kept twice
+        if key in self.seen:
+            self.duplicates += 1
+        elif len(self.seen) < MAX_ROWS_MEASURED:  # bounded memory: later rows are compared with these only
+            self.seen.add(key)
+
+    def problems(self, fmt: str) -> list[str]:
+        found = []
+        if self.stopped:
+            found.append(f"{self.stopped} The {self.rows} rows before it are inspected here; training refuses the "
+                         f"file as it is.")
+        if self.invalid.count:
+            found.append(f"{self.invalid.count} of {self.rows} rows are invalid, so training would refuse the "
+                         f"dataset (or skip them with skip_invalid_rows=true): {'; '.join(self.invalid.first)}"
+                         f"{'; ...' if self.invalid.count > len(self.invalid.first) else ''}.")
+        if self.empty.count:
+            found.append(f"{self.empty.count} of {self.rows} rows have empty fields for format {fmt!r} and would be "
+                         f"skipped (first: {', '.join(self.empty.first)}).")
+        if len(self.formats) > 1:
+            found.append(f"mixed row formats: {self.formats}; training uses {fmt!r} for every row, so the others "
+                         f"would be skipped or misread. Split them or convert them to one format.")
+        if self.duplicates:
+            found.append(f"{self.duplicates} rows are exact duplicates of an earlier row.")
+        return found
+
+
+def _survey(rows: CheckedRows) -> _Survey:
+    """Every row read through the survey; a file that cannot be read past some row is a problem, not an error,
+    once rows before it were read."""
+    survey = _Survey()
+    try:
+        for row in rows:
+            survey.add(row)
+    except DatasetError as exc:
+        if survey.rows == 0:
+            raise
+        survey.stopped = str(exc)
+    return survey
+
+
+def _sampled(progress: ReadProgress) -> dict[str, Any]:
+    return {"rows_read": progress.rows_read, "bytes_read": progress.bytes_read, "file_bytes": progress.file_bytes,
+            "rows_total": progress.rows_total}
+
+
+def _sample_note(progress: ReadProgress) -> str:
+    read = f"the first {progress.rows_read} rows"
+    if progress.bytes_read is not None and progress.file_bytes is not None:
+        read += f" ({progress.bytes_read} of {progress.file_bytes} bytes)"
+    total = (f"of {progress.rows_total}" if progress.rows_total is not None
+             else "the total row count is not known without reading the whole file")
+    return (f"Only {read} were read, {total}: without a model the server reads the start of a dataset, never all "
+            f"of it.")
+
+
+def _note(notes: list[str]) -> dict[str, str]:
+    return {"note": " ".join(notes)} if notes else {}
+
+
+def _as_trained(survey: _Survey, fmt: str, tokenizer: Any, max_length: int | None,
                 problems: list[str]) -> dict[str, Any]:
     """Examples, token lengths and trained tokens as training prepares the rows; problems found on the way."""
     chat_template = getattr(tokenizer, "chat_template", None)
-    examples = to_training_rows(usable[:MAX_ROWS_MEASURED], fmt, chat_template, tokenizer)
+    examples = to_training_rows(survey.usable, fmt, chat_template, tokenizer, labels=survey.labels)
     rendered = [_render(example, tokenizer) for example in examples.dataset]
     lengths = [r.tokens for r in rendered]
     out: dict[str, Any] = {"examples": [r.marked for r in rendered[:_EXAMPLES]], "length_tokens": _stats(lengths),
                            "trained_tokens": sum(r.trained_tokens for r in rendered)}
     if fmt in _CHAT_FORMATS:
         out["chat_template"] = summary(tokenizer)
-    if len(usable) > MAX_ROWS_MEASURED:
-        out["length_tokens"]["measured_rows"] = MAX_ROWS_MEASURED
+    if survey.usable_count > len(survey.usable):
+        out["length_tokens"]["measured_rows"] = len(survey.usable)
     if max_length is not None:
         cut = sum(n > max_length for n in lengths)
         out["max_length"] = max_length
@@ -89,14 +182,6 @@ def _as_trained(usable: list[dict[str, Any]], fmt: str, tokenizer: Any, max_leng
                         f"template (it should end assistant turns with {stops[-1]!r}).")
     problems += _template_problems(fmt, tokenizer, chat_template, examples.warnings)
     return out
-
-
-def _row_formats(raw: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in raw:
-        kind = row_format(row) or "unknown"
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,10 @@ async def inspect_dataset(
 ) -> dict[str, Any]:
     """Check a dataset before training on it: detected format, row and usable-row counts, columns, two examples
     exactly as training sees them (trained part between [[TRAIN]] and [[/TRAIN]]), token length statistics, rows
-    max_length would cut, and problems found (empty fields, mixed formats, missing EOS, duplicates). Needs no GPU."""
+    max_length would cut, and problems found (empty fields, mixed formats, missing EOS, duplicates; malformed rows
+    and chat rows with unknown roles, turns out of order or no assistant turn, each with its line or row number,
+    which training refuses unless skip_invalid_rows=true). Without model_id only the start of a large file is read
+    (the answer's 'sampled' says how much). Needs no GPU."""
     return await service_of(ctx).inspect_dataset(dataset, dataset_format, model_id)
 
 

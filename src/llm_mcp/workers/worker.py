@@ -121,7 +121,6 @@ def _train(cmd: Train, state: WorkerState, channel: _Channel, controls: "_Contro
         channel.send(Progress(cmd.request_id, step, total, logs.get("loss"), logs.get("learning_rate"),
                               logs.get("epoch"), logs.get("eval_loss"), logs.get("checkpoint")))
 
-    controls.cancel.clear()  # a Stop aimed at an earlier run must not end this one
     state_dir = os.environ.get(ends.STATE_DIR_ENV)
     try:
         result = engine_train.train(
@@ -197,6 +196,9 @@ def _read_commands(channel: _Channel, commands: queue.Queue, controls: _Controls
             controls.shutdown.set()
             commands.put(cmd)
             return
+        # A Stop aimed at an earlier command must not end this one; cleared here, in pipe order, so a Stop sent
+        # right after this command (a cancel while it is still queued or reading its data) is kept.
+        controls.cancel.clear()
         commands.put(cmd)
 
 

@@ -1,0 +1,177 @@
+"""One raw row -> TRL's columns ({'text'} | {'prompt','completion'} | {'messages'}), or why it cannot be.
+
+Two kinds of unusable row: empty fields (None, blank strings, empty lists), which training skips and counts as it
+always has; and invalid rows (wrong types, unknown roles, chat turns out of order, no assistant turn), which
+training refuses, naming the row, unless skip_invalid_rows. No torch, no `datasets`: the server checks rows too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+FORMATS_HELP = (
+    "rows with 'text'; or 'instruction' + 'output' (+ optional 'input', Alpaca); or 'prompt' + 'completion'; "
+    "or 'messages' (a list of {role, content}); or ShareGPT 'conversations' (a list of {from, value})"
+)
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "model": "assistant", "tool": "tool"}
+_NEEDED = {"text": {"text"}, "alpaca": {"instruction", "output"}, "prompt_completion": {"prompt", "completion"},
+           "messages": {"messages"}, "sharegpt": {"conversations"}}
+
+
+@dataclass(frozen=True)
+class Converted:
+    """A row in TRL's columns, or None with the reason it is invalid (no reason: its fields are empty)."""
+
+    row: dict[str, Any] | None
+    problem: str | None = None
+
+
+EMPTY = Converted(None)
+
+
+def detect_format(columns: list[str]) -> str | None:
+    cols = set(columns)
+    if "messages" in cols:
+        return "messages"
+    if "conversations" in cols:
+        return "sharegpt"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if "text" in cols:
+        return "text"
+    return None
+
+
+def has_columns(columns: list[str], fmt: str) -> bool:
+    return _NEEDED[fmt] <= set(columns)
+
+
+def row_format(row: dict[str, Any]) -> str | None:
+    """The format a single row's non-empty fields fit (rows of inline lists share the union of all columns)."""
+    return detect_format([k for k, v in row.items() if not _blank(v)])
+
+
+def convert_row(row: dict[str, Any], fmt: str) -> Converted:
+    """One raw row (a dict) in the given format -> TRL's columns, or why not."""
+    if fmt == "text":
+        return _text(row)
+    if fmt == "prompt_completion":
+        return _prompt_completion(row)
+    if fmt == "alpaca":
+        return _alpaca(row)
+    if fmt == "sharegpt":
+        return _sharegpt(row)
+    return _chat(row.get("messages"), "messages")
+
+
+def _blank(value: Any) -> bool:
+    return value is None or value == [] or (isinstance(value, str) and not value.strip())
+
+
+def _json_type(value: Any) -> str:
+    names = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _wrong_type(field: str, value: Any, allowed: str) -> Converted:
+    return Converted(None, f"{field} is a {_json_type(value)}; {allowed} is allowed")
+
+
+def _text(row: dict[str, Any]) -> Converted:
+    text = row.get("text")
+    if _blank(text):
+        return EMPTY
+    return Converted({"text": text}) if isinstance(text, str) else _wrong_type("text", text, "a string")
+
+
+def _prompt_completion(row: dict[str, Any]) -> Converted:
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if _blank(completion) or prompt is None:
+        return EMPTY
+    if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt/completion
+        labels = [f"prompt[{i}]" for i in range(len(prompt))] + [f"completion[{i}]" for i in range(len(completion))]
+        return _chat(prompt + completion, "prompt + completion", labels)
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return Converted({"prompt": prompt, "completion": completion})
+    return Converted(None, f"prompt is a {_json_type(prompt)} and completion a {_json_type(completion)}; both "
+                           f"strings, or both lists of messages, are allowed")
+
+
+def _alpaca(row: dict[str, Any]) -> Converted:
+    instruction, extra, output = row.get("instruction"), row.get("input"), row.get("output")
+    if _blank(instruction) or _blank(output):
+        return EMPTY
+    for name, value in (("instruction", instruction), ("output", output)):
+        if not isinstance(value, str):
+            return _wrong_type(name, value, "a string")
+    if extra is not None and not isinstance(extra, str):
+        return _wrong_type("input", extra, "a string")
+    user = instruction if _blank(extra) else f"{instruction}\n\n{extra}"
+    return Converted({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]})
+
+
+def _sharegpt(row: dict[str, Any]) -> Converted:
+    turns = row.get("conversations")
+    if _blank(turns):
+        return EMPTY
+    if not isinstance(turns, list):
+        return _wrong_type("conversations", turns, "a list of {from, value}")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return _wrong_type(f"conversations[{i}]", turn, "an object with 'from' and 'value'")
+        source = turn.get("from")
+        role = SHAREGPT_ROLES.get(source) if isinstance(source, str) else None
+        if role is None:
+            return Converted(None, f"conversations[{i}] has from={source!r}; allowed: "
+                                   f"{', '.join(repr(r) for r in SHAREGPT_ROLES)}")
+        messages.append({"role": role, "content": turn.get("value")})
+    return _chat(messages, "conversations", content_name="value")  # ShareGPT's name for the content
+
+
+def _chat(messages: Any, field: str, labels: list[str] | None = None, content_name: str = "content") -> Converted:
+    """A conversation checked turn by turn: object, known role, string content, order, an answer to train on."""
+    if _blank(messages):
+        return EMPTY
+    if not isinstance(messages, list):
+        return _wrong_type(field, messages, "a list of {role, content}")
+    labels = labels or [f"{field}[{i}]" for i in range(len(messages))]
+    out = []
+    for label, m in zip(labels, messages):
+        if not isinstance(m, dict):
+            return _wrong_type(label, m, "an object with 'role' and 'content'")
+        if m.get("role") not in ROLES:
+            return Converted(None, f"{label} has role={m.get('role')!r}; allowed: "
+                                   f"{', '.join(repr(r) for r in ROLES)}")
+        if not isinstance(m.get("content"), str):
+            return _wrong_type(f"{label}.{content_name}", m.get("content"), "a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    problem = order_problem([m["role"] for m in out], labels)
+    if problem:
+        return Converted(None, problem)
+    if "assistant" not in (m["role"] for m in out):
+        return Converted(None, "has no assistant turn to train on; a conversation needs at least one")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+        return EMPTY
+    return Converted({"messages": out})
+
+
+def order_problem(roles: list[str], labels: list[str]) -> str | None:
+    """Why a conversation's roles are out of order, or None. Tool turns (after an assistant's call) are free."""
+    seen_user, previous = False, None
+    for i, role in enumerate(roles):
+        if role == "system" and i > 0:
+            return f"{labels[i]} is a system turn after the first turn; a system turn may only open a conversation"
+        if role == "assistant" and not seen_user:
+            return f"{labels[i]} is an assistant turn before any user turn; a conversation starts with a user turn"
+        if role == previous and role in ("user", "assistant"):
+            return (f"{labels[i - 1]} and {labels[i]} are two {role} turns in a row; user and assistant turns "
+                    f"alternate")
+        seen_user = seen_user or role == "user"
+        previous = role
+    return None
