@@ -20,6 +20,7 @@ Only server/common.py (agent_tool) turns these into MCP tool errors. Leaf module
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -117,7 +118,7 @@ class DiskFull(LlmMcpError):
     nothing half-written is left behind by the code that raises it."""
 
     def __init__(self, folder: object, *, needed: int | None, free: int | None, doing: str) -> None:
-        self.folder, self.needed, self.free = str(folder), needed, free
+        self.folder, self.needed, self.free = os.path.abspath(str(folder)), needed, free
         need = f"~{_size(needed)} needed" if needed else "more space needed"
         have = f"{_size(free)} free" if free is not None else "free space unknown"
         super().__init__(f"disk full: {doing} in {self.folder} stopped ({need}, {have}). Free space on that file "

@@ -3,6 +3,7 @@ GGUF (+ an Ollama Modelfile) for llama.cpp and Ollama. Each export is verified b
 
 Every export is written into a temporary sibling (`<name>.tmp-<pid>`), verified, fsynced and renamed into place, so
 a failure or a crash never leaves a half-written folder where the export should be, and a retry is never blocked.
+An export holds its output_dir's lock (output_lock.py) throughout, and a full disk is told as DiskFull.
 
 The merge dequantizes the base weights the adapter was trained against (4-bit, 8-bit or torchao) and adds the
 LoRA delta one module at a time on the CPU, writing safetensors shards in the checkpoint's own layout as it goes
@@ -22,7 +23,10 @@ from typing import Any, Iterator
 
 import torch
 
+from llm_mcp import output_lock
 from llm_mcp.config import ExportConfig
+from llm_mcp.disk import disk_full_as_error, require_free
+from llm_mcp.engine.durable import fsync_tree, move_into_place
 from llm_mcp.engine.export_probe import DEFAULT_PROBE, probes
 from llm_mcp.engine.model import ModelBundle
 from llm_mcp.errors import InvalidArgument
@@ -32,12 +36,21 @@ log = logging.getLogger(__name__)
 SHARD_BYTES = 2 * 1024**3
 PROBE_TOKENS = 24  # greedy tokens compared by the merged model's verification
 EXPORT_RECORD = "export.json"  # written last into every export folder: what was exported, and its checks
+# Bytes per weight of a GGUF file, at least (k-quants go through an f16 file first)
+_GGUF_BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 1.0, "q6_k": 2.5, "q5_k_m": 2.5, "q4_k_m": 2.5}
 __all__ = ["DEFAULT_PROBE", "EXPORT_RECORD", "export", "merged_state", "verify_merged", "write_merged"]
 
 
-def export(bundle: ModelBundle, config: ExportConfig, *, probe_prompt: str | None = None) -> dict[str, Any]:
+def export(bundle: ModelBundle, config: ExportConfig, *, probe_prompt: str | None = None,
+           holder: str | None = None) -> dict[str, Any]:
     """Write the export to config.output_dir (through a temporary sibling); answer what was written and how it
-    was verified. Paths in the answer are where the export ends up."""
+    was verified. Paths in the answer are where the export ends up. holder names this export in output_dir's
+    lock (e.g. "model m-1, export"), held from before the folder is checked to the end."""
+    with output_lock.claim(config.output_dir, holder or "an export", doing="export"):
+        return _export(bundle, config, probe_prompt)
+
+
+def _export(bundle: ModelBundle, config: ExportConfig, probe_prompt: str | None) -> dict[str, Any]:
     final = Path(config.output_dir)
     _check_output_dir(final, config.overwrite)
     if not bundle.has_lora:
@@ -56,12 +69,15 @@ def export(bundle: ModelBundle, config: ExportConfig, *, probe_prompt: str | Non
             require_quantizer(config.gguf_quantization)  # a k-quant: refused before the merge, not after
     tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier export of this process that was killed
+    needed = _export_bytes(bundle, config)
+    require_free(final, needed, doing=f"the {config.format} export")
     tmp.mkdir(parents=True)
     try:
-        answer = _write(bundle, config, tmp, final, probe_prompt)
-        _record(tmp, answer)
-        _fsync_tree(tmp)
-        _move_into_place(tmp, final)
+        with disk_full_as_error(final, doing=f"the {config.format} export", needed=needed):
+            answer = _write(bundle, config, tmp, final, probe_prompt)
+            _record(tmp, answer)
+            fsync_tree(tmp)
+            move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -130,40 +146,16 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
                                                           f"replaces an earlier export")
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename the finished export over `final`: an empty folder is removed first, an earlier export (checked by
-    _check_output_dir) is moved aside and deleted once the new one is in place."""
-    old = None
-    if final.is_dir():
-        if any(final.iterdir()):
-            old = final.parent / f"{final.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        else:
-            final.rmdir()
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(str(folder), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _export_bytes(bundle: ModelBundle, config: ExportConfig) -> int:
+    """What the export writes, at least: the adapter; the merged weights at 16 bits; the GGUF file beside them."""
+    trainable, total = bundle.param_counts()
+    adapter = sum(p.numel() * p.element_size() for p in bundle.model.parameters() if p.requires_grad)
+    merged = 2 * (total - trainable)
+    if config.format == "adapter":
+        return adapter
+    if config.format == "merged_16bit":
+        return merged
+    return adapter + merged + int(_GGUF_BYTES_PER_WEIGHT.get(config.gguf_quantization, 1.0) * (total - trainable))
 
 
 def _save_adapter(bundle: ModelBundle, out: Path) -> Path:

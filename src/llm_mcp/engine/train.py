@@ -21,9 +21,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from llm_mcp import output_lock
 from llm_mcp.config import RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
+from llm_mcp.disk import disk_full_as_error, require_free
 from llm_mcp.engine import CPU_KERNEL_CACHE_CAPACITY
+from llm_mcp.engine.checkpoints import (CheckpointSeal, CheckpointSpace, ResumePoint, SaveSizes, resolve_resume,
+                                        save_sizes)
 from llm_mcp.engine.device import (can_reuse_freed_memory, detect, freed_memory_reused, peak_memory_bytes,
                                    release_freed_memory, reset_peak_memory)
 from llm_mcp.engine.float32_compute import (bf16_slowdown, bitsandbytes_compute_layers, float32_compute, is_emulated,
@@ -31,7 +35,9 @@ from llm_mcp.engine.float32_compute import (bf16_slowdown, bitsandbytes_compute_
 from llm_mcp.engine.lean_lora import lean_lora_dropout
 from llm_mcp.engine.lean_mlp import lean_mlp
 from llm_mcp.engine.lean_norm import lean_rmsnorm
+from llm_mcp.engine.lora_shape import check_resume_fits
 from llm_mcp.engine.regional_compile import compiled_layers
+from llm_mcp.engine.durable import fsync_tree, move_into_place
 from llm_mcp.engine.model import ModelBundle, fallback_attention, supports_flash_attention
 from llm_mcp.errors import InvalidArgument, OutOfMemory
 
@@ -328,13 +334,15 @@ class _ProgressCallback(TrainerCallback):
 
 def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_source: Any, options: RunOptions, *,
           on_progress: ProgressFn, should_stop: Callable[[], bool], notes: list[str],
-          cpu_threads: Callable[[], int | None] | None = None) -> dict[str, Any]:
+          cpu_threads: Callable[[], int | None] | None = None, holder: str | None = None) -> dict[str, Any]:
     """cpu_threads, when given, is read at every step: the CPU threads to use now (None: all), as the server
-    shares the cores among the trainings running at the same time."""
+    shares the cores among the trainings running at the same time. holder names this run in output_dir's lock
+    (e.g. "model m-1, job j-2"), which it holds from before anything there is read or deleted to the end."""
     share = None if cpu_threads is None or detect().has_cuda else _CoreShare(cpu_threads)
     try:
-        answer = _train(bundle, config, train_source, eval_source, options, on_progress=on_progress,
-                        should_stop=should_stop, notes=notes, extra_callbacks=[share] if share else [])
+        with output_lock.claim(config.output_dir, holder or "a training run", doing="training"):
+            answer = _train(bundle, config, train_source, eval_source, options, on_progress=on_progress,
+                            should_stop=should_stop, notes=notes, extra_callbacks=[share] if share else [])
     finally:
         if share is not None:
             share.restore()
@@ -390,8 +398,13 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
     choices, hw_warnings = _hardware_choices(bundle, config)
     warnings += hw_warnings
     out = Path(config.output_dir)
-    resume = _resolve_resume(out, options.resume_from_checkpoint)
+    point = _resume_point(out, options.resume_from_checkpoint, bundle)
+    resume = point.path
     _guard_output_dir(out, resume, options.overwrite_output_dir)
+    warnings += point.warnings()
+    point.remove_torn()
+    sizes = save_sizes(bundle.model, bundle.tokenizer, choices["optim"])
+    require_free(out, sizes.checkpoint + sizes.final, doing="training (room for a checkpoint and the final adapter)")
 
     template = getattr(bundle.tokenizer, "chat_template", None)
     train_data = prepare_dataset(train_source, dataset_format=options.dataset_format, chat_template=template,
@@ -411,7 +424,8 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
         warmup_steps=config.warmup_ratio if config.warmup_steps is None else config.warmup_steps,
         weight_decay=config.weight_decay, optim=choices["optim"], lr_scheduler_type=config.lr_scheduler_type,
         max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps, logging_first_step=True,
-        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        # save_total_limit is applied by CheckpointSeal, among complete checkpoints only
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=None,
         report_to=choices["report_to"],
         **_checkpointing_args(SFTConfig, choices["use_gradient_checkpointing"]),
         packing=choices["packing"],
@@ -424,12 +438,15 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
         disable_tqdm=True, dataloader_pin_memory=False,
     )
     callback = _ProgressCallback(on_progress, should_stop, release_memory=choices["release_memory"])
+    space = CheckpointSpace(out, sizes, config.save_total_limit, warnings)
     # float32_compute keeps the adapters' float32 values: building the trainer rounds them to bf16 (TRL's QLoRA cast)
     with trainable_tensors_kept(bundle.model) if choices["float32_compute"] else nullcontext():
         trainer = SFTTrainer(
             model=bundle.model, args=args, train_dataset=train_data.dataset,
             eval_dataset=eval_data.dataset if eval_data else None, processing_class=bundle.tokenizer,
-            callbacks=[callback, *extra_callbacks],
+            # the seal before the progress report (no checkpoint reported unsealed), the space check after the
+            # stop callback (which asks for a save at the step's end)
+            callbacks=[CheckpointSeal(config.save_total_limit), callback, space, *extra_callbacks],
         )
     if choices["padding_free"]:
         _make_padding_free(trainer)
@@ -446,14 +463,13 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
             engine_patches.enter_context(compiled_layers(bundle.model))
         if choices["reuse_freed_memory"]:
             engine_patches.enter_context(freed_memory_reused())
-        result = _run_guarded(trainer, resume, config, bundle)
+        result = _run_saving_safely(trainer, resume, config, bundle, space)
     metrics = {k: float(result.metrics[k]) for k in SPEC_METRICS if k in result.metrics}
     if eval_data is not None and not callback.stopped:  # a stopped run saves and ends quickly
         with float32_compute(bundle.model) if choices["float32_compute"] else nullcontext():  # as it trained
             metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     final = out / "final"
-    trainer.save_model(str(final))
-    bundle.tokenizer.save_pretrained(str(final))
+    _save_final(trainer, bundle.tokenizer, final, sizes)
     answer = _answer(bundle, config, trainer, metrics, final, train_data, choices, warnings, callback, resume)
     answer["engine_choices"] = engine_notes
     return answer
@@ -483,6 +499,34 @@ def _checkpointing_args(config_cls: type, enabled: bool) -> dict[str, Any]:
     name = "activation" if "activation_checkpointing" in config_cls.__dataclass_fields__ else "gradient"
     return {f"{name}_checkpointing": enabled,
             f"{name}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def _run_saving_safely(trainer: Any, resume: str | None, config: TrainingConfig, bundle: ModelBundle,
+                       space: CheckpointSpace) -> Any:
+    """The run, with a full disk in any words (torch's "unexpected pos", safetensors, ENOSPC) told as DiskFull and
+    the checkpoint it cut short removed; complete checkpoints stay."""
+    try:
+        with disk_full_as_error(config.output_dir, doing="training"):
+            return _run_guarded(trainer, resume, config, bundle)
+    except BaseException:
+        space.discard_unfinished()
+        raise
+
+
+def _save_final(trainer: Any, tokenizer: Any, final: Path, sizes: SaveSizes) -> None:
+    """The final adapter and tokenizer, written beside `final`, fsynced and renamed into place: a failure leaves
+    an earlier run's final folder as it was, or none."""
+    tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with disk_full_as_error(final, doing="saving the final adapter", needed=sizes.final):
+            trainer.save_model(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            fsync_tree(tmp)
+            move_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _run_guarded(trainer: Any, resume: str | None, config: TrainingConfig, bundle: ModelBundle) -> Any:
@@ -528,29 +572,23 @@ def _answer(bundle: ModelBundle, config: TrainingConfig, trainer: Any, metrics: 
     }
 
 
-def _checkpoints(out: Path, *, complete_only: bool = False) -> list[Path]:
-    """checkpoint-N folders by N. complete_only: those with trainer_state.json, which the trainer writes last (a
-    worker killed mid-save leaves a folder without it)."""
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
-             and (not complete_only or (p / "trainer_state.json").is_file())]
+def _checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders by N, complete or not."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def _resume_point(out: Path, resume: bool | str, bundle: ModelBundle) -> ResumePoint:
+    """The checkpoint to resume from (refused when its adapter does not fit this model) and the torn ones."""
+    point = resolve_resume(out, resume)
+    if point.path is not None:
+        check_resume_fits(Path(point.path), bundle.model)
+    return point
+
+
 def _resolve_resume(out: Path, resume: bool | str) -> str | None:
-    if resume is False:
-        return None
-    if resume is True:
-        found = _checkpoints(out, complete_only=True) if out.is_dir() else []
-        if not found:
-            raise InvalidArgument("resume_from_checkpoint", True,
-                                  f"a run with checkpoints in output_dir={str(out)!r}; none found there "
-                                  "(use false to start a new run)")
-        return str(found[-1])
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise InvalidArgument("resume_from_checkpoint", resume,
-                              "true, false, or a checkpoint folder (one holding trainer_state.json)")
-    return str(path)
+    """The checkpoint a resume continues from: the newest complete one for true."""
+    return resolve_resume(out, resume).path
 
 
 def _guard_output_dir(out: Path, resume: str | None, overwrite: bool) -> None:

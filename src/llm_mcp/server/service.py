@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_mcp import memory
+from llm_mcp import memory, output_lock
 from llm_mcp.config import (
     MAX_ID_CHARS, ExportConfig, GenerationConfig, LoadConfig, RunOptions, TrainingConfig, UnslothLoadConfig,
     UnslothTrainingConfig,
@@ -196,6 +196,9 @@ class ModelService:
                          f"defaults (and the overrides given).")
             notes += (await self.prepare(family, model_id, settings)).get("warnings", [])
         config = engine_training_config(settings)
+        # A folder another live run or export holds is refused here, before a job exists (the worker's claim is
+        # the authoritative check)
+        output_lock.refuse_if_held(self.sandbox.writable("output_dir", config.output_dir), doing="training")
         command = Train(new_request_id(), config, train_dataset, eval_dataset, options, tuple(notes))
         record = self.jobs.start(loaded, command, family_cancel_tool=family.tool("cancel_training"),
                                  dataset_description=_describe_dataset(train_dataset))
@@ -243,7 +246,7 @@ class ModelService:
     async def export(self, family: Family, model_id: str, config: ExportConfig,
                      probe_prompt: str | None) -> dict[str, Any]:
         loaded = self._get(family, model_id)
-        self.sandbox.writable("output_dir", config.output_dir)
+        output_lock.refuse_if_held(self.sandbox.writable("output_dir", config.output_dir), doing="export")
         if loaded.training_config is None and family is UNSLOTH:
             raise InvalidArgument("model_id", model_id, f"a model with a LoRA adapter: call "
                                                         f"{family.tool('prepare_for_training')} and "

@@ -59,7 +59,8 @@ class _Channel:
 class WorkerState:
     """The model this worker holds and what was prepared for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_id: str = "") -> None:
+        self.model_id = model_id  # names this worker's runs in output folder locks
         self.bundle: Any = None  # engine.model.ModelBundle once loaded
         self.training_config: Any = None
 
@@ -100,7 +101,7 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, controls: "_Cont
         case Export(config=config, probe_prompt=probe):
             from llm_mcp.engine.export import export
 
-            return export(state.bundle, config, probe_prompt=probe)
+            return export(state.bundle, config, probe_prompt=probe, holder=f"model {state.model_id}, export")
         case InspectDataset(dataset=dataset, dataset_format=fmt):
             from llm_mcp.data.inspect import inspect_dataset
 
@@ -126,7 +127,7 @@ def _train(cmd: Train, state: WorkerState, channel: _Channel, controls: "_Contro
         result = engine_train.train(
             state.bundle, cmd.config, cmd.train_dataset, cmd.eval_dataset, cmd.options,
             on_progress=on_progress, should_stop=controls.should_stop, notes=list(cmd.warnings),
-            cpu_threads=lambda: controls.threads,
+            cpu_threads=lambda: controls.threads, holder=f"model {state.model_id}, job {cmd.job_id}",
         )
     except BaseException as exc:
         error = _as_disk_full(exc, cmd.config.output_dir) if isinstance(exc, Exception) else None
@@ -202,7 +203,7 @@ def _read_commands(channel: _Channel, commands: queue.Queue, controls: _Controls
         commands.put(cmd)
 
 
-def worker_main(fd: int) -> None:
+def worker_main(fd: int, model_id: str = "") -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Libraries print to stdout (progress bars, trainer logs); fd 1 is our log file already, but make sure.
@@ -214,7 +215,7 @@ def worker_main(fd: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: (controls.shutdown.set(), commands.put(Shutdown("sigterm"))))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_read_commands, args=(channel, commands, controls), daemon=True).start()
-    state = WorkerState()
+    state = WorkerState(model_id)
     while True:
         cmd = commands.get()
         if isinstance(cmd, Shutdown):
@@ -239,4 +240,4 @@ def worker_main(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    worker_main(int(sys.argv[1]))
+    worker_main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "")
