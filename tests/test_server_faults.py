@@ -59,13 +59,16 @@ def test_job_end_survives_a_full_job_store(tmp_path):
                               eval_loss=None, checkpoint=None)
     blob = "x" * 200_000  # a result too large for the pages left
     ended = store.transition(job.job_id, "failed", error="worker failed: " + blob)
+    assert store.is_pending(job.job_id)  # the database refused it: held in memory
     assert ended.state == "failed" and store.get(job.job_id).state == "failed"
+    assert store.settle(job.job_id, "lost").state == "failed" and store.is_pending(job.job_id)  # never overwritten
     assert [r.state for r in store.list()] == ["failed"]
     with pytest.raises(Exception) as refused:
         store.create(model_id="m", family="qloraevolved", config={"pad": blob}, output_dir="out", log_path=None)
     assert type(refused.value).__name__ == "DiskFull" and str(tmp_path / "state") in str(refused.value)
     _free(store)
     store.flush_pending()
+    assert not store.is_pending(job.job_id)
     store.close()
     reopened = JobStore(tmp_path / "state" / "jobs.sqlite")
     assert reopened.get(job.job_id).state == "failed"
@@ -297,14 +300,19 @@ def test_token_never_reaches_a_log(tmp_path, tiny_model):
     assert leaks == []
 
 
-def test_a_full_disk_is_named_as_such_wherever_it_is_met():
-    """What a worker meets as ENOSPC in other words (torch's zip writer, a load error that blamed model_name)
-    reaches the agent as DiskFull naming the folder; other errors pass unchanged."""
+def test_a_full_disk_is_named_as_such_wherever_it_is_met(monkeypatch):
+    """What a worker meets as ENOSPC in other words (a load error that blamed model_name, errno 28, and torch's
+    short write where the disk is nearly full) reaches the agent as DiskFull naming the folder; a short write on a
+    disk with room, and other errors, pass unchanged."""
+    from llm_mcp import disk
     from llm_mcp.errors import DiskFull, InvalidArgument
     from llm_mcp.workers.worker import _as_disk_full
 
     blamed = InvalidArgument("model_name", "m", "a local model folder ([Errno 28] No space left on device)")
     torn = RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 1234 vs 1200")
+    monkeypatch.setattr(disk, "free_bytes", lambda folder: 10 << 30)  # plenty of room
+    assert _as_disk_full(torn, "/ws/out") is torn
+    monkeypatch.setattr(disk, "free_bytes", lambda folder: 4096)  # nearly full
     for exc in (blamed, torn, OSError(28, "No space left on device", "/ws/out/x.bin")):
         error = _as_disk_full(exc, "/ws/out")
         assert isinstance(error, DiskFull) and "disk full" in str(error) and "/ws/out" in str(error)
@@ -380,6 +388,47 @@ def test_cancel_while_the_dataset_is_read_ends_the_job_at_once(mcp, tiny_model, 
                                         "training_config": {**FAST_TRAIN, "max_steps": 5, "output_dir": "read"}})
     mcp.ok("qloraevolved_cancel_training", {"job_id": job["job_id"]})
     _wait_for(lambda: _status(mcp, job["job_id"])["state"] != "running", 300, "the job to end")
-    assert _status(mcp, job["job_id"])["state"] == "cancelled"
+    status = _status(mcp, job["job_id"])
+    # 200,000 rows are still being read or tokenized when the cancel arrives: no step was taken
+    assert status["state"] == "cancelled" and status["step"] == 0 and "stopped" in status["error"], status
     assert mcp.ok("qloraevolved_generate", {"model_id": "reader", "prompt": "Hi", "max_new_tokens": 2})["text"] is not None
     mcp.ok("qloraevolved_unload_model", {"model_id": "reader"})
+
+
+def test_a_dead_servers_job_waits_for_its_worker_to_finish_saving(tmp_path):
+    """After a server died, a restart does not settle a job whose worker is still saving (it would record an older
+    checkpoint and lose the end); once that worker has gone, status settles it from the end the worker wrote."""
+    from llm_mcp.jobs.manager import JobManager
+
+    state = tmp_path / "state"
+    saving = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "llm_mcp.workers.worker"])
+    try:
+        store = JobStore(state / "jobs.sqlite")
+        job = store.create(model_id="m", family="qloraevolved", config={}, output_dir="out", log_path=None,
+                           worker_pid=saving.pid)
+        store.transition(job.job_id, "running")
+        store._db.execute("UPDATE jobs SET server_pid = 999999999")  # its server is gone
+        store.close()
+        store = JobStore(state / "jobs.sqlite")
+        assert store.recover_after_restart() == 0
+        manager = JobManager(store)
+        assert manager.find(family="qloraevolved", model_id=None, job_id=job.job_id).state == "running"
+        ends.write(state, job.job_id, state="cancelled", result={"status": "cancelled"}, step=9,
+                   last_checkpoint="/ws/out/checkpoint-8")
+    finally:
+        saving.kill()
+        saving.wait()
+    settled = manager.find(family="qloraevolved", model_id=None, job_id=job.job_id)
+    assert (settled.state, settled.step, settled.last_checkpoint) == ("cancelled", 9, "/ws/out/checkpoint-8")
+
+
+def test_a_job_store_on_a_full_disk_says_so(small_disk):
+    """A server whose state folder's disk is full refuses to start with DiskFull naming the folder, not a bare
+    'disk I/O error'."""
+    from llm_mcp.errors import DiskFull
+
+    (small_disk / "state").mkdir()
+    _fill_disk(small_disk, leave=0)
+    with pytest.raises(DiskFull, match="disk full") as refused:
+        JobStore(small_disk / "state" / "jobs.sqlite")
+    assert str(small_disk / "state") in str(refused.value)

@@ -188,6 +188,8 @@ async def _serve_http(server: Any, args: argparse.Namespace) -> None:
     app = server.streamable_http_app(transport_security=transport_security(args.host, args.port), host=args.host)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     logging.getLogger("uvicorn.access").addFilter(QueryStringRedactor())  # after Config, which resets logging
+    print(f"llm-mcp: serving MCP over streamable HTTP at http://{args.host}:{args.port}/mcp", file=sys.stderr,
+          flush=True)
     await uvicorn.Server(config).serve()
 
 

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 
 from llm_mcp.errors import Cancelled, InvalidArgument, WorkerBusy
 from llm_mcp.jobs import ends
-from llm_mcp.jobs.store import JobRecord, JobStore
+from llm_mcp.jobs.store import JobRecord, JobStore, process_alive, worker_alive
 from llm_mcp.workers.pool import LoadedModel, new_request_id
 from llm_mcp.workers.protocol import Progress, SetThreads, Stop, Train
 
@@ -65,11 +65,11 @@ class JobManager:
         config = {**asdict(command.config), **asdict(command.options), "train_dataset": dataset_description}
         record = self.store.create(model_id=loaded.model_id, family=loaded.family, config=config,
                                    output_dir=str(Path(command.config.output_dir)),
-                                   log_path=str(loaded.worker.log_path))
+                                   log_path=str(loaded.worker.log_path), worker_pid=loaded.worker.proc.pid)
         command = dataclasses.replace(command, job_id=record.job_id)
         self._live[record.job_id] = _LiveJob(loaded, command.request_id)
-        self.store.transition(record.job_id, "running")  # before submit: the pump may finish it at once
         try:
+            self.store.transition(record.job_id, "running")  # before submit: the pump may finish it at once
             future = loaded.worker.submit(command, on_progress=lambda ev: self._on_progress(record.job_id, ev))
         except BaseException as exc:
             self._finish(record.job_id, error=exc)
@@ -119,7 +119,8 @@ class JobManager:
                 state = "cancelled" if result.get("status") == "cancelled" else "succeeded"
                 note = self._shutdown_note(None) if state == "cancelled" else None
                 self.store.transition(job_id, state, result=result, error=note)
-            ends.remove(self.store.path.parent, job_id)  # recorded: the worker's own note of the end is not needed
+            if not self.store.is_pending(job_id):  # recorded: the worker's own note of the end is not needed
+                ends.remove(self.store.path.parent, job_id)
         except Exception:  # the store keeps an end it cannot write in memory; the model must not stay "busy"
             log.exception("could not record the end of job %s", job_id)
         finally:
@@ -174,12 +175,19 @@ class JobManager:
         return self.reconciled(record)
 
     def reconciled(self, record: JobRecord) -> JobRecord:
-        """A job this server started that no worker runs any more can never end by itself: record its end now
-        (what its worker wrote to the job-end file, else failed)."""
-        if record.is_terminal or record.job_id in self._live or record.server_pid != os.getpid():
+        """A job no worker runs any more can never end by itself: record its end now (what its worker wrote to
+        the job-end file, else failed). Covers this server's jobs and those of a server that died while its
+        worker went on to save."""
+        if record.is_terminal or record.job_id in self._live:
             return record
-        return self.store.settle(record.job_id, "its worker ended without reporting the end of the run.",
-                                 record.last_checkpoint)
+        record = self.store.get(record.job_id)  # the pump may have ended it since it was read
+        if record.is_terminal or record.job_id in self._live or worker_alive(record.worker_pid):
+            return record
+        if record.server_pid != os.getpid() and process_alive(record.server_pid):
+            return record  # another live server's job
+        why = ("its worker ended without reporting the end of the run." if record.server_pid == os.getpid()
+               else "the server stopped while this job ran.")
+        return self.store.settle(record.job_id, why, record.last_checkpoint)
 
     def _find(self, *, family: str, model_id: str | None, job_id: str | None) -> JobRecord:
         if job_id is not None:

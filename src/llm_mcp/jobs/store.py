@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from llm_mcp.disk import free_bytes, is_disk_full
+from llm_mcp.disk import MARGIN_BYTES, free_bytes, is_disk_full
 from llm_mcp.errors import DiskFull, InvalidArgument
 from llm_mcp.jobs import ends
 
@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     result TEXT,
-    server_pid INTEGER
+    server_pid INTEGER,
+    worker_pid INTEGER
 );
 CREATE TABLE IF NOT EXISTS job_points (
     job_id TEXT NOT NULL,
@@ -69,7 +70,17 @@ CREATE INDEX IF NOT EXISTS job_points_by_job ON job_points (job_id, step);
 """
 
 
-def _process_alive(pid: int | None) -> bool:
+def worker_alive(pid: int | None) -> bool:
+    """Whether pid is a live model worker (not a process that reused the number)."""
+    if not process_alive(pid):
+        return False
+    try:
+        return b"llm_mcp.workers.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc to tell: trust the pid
+
+
+def process_alive(pid: int | None) -> bool:
     if not pid or pid == os.getpid():
         return False
     try:
@@ -81,7 +92,7 @@ def _process_alive(pid: int | None) -> bool:
     return True
 
 
-_ADDED_COLUMNS = [("server_pid", "INTEGER")]  # columns added after the first release of SCHEMA
+_ADDED_COLUMNS = [("server_pid", "INTEGER"), ("worker_pid", "INTEGER")]  # columns added after the first release of SCHEMA
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,7 @@ class JobRecord:
     error: str | None
     result: dict[str, Any] | None
     server_pid: int | None
+    worker_pid: int | None = None  # the worker running it: a job is not settled while that process lives
 
     @property
     def is_terminal(self) -> bool:
@@ -122,15 +134,21 @@ class JobRecord:
 
 class JobStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable at checkpoints, no fsync per write
-        self._db.executescript(SCHEMA)
-        self._add_missing_columns()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable at checkpoints, no fsync per write
+            self._db.executescript(SCHEMA)
+            self._add_missing_columns()
+        except (sqlite3.Error, OSError) as exc:  # SQLite says "disk I/O error" when it cannot even open the WAL
+            if is_disk_full(exc) or (free_bytes(path.parent) or 0) < MARGIN_BYTES:
+                raise DiskFull(path.parent, needed=MARGIN_BYTES, free=free_bytes(path.parent),
+                               doing="opening the job store") from exc
+            raise
         # job_id -> (state, error, result, finished_at): ends the database could not take (a full disk)
         self._pending_ends: dict[str, tuple[str, str | None, dict[str, Any] | None, float]] = {}
         self._progress_dropped = False
@@ -143,20 +161,26 @@ class JobStore:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
+        """Close the database; ends it still could not take go to job-end files, read at the next start."""
         self.flush_pending()
+        for job_id, (state, error, result, _) in self._pending_ends.items():
+            if not ends.write(self.path.parent, job_id, state=state, error=error, result=result):
+                log.error("job %s ended %s but neither the job store nor a job-end file could record it",
+                          job_id, state)
         with self._lock:
             self._db.close()
 
     def create(self, *, model_id: str, family: str, config: dict[str, Any], output_dir: str,
-               log_path: str | None) -> JobRecord:
+               log_path: str | None, worker_pid: int | None = None) -> JobRecord:
         job_id = f"j-{uuid.uuid4().hex[:8]}"
         self.flush_pending()
         try:
             with self._lock:
                 self._db.execute(
                     "INSERT INTO jobs (job_id, model_id, family, state, created_at, config, output_dir, log_path, "
-                    "server_pid) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                    (job_id, model_id, family, time.time(), json.dumps(config), output_dir, log_path, os.getpid()))
+                    "server_pid, worker_pid) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                    (job_id, model_id, family, time.time(), json.dumps(config), output_dir, log_path, os.getpid(),
+                     worker_pid))
         except sqlite3.Error as exc:
             raise self._disk_full(exc, "recording a new training job") from exc
         return self.get(job_id)
@@ -203,11 +227,19 @@ class JobStore:
         """Write the ends kept in memory, now that the disk may have room again."""
         for job_id, (state, error, result, at) in list(self._pending_ends.items()):
             try:
-                self._write_transition(job_id, state, error, result, at)
+                written = self._write_transition(job_id, state, error, result, at)
             except sqlite3.Error:
                 return  # still full: try again at the next call
             self._pending_ends.pop(job_id, None)
-            log.info("job %s: its end (%s) is now recorded", job_id, state)
+            if written:
+                log.info("job %s: its end (%s) is now recorded", job_id, state)
+                ends.remove(self.path.parent, job_id)
+            else:
+                log.warning("job %s: its end (%s) kept in memory matched no running job; dropped", job_id, state)
+
+    def is_pending(self, job_id: str) -> bool:
+        """Whether the job's end is held in memory only (the database could not take it yet)."""
+        return job_id in self._pending_ends
 
     def _overlay(self, record: JobRecord) -> JobRecord:
         pending = self._pending_ends.get(record.job_id)
@@ -280,11 +312,12 @@ class JobStore:
     def recover_after_restart(self) -> int:
         """Jobs left queued or running by a server that is gone: the end their worker recorded in a job-end file
         (it finishes the step, saves a checkpoint and the adapter when the server goes away), or else failed.
-        Jobs of another live server on the same workspace are left alone."""
+        Jobs of another live server on the same workspace, and jobs whose worker is still saving after its server
+        died, are left alone (the latter are settled on a later status or list, once their worker is gone)."""
         with self._lock:
-            rows = [r for r in self._db.execute("SELECT job_id, last_checkpoint, server_pid FROM jobs "
+            rows = [r for r in self._db.execute("SELECT job_id, last_checkpoint, server_pid, worker_pid FROM jobs "
                                                 "WHERE state IN ('queued', 'running')").fetchall()
-                    if not _process_alive(r["server_pid"])]
+                    if not process_alive(r["server_pid"]) and not worker_alive(r["worker_pid"])]
         for row in rows:
             self.settle(row["job_id"], "the server stopped while this job ran.", row["last_checkpoint"])
         return len(rows)
@@ -292,6 +325,8 @@ class JobStore:
     def settle(self, job_id: str, why: str, last_checkpoint: str | None = None) -> JobRecord:
         """Record the end of a job whose worker is gone: the end it wrote to its job-end file, or failed with
         `why` (and where to resume from)."""
+        if job_id in self._pending_ends:  # its end is known, only not yet written
+            return self.get(job_id)
         state_dir = self.path.parent
         end = ends.read(state_dir, job_id)
         if end is not None:

@@ -66,10 +66,12 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
                                allow_remote_code=config.allow_remote_code)
         finally:
             jobs.shutting_down = True
-            pool.close()  # every worker ends with the server; running jobs stop with a checkpoint
-            store.close()
-            if closed is not None:
-                closed.set()
+            try:
+                pool.close()  # every worker ends with the server; running jobs stop with a checkpoint
+                store.close()
+            finally:
+                if closed is not None:
+                    closed.set()
 
     auth = {"token_verifier": StaticTokenVerifier(token), "auth": auth_settings()} if token else {}
     server = MCPServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, **auth)

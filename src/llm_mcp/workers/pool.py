@@ -102,25 +102,30 @@ class WorkerProcess:
 
     async def request(self, command: Command, *, queue: bool = False) -> dict[str, Any]:
         """Send one command and wait for its answer. queue: while the worker runs another short command, wait
-        for it in order (bounded: QUEUE_LIMIT calls, QUEUE_WAIT_S seconds) instead of answering busy; a training
-        is never waited for."""
-        if not queue or self.running is None:
+        for it in order (bounded: QUEUE_LIMIT calls, QUEUE_WAIT_S seconds from the call) instead of answering
+        busy; a training is never waited for."""
+        if not queue or (self.running is None and self._queued == 0):
             return await asyncio.wrap_future(self.submit(command))
+        if self.running == "train":
+            raise WorkerBusy(self.name, self.running)
         if self._queued >= QUEUE_LIMIT:
-            raise WorkerBusy(self.name, f"{self.running}, with {self._queued} calls already waiting")
+            raise WorkerBusy(self.name, f"{self.running or 'a command'}, with {self._queued} calls already waiting")
         self._queued += 1
         try:
-            async with self._turn:
-                await self._wait_until_free()
-                future = self.submit(command)
+            async with asyncio.timeout(QUEUE_WAIT_S):
+                async with self._turn:  # first come, first served
+                    await self._wait_until_free()
+                    future = self.submit(command)
+        except TimeoutError:
+            raise WorkerBusy(self.name, f"{self.running or 'a command'} (waited {QUEUE_WAIT_S:.0f} s for a turn)") \
+                from None
         finally:
             self._queued -= 1
         return await asyncio.wrap_future(future)
 
     async def _wait_until_free(self) -> None:
-        deadline = asyncio.get_running_loop().time() + QUEUE_WAIT_S
         while self.running is not None:
-            if self.running == "train" or asyncio.get_running_loop().time() > deadline:
+            if self.running == "train":
                 raise WorkerBusy(self.name, self.running)
             self._freed.clear()
             if self.running is None:
@@ -304,5 +309,8 @@ class WorkerPool:
                         worker._conn.send(Shutdown())
                 except OSError:
                     pass
-        for worker in workers:
-            worker.stop(grace_s=grace_s)
+        stoppers = [threading.Thread(target=worker.stop, kwargs={"grace_s": grace_s}) for worker in workers]
+        for stopper in stoppers:  # in parallel: the slowest worker sets the time, not the sum of them
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()

@@ -132,28 +132,36 @@ def _train(cmd: Train, state: WorkerState, channel: _Channel, controls: "_Contro
     except BaseException as exc:
         error = _as_disk_full(exc, cmd.config.output_dir) if isinstance(exc, Exception) else None
         cancelled = type(error or exc).__name__ == "Cancelled"
-        ends.write(state_dir, cmd.job_id, state="cancelled" if cancelled else "failed",
-                   error=str(error or exc) or type(exc).__name__, step=seen["step"],
-                   last_checkpoint=seen["checkpoint"])
+        _record_end(state_dir, cmd.job_id, state="cancelled" if cancelled else "failed",
+                    error=str(error or exc) or type(exc).__name__, step=seen["step"],
+                    last_checkpoint=seen["checkpoint"])
         if error is not None and error is not exc:
             raise error from exc
         raise
     if channel.gone.is_set() or controls.shutdown.is_set():
         result["warnings"] = [*result.get("warnings", []), "the server went away during this run: it stopped at a "
                               "step boundary with a checkpoint and the adapter saved."]
-    ends.write(state_dir, cmd.job_id, state="cancelled" if result.get("status") == "cancelled" else "succeeded",
-               result={**result, "job_id": cmd.job_id}, step=result.get("global_step", seen["step"]),
-               last_checkpoint=seen["checkpoint"])
+    _record_end(state_dir, cmd.job_id, state="cancelled" if result.get("status") == "cancelled" else "succeeded",
+                result={**result, "job_id": cmd.job_id}, step=result.get("global_step", seen["step"]),
+                last_checkpoint=seen["checkpoint"])
     return result
+
+
+def _record_end(state_dir: str | None, job_id: str | None, **end: Any) -> None:
+    if state_dir and job_id and not ends.write(state_dir, job_id, **end):
+        log.warning("could not write the job-end file of %s in %s; if the server is gone, the next one marks "
+                    "the job failed", job_id, state_dir)
 
 
 def _as_disk_full(exc: Exception, folder: str) -> Exception:
     """A full disk met anywhere (a model conversion, a dataset cache, a checkpoint) as DiskFull naming the folder
     (the file's own folder when the error names one), instead of an error that blames a parameter."""
-    if isinstance(exc, DiskFull) or not is_disk_full(exc):
+    if isinstance(exc, DiskFull):
         return exc
     filename = getattr(exc, "filename", None) or getattr(exc.__context__, "filename", None)
     where = os.path.dirname(os.path.abspath(filename)) if isinstance(filename, str) else os.path.abspath(folder)
+    if not is_disk_full(exc, where):
+        return exc
     return DiskFull(where, needed=None, free=free_bytes(where), doing=f"{type(exc).__name__}: {str(exc)[:200]};")
 
 
@@ -178,7 +186,7 @@ class _Controls:
         return self.cancel.is_set() or self.shutdown.is_set() or bool(self.gone and self.gone.is_set())
 
 
-def _read_commands(channel: _Channel, commands: queue.Queue, controls: _Controls) -> None:
+def _read_commands(channel: _Channel, commands: queue.SimpleQueue, controls: _Controls) -> None:
     """Reader thread: control messages (Stop, SetThreads, Shutdown) act at once, even while a command runs."""
     while True:
         try:
@@ -209,7 +217,7 @@ def worker_main(fd: int, model_id: str = "") -> None:
     # Libraries print to stdout (progress bars, trainer logs); fd 1 is our log file already, but make sure.
     os.dup2(2, 1)
     channel = _Channel(Connection(fd), threading.Lock(), threading.Event())
-    commands: queue.Queue = queue.Queue()
+    commands: queue.SimpleQueue = queue.SimpleQueue()  # its put is safe inside a signal handler; Queue's is not
     controls = _Controls(threading.Event(), threading.Event(), gone=channel.gone)
     # SIGTERM: stop as the server's Shutdown does (step, checkpoint, adapter, exit); SIGINT: the server decides
     signal.signal(signal.SIGTERM, lambda *_: (controls.shutdown.set(), commands.put(Shutdown("sigterm"))))
