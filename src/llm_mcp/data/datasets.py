@@ -24,7 +24,7 @@ from typing import Any
 from llm_mcp.data.chat_templates import has_generation_marks, tokenize_chat
 from llm_mcp.data.readers import (FILE_KINDS, STOP_CHECK_ROWS, Limits, Prefix, RawRow, ReadGate, ReadProgress,
                                   dataset_limits, file_size_checked, read_file_rows, too_many_rows)
-from llm_mcp.data.rows import FORMATS_HELP, convert_row, detect_format, has_columns, row_format
+from llm_mcp.data.rows import FORMATS_HELP, convert_row, detect_format, has_columns, row_format, shape_problem
 from llm_mcp.errors import Cancelled, DatasetError
 from llm_mcp.paths import stat_kind
 
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 FILE_TYPES = FILE_KINDS
 DETECT_ROWS = 1_000  # the format is detected from the columns of this many first rows
 SHOWN_ROWS = 10  # bad rows named in a message
+SKIP_HOW = ("set skip_invalid_rows=true in training_config to skip invalid rows (counted and named in the "
+            "answer's warnings) and train on the rest")  # how a refusal of invalid rows says the way out
 
 
 @dataclass
@@ -171,7 +173,9 @@ class CheckedRow:
 
 class CheckedRows:
     """A source's rows in one format, checked as they are read. The format is the one asked for, or detected
-    from the columns of the first DETECT_ROWS rows (a whole file is never held just to detect it)."""
+    from the columns of the first DETECT_ROWS rows (a whole file is never held just to detect it). The first
+    usable row also fixes the shape of the converted rows (prompt/completion rows are strings or lists of
+    messages): rows of the other shape are invalid, since TRL takes one shape per dataset."""
 
     def __init__(self, source: RowSource, *, dataset_format: str) -> None:
         self.source = source
@@ -184,14 +188,23 @@ class CheckedRows:
         if not self.columns:  # not one row read could be parsed: say why rather than "no columns"
             raise DatasetError(f"{source.name} has no readable row among its first {len(self._head)}: "
                                f"{_listed([f'{r.where}: {r.problem}' for r in self._head])}.")
-        self.fmt = _chosen_format(self.columns, dataset_format, source.name)
+        self.fmt = chosen_format(self.columns, dataset_format, source.name)
 
     def __iter__(self) -> Iterator[CheckedRow]:
+        first: tuple[dict[str, Any], str] | None = None  # the first usable row (converted) and where it is
         for raw in itertools.chain(self._head, self._rest()):
             if raw.problem is not None:
                 yield CheckedRow(raw.where, None, None, raw.problem)
                 continue
             converted = convert_row(raw.row, self.fmt)
+            if converted.row is not None:
+                if first is None:
+                    first = (converted.row, raw.where)
+                else:
+                    problem = shape_problem(converted.row, *first)
+                    if problem is not None:
+                        yield CheckedRow(raw.where, raw.row, None, problem)
+                        continue
             yield CheckedRow(raw.where, raw.row, converted.row, converted.problem)
 
     def _rest(self) -> Iterator[RawRow]:
@@ -224,7 +237,8 @@ def _keys_of(rows: Iterator[Any]) -> list[str]:
     return list(keys)
 
 
-def _chosen_format(columns: list[str], dataset_format: str, name: str) -> str:
+def chosen_format(columns: list[str], dataset_format: str, name: str) -> str:
+    """The format asked for, or detected from the columns; refuses columns that fit no format."""
     found = detect_format(columns)
     fmt = found if dataset_format == "auto" else ("sharegpt" if dataset_format == "messages" and found == "sharegpt"
                                                   else dataset_format)
@@ -256,11 +270,9 @@ def _listed(items: list[str]) -> str:
 def invalid_rows_message(name: str, invalid: Tally) -> str:
     """The refusal for invalid rows: the dataset, each row (the first few) and why, and the way out."""
     if invalid.count == 1:
-        return (f"{name} {invalid.first[0]}. Fix the row, or set skip_invalid_rows=true to skip invalid rows and "
-                f"train on the rest.")
+        return f"{name} {invalid.first[0]}. Fix the row, or {SKIP_HOW}."
     more = f" (the first {len(invalid.first)} shown)" if invalid.count > len(invalid.first) else ""
-    return (f"{name} has {invalid.count} invalid rows{more}: {'; '.join(invalid.first)}. Fix them, or set "
-            f"skip_invalid_rows=true to skip invalid rows and train on the rest.")
+    return f"{name} has {invalid.count} invalid rows{more}: {'; '.join(invalid.first)}. Fix them, or {SKIP_HOW}."
 
 
 # -- preparation for training --------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from llm_mcp.data.chat_templates import choice_of, end_of_turn_token, summary, trained_runs
-from llm_mcp.data.datasets import CheckedRow, CheckedRows, Tally, read_source, to_training_rows
-from llm_mcp.data.readers import MiB, Prefix, ReadProgress
+from llm_mcp.data.datasets import CheckedRow, CheckedRows, Tally, chosen_format, read_source, to_training_rows
+from llm_mcp.data.readers import MiB, Prefix, ReadProgress, TooLargeToSample
 from llm_mcp.data.rows import row_format
 from llm_mcp.errors import DatasetError
 
@@ -35,7 +35,10 @@ def inspect_dataset(source: Any, *, dataset_format: str, tokenizer: Any = None, 
     without one (in the server) only the start of a file or folder, said in `sampled`."""
     source_rows = read_source(source, param="dataset", should_stop=should_stop,
                               prefix=None if tokenizer is not None else SAMPLE)
-    rows = CheckedRows(source_rows, dataset_format=dataset_format)
+    try:
+        rows = CheckedRows(source_rows, dataset_format=dataset_format)
+    except TooLargeToSample as exc:  # not one row read: what the file's metadata says, and where to read it
+        return _not_sampled(exc, source_rows.name, source_rows.progress, dataset_format)
     survey = _survey(rows)
     problems = survey.problems(rows.fmt)
     answer: dict[str, Any] = {
@@ -107,7 +110,8 @@ class _Survey:
                          f"file as it is.")
         if self.invalid.count:
             found.append(f"{self.invalid.count} of {self.rows} rows are invalid, so training would refuse the "
-                         f"dataset (or skip them with skip_invalid_rows=true): {'; '.join(self.invalid.first)}"
+                         f"dataset (or skip them with skip_invalid_rows=true in training_config): "
+                         f"{'; '.join(self.invalid.first)}"
                          f"{'; ...' if self.invalid.count > len(self.invalid.first) else ''}.")
         if self.empty.count:
             found.append(f"{self.empty.count} of {self.rows} rows have empty fields for format {fmt!r} and would be "
@@ -132,6 +136,16 @@ def _survey(rows: CheckedRows) -> _Survey:
             raise
         survey.stopped = str(exc)
     return survey
+
+
+def _not_sampled(exc: TooLargeToSample, name: str, progress: ReadProgress, dataset_format: str) -> dict[str, Any]:
+    fmt = chosen_format(exc.columns, dataset_format, name)
+    return {"status": "success", "format": fmt, "rows": 0, "usable_rows": 0, "columns": exc.columns,
+            "loss_on": "answers only" if fmt != "text" else "all tokens", "sampled": _sampled(progress),
+            "examples": [], "problems": [str(exc)],
+            "note": f"No row was read: the file has {exc.rows_total} rows (its metadata says) but its first row "
+                    f"group cannot be sampled within the server's {SAMPLE.bytes} bytes. Pass model_id to read "
+                    f"every row in the model's worker."}
 
 
 def _sampled(progress: ReadProgress) -> dict[str, Any]:

@@ -31,6 +31,7 @@ BYTES_OPTION, ROWS_OPTION = "--max-dataset-bytes", "--max-dataset-rows"
 STOP_CHECK_ROWS = 256  # ask should_stop() at least this often...
 STOP_CHECK_BYTES = MiB  # ...and after this many bytes, whichever comes first
 _CHUNK = MiB  # JSON array reads
+_TOKEN_TAIL = 16  # characters: a JSON token cut by the end of a read errs no further back than this (-Infinity)
 LINE_KINDS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".txt": "text"}
 FILE_KINDS = {**LINE_KINDS, ".parquet": "parquet"}
 
@@ -303,9 +304,10 @@ class _JsonArray:
             try:
                 value, end = decoder.raw_decode(self.buf, self.at)
             except json.JSONDecodeError as exc:
-                if self.eof:
-                    raise DatasetError(f"{self.gate.name} {where} is not valid JSON ({exc.msg}); a .json dataset "
-                                       f"is one array of row objects.") from None
+                if self.eof or not _ran_out(exc, len(self.buf)):
+                    raise DatasetError(f"{self.gate.name} {where} is not valid JSON ({exc.msg} at character "
+                                       f"{exc.pos - self.at + 1} of the row); a .json dataset is one array of row "
+                                       f"objects.") from None
                 if len(self.buf) - self.at > MAX_LINE_BYTES:
                     raise self.too_long(where) from None
                 self.more(where)
@@ -318,6 +320,13 @@ class _JsonArray:
     def too_long(self, where: str) -> DatasetError:
         return DatasetError(f"{self.gate.name} {where} is longer than {_size(MAX_LINE_BYTES)}, so reading stops "
                             f"there; rows under that size are allowed.")
+
+
+def _ran_out(exc: json.JSONDecodeError, buffered: int) -> bool:
+    """Whether a decode error may be only the end of what was read so far (more text could make it valid): an
+    unterminated string, or an error within the few characters a cut token leaves (`tru`, `1.5e-`, `\\ud83d\\ude0`)
+    at the end. An error before those is in the text itself, whatever follows."""
+    return exc.msg.startswith("Unterminated string") or exc.pos >= buffered - _TOKEN_TAIL
 
 
 def _json_array(f: BinaryIO, gate: ReadGate) -> Iterator[RawRow]:
@@ -343,24 +352,90 @@ def _json_array(f: BinaryIO, gate: ReadGate) -> Iterator[RawRow]:
 
 
 # -- parquet -------------------------------------------------------------------------------------------------------
+#
+# pyarrow decodes a parquet file a row group at a time unless told otherwise: its default (pre_buffer=True, or no
+# buffer_size) reads each column chunk of the group whole, so a 170 MB file of one row group costs 170 MB to read
+# its first row. With pre_buffer=False and a buffer_size, the pages of a column stream through that buffer and
+# iter_batches decodes page by page: a batch of a few rows costs about one page per column. Pages are the smallest
+# unit: a writer that puts a whole column chunk in one page (fastparquet does, so can pyarrow's data_page_size)
+# makes even one row cost the chunk. So a bounded (sampled) read decodes only row groups of at most
+# SERVER_ROW_GROUP_BYTES, and of those only the rows that fit the byte budget by the metadata's bytes per row;
+# else it reads nothing there and says so (the model's worker reads every row).
+
+_PARQUET_BUFFER = 256 * 1024  # per column: the stream a column's pages are read through
+SERVER_ROW_GROUP_BYTES = 128 * MiB  # a row group the server may decode whole in a bounded read
+
+
+class TooLargeToSample(DatasetError):
+    """A bounded read that cannot read even the first rows of a parquet file within its byte budget (its first
+    row group too large and its pages too large, or unknown, to read part of it). Carries what the metadata says:
+    the columns and the row count."""
+
+    def __init__(self, message: str, columns: list[str], rows_total: int) -> None:
+        super().__init__(message)
+        self.columns, self.rows_total = columns, rows_total
+
 
 def _parquet_rows(path: Path, gate: ReadGate) -> Iterator[RawRow]:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, buffer_size=_PARQUET_BUFFER, pre_buffer=False)
     except Exception as exc:  # pyarrow raises several kinds for a file that is not parquet
         raise DatasetError(f"{gate.name} could not be read as parquet ({type(exc).__name__}: {exc}).") from None
-    total = parquet.metadata.num_rows
+    meta = parquet.metadata
+    total = meta.num_rows
     gate.progress.rows_total, gate.progress.bytes_read = total, None
     if total > gate.limits.max_rows and gate.prefix is None:
         raise too_many_rows(gate.name, gate.limits.max_rows)
+    budget = None if gate.prefix is None else gate.prefix.bytes  # bytes of row data a bounded read may decode
     index = 0
-    for batch in parquet.iter_batches(batch_size=STOP_CHECK_ROWS):
-        for row in batch.to_pylist():
-            if gate.prefix_done():
-                return
-            where = f"row {index}"
-            gate.row(where)
-            yield RawRow(where, row)
-            index += 1
+    for group in range(meta.num_row_groups):
+        group_meta = meta.row_group(group)
+        rows = group_meta.num_rows
+        if rows == 0:
+            continue
+        take = rows
+        if budget is not None:
+            if budget <= 0 and index > 0:
+                return  # the sample's bytes are read
+            take, why = _rows_within(path, group_meta, budget)
+            if take == 0:
+                if index == 0:
+                    raise TooLargeToSample(
+                        f"{gate.name}: its first row group is too large to sample in the server ({why}), so no row "
+                        f"was read; pass model_id to inspect it in the model's worker, which reads every row "
+                        f"(training does too).", list(parquet.schema_arrow.names), total)
+                return  # the sample ends before this row group
+            budget -= group_meta.total_byte_size * take // rows
+        left = take
+        batches = parquet.iter_batches(batch_size=min(STOP_CHECK_ROWS, take), row_groups=[group])
+        while left and not gate.prefix_done():
+            batch = next(batches, None)
+            if batch is None:
+                break
+            for row in batch.to_pylist()[:left]:
+                if gate.prefix_done():
+                    return
+                where = f"row {index}"
+                gate.row(where)
+                yield RawRow(where, row)
+                index += 1
+                left -= 1
+        if take < rows or gate.prefix_done():
+            return  # the sample ends within this row group
+
+
+def _rows_within(path: Path, group: Any, budget: int) -> tuple[int, str]:
+    """How many of a row group's first rows a bounded read may decode within `budget` bytes, and why none if 0.
+    pyarrow decodes at least a page of each column at once and, for a writer that puts a column chunk in one
+    page, the whole row group: so a row group larger than the server may hold whole is not read there."""
+    rows, size = group.num_rows, group.total_byte_size
+    if size > SERVER_ROW_GROUP_BYTES:
+        return 0, (f"{size} bytes in {rows} rows, more than the {SERVER_ROW_GROUP_BYTES} bytes the server may "
+                   f"decode at once")
+    if size <= budget:
+        return rows, ""
+    return max(0, budget) * rows // max(size, 1), f"{size} bytes in {rows} rows, over the {budget} bytes read"
+
+

@@ -1,8 +1,9 @@
 """One raw row -> TRL's columns ({'text'} | {'prompt','completion'} | {'messages'}), or why it cannot be.
 
 Two kinds of unusable row: empty fields (None, blank strings, empty lists), which training skips and counts as it
-always has; and invalid rows (wrong types, unknown roles, chat turns out of order, no assistant turn), which
-training refuses, naming the row, unless skip_invalid_rows. No torch, no `datasets`: the server checks rows too.
+always has; and invalid rows (wrong types, unknown roles, chat turns out of order, no assistant turn, a row of
+another shape than the first: shape_problem), which training refuses, naming the row, unless skip_invalid_rows.
+No torch, no `datasets`: the server checks rows too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ FORMATS_HELP = (
     "or 'messages' (a list of {role, content}); or ShareGPT 'conversations' (a list of {from, value})"
 )
 ROLES = ("system", "user", "assistant", "tool")
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system turn
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "model": "assistant", "tool": "tool"}
 _NEEDED = {"text": {"text"}, "alpaca": {"instruction", "output"}, "prompt_completion": {"prompt", "completion"},
@@ -145,12 +147,14 @@ def _chat(messages: Any, field: str, labels: list[str] | None = None, content_na
     for label, m in zip(labels, messages):
         if not isinstance(m, dict):
             return _wrong_type(label, m, "an object with 'role' and 'content'")
-        if m.get("role") not in ROLES:
+        role = m.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+        if role not in ROLES:
             return Converted(None, f"{label} has role={m.get('role')!r}; allowed: "
-                                   f"{', '.join(repr(r) for r in ROLES)}")
+                                   f"{', '.join(repr(r) for r in ROLES)} (and {_aliases()})")
         if not isinstance(m.get("content"), str):
             return _wrong_type(f"{label}.{content_name}", m.get("content"), "a string")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": role, "content": m["content"]})
     problem = order_problem([m["role"] for m in out], labels)
     if problem:
         return Converted(None, problem)
@@ -159,6 +163,25 @@ def _chat(messages: Any, field: str, labels: list[str] | None = None, content_na
     if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
         return EMPTY
     return Converted({"messages": out})
+
+
+def _aliases() -> str:
+    return ", ".join(f"{alias!r} for {role!r}" for alias, role in ROLE_ALIASES.items())
+
+
+def shape_problem(converted: dict[str, Any], first: dict[str, Any], first_where: str) -> str | None:
+    """Why a usable row cannot go to TRL with the first usable row (at first_where), or None: TRL takes one shape
+    of row per dataset, and prompt/completion rows come as strings or as lists of messages (-> 'messages')."""
+    if set(converted) == set(first):
+        return None
+    if "messages" in converted and "prompt" in first:
+        return (f"is a conversational prompt/completion row among plain-text ones; use one shape (the first usable "
+                f"row, {first_where}, has strings; this one lists of messages)")
+    if "prompt" in converted and "messages" in first:
+        return (f"is a plain-text prompt/completion row among conversational ones; use one shape (the first usable "
+                f"row, {first_where}, has lists of messages; this one strings)")
+    return (f"has the columns {sorted(converted)} where the first usable row ({first_where}) has {sorted(first)}; "
+            f"use one shape")
 
 
 def order_problem(roles: list[str], labels: list[str]) -> str | None:
