@@ -246,11 +246,19 @@ def test_ENOSPC_in_torchs_words_mid_save_is_disk_full(bundle, tmp_path, monkeypa
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
+    # torch's words say only that a write fell short: a full disk where the file system is nearly full (here: any
+    # free space counts as nearly full), another failure elsewhere
+    monkeypatch.setattr(disk, "_NEARLY_FULL_BYTES", 1 << 62)
     out = tmp_path / "cut"
     with pytest.raises(DiskFull) as err:
         run_engine(bundle, out, demo_rows, max_steps=6)
     assert str(out) in str(err.value)
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"] and leftovers(out) == []
+    monkeypatch.setattr(disk, "_NEARLY_FULL_BYTES", 0)  # a disk with room: not called full
+    roomy = tmp_path / "roomy"
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        run_engine(bundle, roomy, demo_rows, max_steps=6)
+    assert [p.name for p in roomy.glob("checkpoint-*")] == ["checkpoint-2"]
 
 
 def test_a_run_whose_checkpoints_would_not_all_fit_warns_early(bundle, tmp_path, monkeypatch, demo_rows):
