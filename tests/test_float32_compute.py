@@ -84,7 +84,36 @@ def test_nothing_to_do_for_a_float32_model(tiny_model):
     assert not computes_in_half_precision(bundle.model)
 
 
-def test_the_probe_measures_a_ratio():
-    """~1 or less on CPUs with bf16 instructions, ~20 where they are emulated; cached for the process."""
+def test_the_probe_measures_a_ratio_once():
+    """The timed ratio is positive and cached for the process (its size depends on the CPU and its load, which is
+    why the decision below rests on the CPU's flags)."""
     slowdown = cpu_bf16_slowdown()
-    assert 0 < slowdown < 1000 and cpu_bf16_slowdown() == slowdown
+    assert slowdown > 0 and cpu_bf16_slowdown() == slowdown
+
+
+@pytest.mark.parametrize("instructions, slowdown, emulated", [
+    (True, 43.9, False),  # bf16 instructions: a timing inflated by load never flips the choice
+    (True, 0.3, False),
+    (False, 20.0, True),  # none: the timing confirms emulation
+    (False, 0.9, False),  # none listed, yet bf16 measured fast: keep it
+    (None, 20.0, True),  # flags unreadable: the timing decides
+    (None, 0.4, False),
+])
+def test_bf16_emulation_is_decided_by_the_cpus_flags(monkeypatch, instructions, slowdown, emulated):
+    from llm_mcp.engine import float32_compute as module
+
+    monkeypatch.setattr(module, "cpu_bf16_instructions", lambda: instructions)
+    assert module.is_emulated(slowdown) is emulated
+    assert module.is_emulated(None) is False  # not considered (CUDA, or a float32 model)
+    if emulated:
+        assert ("flags list no bf16" in module.emulation_basis()) is (instructions is False)
+
+
+def test_the_flags_are_read_from_this_cpu():
+    """Linux lists the CPU's flags; the answer agrees with them (True with avx512_bf16/amx_bf16/bf16)."""
+    from llm_mcp.engine.device import _cpuinfo_flags, cpu_bf16_instructions
+
+    flags = _cpuinfo_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags on this machine")
+    assert cpu_bf16_instructions() is bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})

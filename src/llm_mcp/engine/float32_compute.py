@@ -15,10 +15,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from llm_mcp.engine.device import cpu_bf16_slowdown, detect
+from llm_mcp.engine.device import cpu_bf16_instructions, cpu_bf16_slowdown, detect
 
-# A CPU whose bf16 matmuls take this many times float32's emulates bf16 (measured ~20x on AVX2-only CPUs; ~1 or
-# less with AVX512-BF16 or AMX).
+# Where the CPU's flags list no bf16 instructions, a timed bf16 matmul this many times float32's confirms that
+# oneDNN emulates bf16 (AVX2-only CPUs); where they list them, bf16 is kept whatever a timing on a loaded machine
+# says.
 SLOW_BF16 = 2.0
 
 
@@ -43,8 +44,19 @@ def bf16_slowdown(model: nn.Module) -> float | None:
 
 
 def is_emulated(slowdown: float | None) -> bool:
-    """Whether that ratio says bf16 is emulated here, so float32_compute pays off."""
-    return slowdown is not None and slowdown > SLOW_BF16
+    """Whether bf16 is emulated here, so float32_compute pays off: decided by the CPU's flags (a CPU with bf16
+    instructions keeps bf16, however slow a timing under load made it look), and confirmed by the measured ratio
+    where the flags list none or cannot be read (load only ever inflates it, never hides emulation)."""
+    if slowdown is None or cpu_bf16_instructions() is True:
+        return False
+    return slowdown > SLOW_BF16
+
+
+def emulation_basis() -> str:
+    """Why bf16 counts as emulated here, in words for the engine-choice note."""
+    if cpu_bf16_instructions() is False:
+        return "its flags list no bf16 instructions (avx512_bf16, amx_bf16 or Arm's bf16) and a timed matmul agrees"
+    return "its flags cannot be read and a timed bf16 matmul is several times slower than float32's"
 
 
 def bitsandbytes_compute_layers(model: nn.Module) -> list[nn.Module]:

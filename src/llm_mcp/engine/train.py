@@ -28,9 +28,10 @@ from llm_mcp.disk import disk_full_as_error, require_free
 from llm_mcp.engine import CPU_KERNEL_CACHE_CAPACITY
 from llm_mcp.engine.checkpoints import (CheckpointSeal, CheckpointSpace, ResumePoint, SaveSizes, resolve_resume,
                                         save_sizes)
-from llm_mcp.engine.device import (can_reuse_freed_memory, detect, freed_memory_reused, peak_memory_bytes,
+from llm_mcp.engine.device import (can_reuse_freed_memory, cpu_bf16_instructions, detect, freed_memory_reused, peak_memory_bytes,
                                    release_freed_memory, reset_peak_memory)
-from llm_mcp.engine.float32_compute import (bf16_slowdown, bitsandbytes_compute_layers, float32_compute, is_emulated,
+from llm_mcp.engine.float32_compute import (bf16_slowdown, bitsandbytes_compute_layers, emulation_basis,
+                                            float32_compute, is_emulated,
                                             trainable_tensors_kept)
 from llm_mcp.engine.lean_lora import lean_lora_dropout
 from llm_mcp.engine.lean_mlp import lean_mlp
@@ -120,6 +121,7 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
     choices["use_gradient_checkpointing"] = config.use_gradient_checkpointing
     choices["float32_compute"] = False
     choices["cpu_bf16_slowdown"] = None  # measured where float32_compute is considered
+    choices["cpu_bf16_instructions"] = None  # the CPU's flags, read where float32_compute is considered
     choices["lean_lora_dropout"] = False
     choices.update(dict.fromkeys(_LEAN_FUNCTIONS, False))
     choices["use_liger_kernel"] = False
@@ -164,16 +166,16 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
                      "auto_precision=false (or bf16=true) to keep bf16.")
     if config.auto_precision and not (choices["bf16"] or choices["fp16"]):
         choices["cpu_bf16_slowdown"] = bf16_slowdown(bundle.model)
+        choices["cpu_bf16_instructions"] = None if choices["cpu_bf16_slowdown"] is None else cpu_bf16_instructions()
     if is_emulated(choices["cpu_bf16_slowdown"]):
         choices["float32_compute"] = True
         layers = len(bitsandbytes_compute_layers(bundle.model))
-        notes.append(f"precision: this CPU has no bf16 instructions (a bf16 matmul measured "
-                     f"{choices['cpu_bf16_slowdown']:.0f}x as long as float32's), so "
+        notes.append(f"precision: this CPU has no bf16 instructions ({emulation_basis()}), so "
                      + (f"the {layers} 4-bit layers multiply in float32 instead of {bundle.compute_dtype} (their "
                         "compute dtype comes back after training), and " if layers else "")
                      + "the trainable parameters (the LoRA adapters) stay float32 instead of the bf16 TRL casts a "
-                     "quantized model's adapters to: the same weights, computed more precisely (a llama-3.5M step "
-                     "took a sixth of the time). Set auto_precision=false to keep bf16.")
+                     "quantized model's adapters to: the same weights, computed more precisely and faster on such "
+                     "CPUs (docs/benchmarks.md). Set auto_precision=false to keep bf16.")
     dropout = _lora_dropout(bundle)
     choices["lean_lora_dropout"] = config.lean_lora_dropout and not (choices["bf16"] or choices["fp16"]) \
         and dropout > 0
