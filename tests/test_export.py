@@ -165,9 +165,27 @@ def test_export_gguf_with_modelfile_reads_back(mcp, trained, workspace, demo_row
 
     reread = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-q8_0.gguf", dtype=torch.float32)
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    # Every weight read back is the merged weight after q8_0 rounding and nothing else: checked against gguf's own
+    # q8_0 round trip of that weight, so the bound does not hang on how training went on this machine.
+    import gguf.quants
+    from gguf import GGMLQuantizationType
+
+    merged_weights = merged.state_dict()
+    compared = 0
+    for name, value in reread.state_dict().items():
+        expected = merged_weights[name].numpy()
+        if value.ndim == 2 and value.shape[-1] % 32 == 0 and not name.endswith("norm.weight"):
+            rounded = gguf.quants.dequantize(gguf.quants.quantize(expected, GGMLQuantizationType.Q8_0),
+                                             GGMLQuantizationType.Q8_0)
+            if abs(value.numpy() - rounded).max() <= 1e-6:
+                compared += 1
+                continue
+        assert abs(value.numpy() - expected).max() <= 1e-6, f"{name} differs beyond q8_0 rounding"
+    assert compared >= 2 * 7  # the attention and MLP projections of both layers really went through q8_0
     ids = torch.tensor([[1, 5, 9, 14, 30]])
     with torch.no_grad():
-        assert (reread(ids).logits - merged(ids).logits).abs().max() < 0.6  # q8_0 rounding only
+        reread_logits, merged_logits = reread(ids).logits, merged(ids).logits
+    assert (reread_logits - merged_logits).abs().max() < 0.1 * merged_logits.abs().max()
 
 
 def _need_llama_cpp() -> None:
