@@ -14,6 +14,7 @@ from llm_mcp.data.datasets import prepare as prepare_dataset
 from llm_mcp.engine.device import detect
 from llm_mcp.engine.float32_compute import bf16_slowdown, float32_compute, is_emulated, trainable_tensors_kept
 from llm_mcp.engine.model import ModelBundle
+from llm_mcp.engine.patch_guard import may_apply
 
 
 def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_size: int,
@@ -41,7 +42,9 @@ def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_siz
         started = time.perf_counter()
         # computed as training computes on a CPU that emulates bf16 (bf16_slowdown is None on CUDA)
         slowdown = bf16_slowdown(bundle.model) if bundle.engine == "transformers" else None
-        with float32_compute(bundle.model) if is_emulated(slowdown) else contextlib.nullcontext():
+        guard_warnings: list[str] = []
+        in_float32 = is_emulated(slowdown) and may_apply("float32_compute", guard_warnings, ran="evaluated")
+        with float32_compute(bundle.model) if in_float32 else contextlib.nullcontext():
             metrics = trainer.evaluate()
     loss = float(metrics["eval_loss"])
     return {
@@ -52,7 +55,7 @@ def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_siz
         "dataset_format": data.source_format,
         "loss_on": "answers only" if data.source_format != "text" else "all tokens",
         "eval_runtime": round(time.perf_counter() - started, 3),
-        "warnings": data.warnings + ([f"this CPU has no bf16 instructions (a bf16 matmul measured {slowdown:.0f}x "
-                                      "as long as float32's): the 4-bit layers and adapters computed in float32, as "
-                                      "training computes here."] if is_emulated(slowdown) else []),
+        "warnings": data.warnings + guard_warnings + (
+            [f"this CPU has no bf16 instructions (a bf16 matmul measured {slowdown:.0f}x as long as float32's): the "
+             "4-bit layers and adapters computed in float32, as training computes here."] if in_float32 else []),
     }

@@ -16,6 +16,7 @@ from llm_mcp.config import GenerationConfig
 from llm_mcp.engine.device import torch_dtype
 from llm_mcp.engine.float32_compute import bf16_slowdown, float32_compute, is_emulated
 from llm_mcp.engine.model import avoid_cpu_repack_bug
+from llm_mcp.engine.patch_guard import may_apply
 
 
 def generate(bundle: Any, config: GenerationConfig) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def generate(bundle: Any, config: GenerationConfig) -> dict[str, Any]:
     try:
         # float32 where this CPU emulates bf16 (20x faster matmuls there), as the transformers engine trains
         fast = float32_compute(model) if bundle.engine == "transformers" and is_emulated(bf16_slowdown(model)) \
-            else contextlib.nullcontext()
+            and may_apply("float32_compute", ran="generated") else contextlib.nullcontext()
         with torch.no_grad(), without_adapter, fast:
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     finally:

@@ -37,6 +37,7 @@ from llm_mcp.engine.lean_lora import lean_lora_dropout
 from llm_mcp.engine.lean_mlp import lean_mlp
 from llm_mcp.engine.lean_norm import lean_rmsnorm
 from llm_mcp.engine.lora_shape import check_resume_fits
+from llm_mcp.engine.patch_guard import may_apply
 from llm_mcp.engine.regional_compile import compiled_layers
 from llm_mcp.engine.durable import fsync_tree, move_into_place
 from llm_mcp.engine.model import ModelBundle, fallback_attention, supports_flash_attention
@@ -167,7 +168,7 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
     if config.auto_precision and not (choices["bf16"] or choices["fp16"]):
         choices["cpu_bf16_slowdown"] = bf16_slowdown(bundle.model)
         choices["cpu_bf16_instructions"] = None if choices["cpu_bf16_slowdown"] is None else cpu_bf16_instructions()
-    if is_emulated(choices["cpu_bf16_slowdown"]):
+    if is_emulated(choices["cpu_bf16_slowdown"]) and may_apply("float32_compute", warnings):
         choices["float32_compute"] = True
         layers = len(bitsandbytes_compute_layers(bundle.model))
         notes.append(f"precision: this CPU has no bf16 instructions ({emulation_basis()}), so "
@@ -178,14 +179,14 @@ def _engine_choices(bundle: ModelBundle, config: TrainingConfig, choices: dict[s
                      "CPUs (docs/benchmarks.md). Set auto_precision=false to keep bf16.")
     dropout = _lora_dropout(bundle)
     choices["lean_lora_dropout"] = config.lean_lora_dropout and not (choices["bf16"] or choices["fp16"]) \
-        and dropout > 0
+        and dropout > 0 and may_apply("lean_lora_dropout", warnings)
     if choices["lean_lora_dropout"]:
         notes.append(f"LoRA dropout ({dropout}): masks drawn 6x faster (PCG64 words compared 16 bits at a time, "
                      "seeded from torch's generator) and drawn again in the backward pass from their seed, so "
                      "nothing per element is kept instead of float copies of each adapted projection's input; set "
                      "lean_lora_dropout=false for peft's own dropout.")
     for key, (_, note) in _LEAN_FUNCTIONS.items():
-        choices[key] = getattr(config, key) and not (choices["bf16"] or choices["fp16"])
+        choices[key] = getattr(config, key) and not (choices["bf16"] or choices["fp16"]) and may_apply(key, warnings)
         if choices[key]:
             notes.append(note)
     _kernel_choices(config, choices, notes, warnings)
@@ -227,7 +228,7 @@ def _kernel_choices(config: TrainingConfig, choices: dict[str, Any], notes: list
         why = "they are Triton kernels and need a CUDA GPU" if choices["use_cpu"] else \
             "liger-kernel is not installed in the worker's environment (pip install liger-kernel)"
         warnings.append(f"liger_kernel=true but Liger's kernels cannot run here: {why}; trained with PyTorch's.")
-    if config.torch_compile:
+    if config.torch_compile and may_apply("torch_compile", warnings):
         choices["torch_compile"] = True
         notes.append("torch.compile: each decoder layer is compiled (one graph shared by all layers, dynamic "
                      "shapes) at the first step, which takes longer (~30-40 s for the tiny model on 2 CPU cores); "
