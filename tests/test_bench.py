@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from llm_mcp.bench import summarize
 
 
@@ -67,3 +69,27 @@ def test_gpu_benchmark_models_have_the_real_models_shapes():
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(llama_config(tokenizer, **shape))
         assert sum(p.numel() for p in model.parameters()) == params, name
+
+
+def test_record_finds_the_checkout_from_the_working_directory_or_is_told(tmp_path, monkeypatch, capsys):
+    """--record appends to the docs/benchmarks.md of the checkout holding the working directory (an installed
+    package does not know its source); elsewhere it stops before the run and says to name the file with --docs."""
+    from llm_mcp.bench import benchmarks_file, main
+
+    monkeypatch.delenv("LLM_MCP_BENCHMARKS_FILE", raising=False)
+    checkout = tmp_path / "checkout"
+    (checkout / "docs").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("")
+    (checkout / "docs" / "benchmarks.md").write_text("# Benchmarks\n")
+    (checkout / "src").mkdir()
+    monkeypatch.chdir(checkout / "src")
+    assert benchmarks_file(None) == (checkout / "docs" / "benchmarks.md").resolve()
+    assert benchmarks_file(str(tmp_path / "other.md")) == tmp_path / "other.md"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--quick", "--record"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "--record: no docs/benchmarks.md in" in err and "--docs FILE" in err

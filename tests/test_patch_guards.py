@@ -11,6 +11,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from conftest import FAST_LOAD, FAST_TRAIN
+from llm_mcp.engine import patches
 from llm_mcp.engine import train as engine
 from llm_mcp.engine.patch_guard import PATCH_INTERNALS, may_apply, missing_internals
 
@@ -23,8 +24,7 @@ def test_the_installed_libraries_have_what_the_patch_relies_on(patch):
 
 
 def test_every_patch_the_engine_applies_has_a_declaration():
-    applied = {"float32_compute", "lean_lora_dropout", "torch_compile", *engine._LEAN_FUNCTIONS}
-    assert set(PATCH_INTERNALS) == applied
+    assert set(PATCH_INTERNALS) == set(patches.PATCHES)
 
 
 def test_a_moved_internal_is_named_with_the_installed_version(monkeypatch):
@@ -61,7 +61,7 @@ def test_the_engine_trains_unpatched_and_warns_when_an_internal_moved(monkeypatc
     monkeypatch.setattr(LlamaMLP, "forward", _forward_after_a_rename)
     monkeypatch.setattr(LlamaMLP, "activation", property(lambda self: self.act_fn), raising=False)
     monkeypatch.delattr(torch.nn.Module, "compile")
-    monkeypatch.setitem(engine._LEAN_FUNCTIONS, "lean_mlp", (_must_not_run, engine._LEAN_FUNCTIONS["lean_mlp"][1]))
+    monkeypatch.setitem(patches.PATCHES, "lean_mlp", _must_not_run)
     bundle = load_model(LoadConfig(model_name=str(tiny_model), **FAST_LOAD))
     config = TrainingConfig(output_dir=str(tmp_path / "run"), **{**FAST_TRAIN, "optim": "adamw_torch"}, max_steps=2,
                             save_steps=10, torch_compile=True)

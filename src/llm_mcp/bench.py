@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
 _PROCESS_START = time.monotonic()  # time to first step counts imports too, the same for every variant
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The job every variant runs: the qloraevolved spec's hyper-parameters (paged optimizer -> its CPU twin).
@@ -122,9 +121,15 @@ def _run_baseline(model_dir: str, train_rows: list, eval_rows: list, max_length:
             "eval_loss": trainer.evaluate()["eval_loss"]}, tokenizer
 
 
+# What the table shows of each engine run besides every engine flag as the run took it (config.ENGINE_FLAGS; those
+# set to null come back decided): the choices the flags lead to.
+DERIVED_CHOICES = ("use_gradient_checkpointing", "bf16", "float32_compute", "use_liger_kernel", "optim",
+                   "cpu_kernel_cache_capacity")
+
+
 def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list, max_length: int, epochs: float,
                 output_dir: str, on_progress: Any, options: dict[str, Any]) -> tuple[dict, Any, dict]:
-    from llm_mcp.config import LoadConfig, LoraSpec, RunOptions, TrainingConfig, UnslothLoadConfig
+    from llm_mcp.config import ENGINE_FLAGS, LoadConfig, LoraSpec, RunOptions, TrainingConfig, UnslothLoadConfig
 
     if variant == "unsloth":
         from llm_mcp.engine import unsloth_backend
@@ -147,16 +152,25 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
     metrics = answer["metrics"]
     return ({"train_runtime": metrics["train_runtime"], "train_loss": metrics["train_loss"],
              "eval_loss": metrics["eval_loss"]}, bundle.tokenizer,
-            {k: answer["effective_config"][k] for k in ("padding_free", "packing", "group_by_length",
-                                                         "use_gradient_checkpointing", "bf16", "float32_compute",
-                                                         "optim", "lean_lora_dropout", "lean_mlp", "lean_rmsnorm",
-                                                         "reuse_freed_memory", "cpu_kernel_cache_capacity")})
+            {k: answer["effective_config"][k] for k in (*ENGINE_FLAGS, *DERIVED_CHOICES)})
 
 
 # -- the orchestrating run -------------------------------------------------------------------------------------
+def find_checkout(start: Path | None = None) -> Path | None:
+    """The llm-mcp-server checkout holding the working directory (pyproject.toml beside docs/benchmarks.md), if
+    any: an installed package does not know where its source lives."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "docs" / "benchmarks.md").is_file():
+            return folder
+    return None
+
+
 def _unsloth_python() -> str | None:
-    python = os.environ.get("LLM_MCP_UNSLOTH_PYTHON") or str(ROOT / ".venv-unsloth" / "bin" / "python")
-    return python if Path(python).is_file() else None
+    checkout = find_checkout()
+    python = os.environ.get("LLM_MCP_UNSLOTH_PYTHON") or (
+        str(checkout / ".venv-unsloth" / "bin" / "python") if checkout else "")
+    return python if python and Path(python).is_file() else None
 
 
 # Process-wide engine settings that are environment variables, not training_config fields: --ablate sets them for
@@ -252,7 +266,7 @@ def summarize(rounds: list[list[dict]]) -> list[dict]:
     return out
 
 
-def run_bench(quick: bool, record_table: bool, json_path: str | None, models: list[str] | None = None,
+def run_bench(quick: bool, record_to: Path | None, json_path: str | None, models: list[str] | None = None,
               lengths: list[int] | None = None, ablations: list[dict[str, Any]] | None = None,
               repeats: int = 1, rows: int | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
@@ -278,7 +292,7 @@ def run_bench(quick: bool, record_table: bool, json_path: str | None, models: li
     text = _table(results)
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
-    if record_table:
+    if record_to is not None:
         command = "llm-mcp bench" + (" --quick" if quick else "") + " --record"
         if models != ["tiny-0.3M", "llama-3.5M", "llama-25M"] and not quick:
             command += f" --models {','.join(models)}"
@@ -289,17 +303,28 @@ def run_bench(quick: bool, record_table: bool, json_path: str | None, models: li
         command += f" --rows {rows}" if rows != default_rows else ""
         spread = (f" Each variant ran {repeats} times, the variants in turn; each figure is the median of its runs, "
                   f"each ratio the median (min-max) of the rounds' ratios." if repeats > 1 else "")
-        record("llm-mcp bench", f"Command: `{command}`; machine: {describe_machine()}; NF4 + LoRA r=64, batch 8, "
+        record(record_to, "llm-mcp bench", f"Command: `{command}`; machine: {describe_machine()}; NF4 + LoRA r=64, batch 8, "
                                 f"{epochs:g} epoch, long-tailed prompt/completion rows. Ratios are against the "
                                 f"baseline (TRL defaults + gradient checkpointing); tokens are real (non-padding) "
                                 f"tokens.{spread}\n\n{text}")
     return 0
 
 
-def record(title: str, body: str) -> None:
-    """Append a dated section to docs/benchmarks.md (every benchmark's --record; LLM_MCP_BENCHMARKS_FILE
-    names another file, for tests)."""
-    with open(os.environ.get("LLM_MCP_BENCHMARKS_FILE") or ROOT / "docs" / "benchmarks.md", "a") as f:
+def benchmarks_file(named: str | None) -> Path:
+    """The file --record appends to: --docs FILE, else LLM_MCP_BENCHMARKS_FILE, else the docs/benchmarks.md of
+    the checkout holding the working directory. ValueError says how to name one where none is found."""
+    if named or os.environ.get("LLM_MCP_BENCHMARKS_FILE"):
+        return Path(named or os.environ["LLM_MCP_BENCHMARKS_FILE"])
+    checkout = find_checkout()
+    if checkout is None:
+        raise ValueError(f"no docs/benchmarks.md in {Path.cwd()} or a folder above it (run from the repository's "
+                         "checkout, or name the file with --docs FILE)")
+    return checkout / "docs" / "benchmarks.md"
+
+
+def record(path: Path, title: str, body: str) -> None:
+    """Append a dated section to the benchmarks file (every benchmark's --record)."""
+    with open(path, "a") as f:
         f.write(f"\n## {title} ({time.strftime('%Y-%m-%d')})\n\n{body}\n")
 
 
@@ -331,12 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-mcp bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, one length: under a minute")
     parser.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
+    parser.add_argument("--docs", default=None, metavar="FILE",
+                        help="the file --record appends to (default: docs/benchmarks.md of the checkout holding "
+                             "the working directory)")
     parser.add_argument("--json", default=None, help="write the results (or, with --variant, one run) as JSON")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {list(MODEL_SIZES)}")
     parser.add_argument("--lengths", default=None, help="comma-separated max_length values (default 256,512)")
     parser.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="also run the engine with these training_config values (repeatable), e.g. "
-                             "--ablate lean_lora_dropout=false; cpu_kernel_cache_capacity=N sets oneDNN's and "
+                             "--ablate lean_lora_dropout=false (the engine flags: docs/engine-flags.md); cpu_kernel_cache_capacity=N sets oneDNN's and "
                              "ideep's cache capacities (environment variables) for that run")
     parser.add_argument("--repeats", type=int, default=1, metavar="N",
                         help="run every variant N times, in turn, and report medians with the ratios' spread")
@@ -364,7 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in (args.models or "").split(","):
         if name and name not in MODEL_SIZES:
             parser.error(f"--models: {name!r} is not one of {list(MODEL_SIZES)}")
-    return run_bench(args.quick, args.record, args.json,
+    record_to = None
+    if args.record:  # found before the run, which takes minutes
+        try:
+            record_to = benchmarks_file(args.docs)
+        except ValueError as e:
+            parser.error(f"--record: {e}")
+    return run_bench(args.quick, record_to, args.json,
                      models=args.models.split(",") if args.models else None,
                      lengths=[int(n) for n in args.lengths.split(",")] if args.lengths else None,
                      ablations=[_parse_ablation(parser, text) for text in args.ablate], repeats=args.repeats,

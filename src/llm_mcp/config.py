@@ -7,7 +7,7 @@ Leaf module: imports nothing from the package but errors, and never torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, field
+from dataclasses import asdict, field, fields
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError
@@ -110,6 +110,11 @@ class LoadConfig:
         return {k: out[k] for k in order}
 
 
+def _engine_flag(default: bool | None, doc: str) -> Any:
+    """A TrainingConfig field that is an engine flag: its default and a sentence of what it does."""
+    return field(default=default, metadata={"engine_flag": doc})
+
+
 @dataclass(frozen=True, config=_STRICT)
 class TrainingConfig:
     """What `*_prepare_for_training` takes and `*_train` may override (spec defaults, spec names)."""
@@ -137,22 +142,32 @@ class TrainingConfig:
     warmup_steps: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
     bf16: bool | None = None
     fp16: bool | None = None
-    # Engine choices that make training faster or leaner without changing what is learned; each can be turned
-    # off, and the train answer reports what was chosen (engine_choices).
-    padding_free: bool | None = None  # each batch's examples in one row, no padding (position ids keep them apart);
-    # None: where flash-attention's varlen kernel runs (with SDPA the flattened row costs more than padding)
-    packing: bool = False  # pack examples into max_length rows: fewer, fuller steps (an epoch then has fewer steps)
-    group_by_length: bool | None = None  # None: group similar lengths into batches when padding is used
-    auto_gradient_checkpointing: bool = True  # skip checkpointing when memory is ample (it only costs time then)
-    auto_precision: bool = True  # on CPU, compute in float32 (faster than bf16 autocast there; and on CPUs without
-    # bf16 instructions, 4-bit layers and adapters in float32 too)
-    lean_lora_dropout: bool = True  # LoRA dropout keeps a seed, not float copies of each input (no autocast)
-    lean_mlp: bool = True  # LoRA SwiGLU MLPs keep gate/up outputs only, recomputing silu * up in backward (no autocast)
-    lean_rmsnorm: bool = True  # RMSNorm with its backward in closed form, keeping x and 1/rms (float32, no autocast)
-    liger_kernel: bool | None = None  # Liger's fused RMSNorm/SwiGLU/RoPE; None: on CUDA where liger-kernel is installed
-    torch_compile: bool = False  # opt-in: compile each decoder layer; the first step pays the compile time
-    release_memory: bool = False  # CPU: freed heap pages back to the OS each step (-11% peak RSS, -15% speed)
-    reuse_freed_memory: bool = False  # CPU: what a step frees stays in the heap for the next (+6% speed, +15% peak)
+    # Engine flags: choices that make training faster or leaner without changing what is learned. Each is one
+    # _engine_flag entry here (its default and what it does, which the docs, bench --ablate and the train answer
+    # read through ENGINE_FLAGS) plus its implementation in the engine (engine/choices.py decides it).
+    padding_free: bool | None = _engine_flag(None, "Each batch's examples in one row without padding (position ids "
+                                             "keep them apart); null: where flash-attention's varlen kernel runs.")
+    packing: bool = _engine_flag(False, "Pack examples into max_length rows: fewer, fuller steps (an epoch then has "
+                                        "fewer steps).")
+    group_by_length: bool | None = _engine_flag(None, "Examples of similar length share a batch; null: wherever "
+                                                      "padding remains.")
+    auto_gradient_checkpointing: bool = _engine_flag(True, "Skip gradient checkpointing when the memory estimate "
+                                                           "without it is under half of the free memory.")
+    auto_precision: bool = _engine_flag(True, "On CPU, float32 compute instead of bf16 autocast; on CPUs without "
+                                              "bf16 instructions the 4-bit layers and adapters in float32 too.")
+    lean_lora_dropout: bool = _engine_flag(True, "LoRA dropout keeps a seed, not a float copy of each adapted "
+                                                 "input (without autocast).")
+    lean_mlp: bool = _engine_flag(True, "LoRA SwiGLU MLPs keep the gate and up outputs only and recompute "
+                                        "silu(gate) * up in the backward pass (without autocast).")
+    lean_rmsnorm: bool = _engine_flag(True, "RMSNorm with its backward in closed form, keeping x and 1/rms "
+                                            "(float32, without autocast).")
+    liger_kernel: bool | None = _engine_flag(None, "Liger's fused RMSNorm, SwiGLU and RoPE kernels; null: on CUDA "
+                                                   "where liger-kernel is installed.")
+    torch_compile: bool = _engine_flag(False, "Compile each decoder layer; the first step pays the compile time.")
+    release_memory: bool = _engine_flag(False, "CPU: the heap's freed pages go back to the OS after each step "
+                                               "(lower peak memory, slower steps).")
+    reuse_freed_memory: bool = _engine_flag(False, "CPU: what a step frees stays in the heap for the next step "
+                                                   "(faster steps, higher peak memory).")
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
@@ -168,11 +183,19 @@ class TrainingConfig:
         return {k: values[k] for k in _QLORA_PREPARE_KEYS}
 
 
+# training_config flag -> (default, what it does): every engine flag, in TrainingConfig's order
+ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
+    f.name: (f.default, f.metadata["engine_flag"]) for f in fields(TrainingConfig) if "engine_flag" in f.metadata}
 _QLORA_PREPARE_KEYS = [f for f in TrainingConfig.__dataclass_fields__
-                       if f not in ("warmup_steps", "bf16", "fp16", "padding_free", "packing", "group_by_length",
-                                    "auto_gradient_checkpointing", "auto_precision", "lean_lora_dropout", "lean_mlp",
-                                    "lean_rmsnorm", "liger_kernel", "torch_compile", "release_memory",
-                                    "reuse_freed_memory")]
+                       if f not in ("warmup_steps", "bf16", "fp16", *ENGINE_FLAGS)]
+
+
+def engine_flags_markdown() -> str:
+    """The engine flags as a Markdown table (docs/engine-flags.md is this, checked by a test)."""
+    rows = ["| flag | default | what it does |", "| --- | --- | --- |"]
+    rows += [f"| `{name}` | `{'null' if default is None else str(default).lower()}` | {doc} |"
+             for name, (default, doc) in ENGINE_FLAGS.items()]
+    return "\n".join(rows)
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -126,9 +126,9 @@ def _libc() -> Any:
 
 def release_freed_memory() -> bool:
     """Hand the memory glibc's heap keeps after frees back to the OS (malloc_trim). On CPU the activations of a
-    step are freed into that heap and stay resident; trimming after each step lowered the peak RSS of a llama-3.5M
-    x 512 epoch from ~1715 to ~1537 MiB, and cost ~15% of its speed (the next step faults the pages in again).
-    False where the C library has no malloc_trim. Called after every step: the library is looked up once."""
+    step are freed into that heap and stay resident; trimming after each step lowers the peak RSS and costs speed,
+    since the next step faults the pages in again (docs/benchmarks.md). False where the C library has no
+    malloc_trim. Called after every step: the library is looked up once."""
     try:
         _libc().malloc_trim(0)  # returns whether anything was released; either way the call worked
     except (OSError, AttributeError):
@@ -145,6 +145,14 @@ _reuse_lock = threading.Lock()
 _reuse_users = 0  # trainings running with reuse_freed_memory (the server runs several at once)
 
 
+def can_release_freed_memory() -> bool:
+    """Whether release_freed_memory can hand memory back: the C library has malloc_trim (glibc)."""
+    try:
+        return hasattr(_libc(), "malloc_trim")
+    except OSError:
+        return False
+
+
 def can_reuse_freed_memory() -> bool:
     """Whether freed_memory_reused can set anything: the C library is glibc (it has mallopt)."""
     try:
@@ -157,10 +165,9 @@ def can_reuse_freed_memory() -> bool:
 def freed_memory_reused() -> Iterator[bool]:
     """While it is open, glibc keeps the memory a training step frees in the process's heap for the next step,
     instead of handing each large block back to the OS and taking page faults on every page when the next step
-    allocates it again. On CPU a step allocates and frees its activations (MiBs each) every step; on this
-    project's 2-core VMs a step of llama-3.5M x 512 took up to 100k such faults, seconds of kernel time. The cost:
-    blocks of each batch length then share one heap and fragment it (+13-19% peak RSS over an epoch, measured),
-    so training_config reuse_freed_memory is opt-in. When the last user leaves, glibc's starting thresholds come
+    allocates it again. On CPU a step allocates and frees its activations (MiBs each) every step, and
+    faulting those pages in again is kernel time. The cost: blocks of each batch length then share one heap and
+    fragment it, raising the peak (docs/benchmarks.md), so training_config reuse_freed_memory is opt-in. When the last user leaves, glibc's starting thresholds come
     back and the free memory goes back to the OS (malloc_trim). Yields whether it applied (glibc only)."""
     global _reuse_users
     if not can_reuse_freed_memory():

@@ -56,6 +56,7 @@ def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_siz
         "loss_on": "answers only" if data.source_format != "text" else "all tokens",
         "eval_runtime": round(time.perf_counter() - started, 3),
         "warnings": data.warnings + guard_warnings + (
-            [f"this CPU has no bf16 instructions (a bf16 matmul measured {slowdown:.0f}x as long as float32's): the "
-             "4-bit layers and adapters computed in float32, as training computes here."] if in_float32 else []),
+            ["this CPU has no bf16 instructions (its bf16 matmuls are emulated, several times slower than "
+             "float32's): the 4-bit layers and adapters computed in float32, as training computes here."]
+            if in_float32 else []),
     }

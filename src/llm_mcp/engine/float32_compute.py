@@ -2,8 +2,8 @@
 
 QLoRA computes in bf16 twice over: bitsandbytes dequantizes each 4-bit weight to its compute dtype (bf16 by the
 spec's default) and multiplies there, and TRL's SFTTrainer casts the LoRA adapters of a quantized model to bf16.
-Where the CPU has no bf16 instructions (AVX2-only CPUs) oneDNN emulates bf16 matmuls, ~20x slower than float32's;
-a llama-3.5M step took 6x as long as in float32. This runs both in float32 instead: the same weights and updates,
+Where the CPU has no bf16 instructions (AVX2-only CPUs) oneDNN emulates bf16 matmuls, many times slower than
+float32's (docs/benchmarks.md). This runs both in float32 instead: the same weights and updates,
 computed more precisely, not less.
 """
 

@@ -43,7 +43,7 @@ def generate(bundle: Any, config: GenerationConfig) -> dict[str, Any]:
     model.eval()
     started = time.perf_counter()
     try:
-        # float32 where this CPU emulates bf16 (20x faster matmuls there), as the transformers engine trains
+        # float32 where this CPU emulates bf16 (its emulated bf16 matmuls are far slower), as the transformers engine trains
         fast = float32_compute(model) if bundle.engine == "transformers" and is_emulated(bf16_slowdown(model)) \
             and may_apply("float32_compute", ran="generated") else contextlib.nullcontext()
         with torch.no_grad(), without_adapter, fast:

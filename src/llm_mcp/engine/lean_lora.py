@@ -9,8 +9,8 @@ it) and the seed its mask was drawn from, and draws the same mask again in the b
 The masks are Bernoulli(1 - p) as nn.Dropout's. On CPU they are drawn as 64-bit words of numpy's PCG64, seeded
 from torch's generator (so ``torch.manual_seed``, TRL's seed and the RNG state a checkpoint restores decide them),
 and compared with p 16 bits at a time: p is then exact to 1/65536 (32 bits where that would move p by over 0.1%).
-That takes a sixth of ``torch.rand_like(x) >= p`` (measured: 1.3 vs 7.4 ms for 3,472 x 256 elements, 2 cores),
-and those draws were a fifth of a training step. On a GPU, torch's own generator draws them on the device. The
+That is several times faster than ``torch.rand_like(x) >= p``, whose draws were a large part of a CPU training
+step (docs/benchmarks.md). On a GPU, torch's own generator draws them on the device. The
 modules, their parameters (which the optimizer holds) and the saved adapters are unchanged.
 
 Used only for training without autocast (the float32 CPU path; with bf16/fp16 autocast the function's casts would
@@ -49,8 +49,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: 
 
 def apply_mask(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """t with the dropped elements zeroed (unscaled), as nn.Dropout's multiply by its noise: multiplying by the
-    mask's bytes measured 2-3x faster than ``torch.where(keep, t, 0)`` on CPU (0.56 vs 1.20 ms, 8 x 434 x 256
-    bf16), and like nn.Dropout an inf dropped becomes nan rather than 0."""
+    mask's bytes is faster than ``torch.where(keep, t, 0)`` on CPU, and like nn.Dropout an inf dropped becomes nan rather than 0."""
     return t * keep.view(torch.uint8)
 
 

@@ -122,11 +122,16 @@ def may_apply(patch: str, warnings: list[str] | None = None, *, ran: str = "trai
     what moved and says the run used the library's own code (`ran`: what the run did, e.g. 'trained')."""
     missing = missing_internals(patch)
     if missing:
-        warning = f"{patch} was not applied: it relies on {'; '.join(missing)}; {ran} with the library's own code."
+        warning = not_applied(patch, missing, ran)
         log.warning(warning)
         if warnings is not None:
             warnings.append(warning)
     return not missing
+
+
+def not_applied(patch: str, missing: list[str], ran: str = "trained") -> str:
+    """The warning for a patch left out because the internals `missing` are gone."""
+    return f"{patch} was not applied: it relies on {'; '.join(missing)}; {ran} with the library's own code."
 
 
 def _not_found_in(library: str) -> str:
