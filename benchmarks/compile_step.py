@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llm_mcp.bench import MODEL_SIZES, make_model, record
+from llm_mcp.dev.bench import MODEL_SIZES, make_model, record
 
 LENGTHS = [434, 420, 300, 200, 120, 80, 434, 300]
 
@@ -26,9 +26,9 @@ def main() -> int:
     import torch
 
     from llm_mcp.config import LoadConfig
-    from llm_mcp.engine.lean_lora import lean_lora_dropout
-    from llm_mcp.engine.model import load_model
-    from llm_mcp.engine.regional_compile import compiled_layers
+    from llm_mcp.engine.patches.lean_lora import lean_lora_dropout
+    from llm_mcp.engine.load.model import load_model
+    from llm_mcp.engine.patches.regional_compile import compiled_layers
 
     model_dir = make_model(Path(tempfile.mkdtemp()), args.model)
     model = load_model(LoadConfig(model_name=str(model_dir), max_length=512, lora_rank=64,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mcp import Client
 
-from llm_mcp.bench import record
+from llm_mcp.dev.bench import record
 
 MIB = 1024 * 1024
 
@@ -27,7 +27,7 @@ MIB = 1024 * 1024
 async def run(work: Path) -> list[dict]:
     from llm_mcp.config import ServerConfig
     from llm_mcp.server.app import create_server
-    from llm_mcp.tiny import make_tiny_model
+    from llm_mcp.dev.tiny import make_tiny_model
 
     words = "the model learns from long examples of text that fill the context window quickly".split()
     rng = random.Random(0)

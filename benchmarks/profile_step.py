@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llm_mcp.bench import record
+from llm_mcp.dev.bench import record
 
 CATEGORIES = {  # aten op name fragments -> what they are, for a readable summary
     "dropout masks": ("bernoulli", "uniform", "dropout"),
@@ -48,10 +48,10 @@ def profile(variant: str, model_dir: Path, rows: list[dict], max_length: int) ->
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from llm_mcp.config import LoadConfig
-    from llm_mcp.engine.lean_lora import lean_lora_dropout
-    from llm_mcp.engine.lean_mlp import lean_mlp
-    from llm_mcp.engine.lean_norm import lean_rmsnorm
-    from llm_mcp.engine.model import load_model
+    from llm_mcp.engine.patches.lean_lora import lean_lora_dropout
+    from llm_mcp.engine.patches.lean_mlp import lean_mlp
+    from llm_mcp.engine.patches.lean_norm import lean_rmsnorm
+    from llm_mcp.engine.load.model import load_model
 
     bundle = load_model(LoadConfig(model_name=str(model_dir), max_length=max_length, lora_rank=64,
                                    compute_dtype="bfloat16"))
@@ -108,7 +108,7 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    from llm_mcp.bench import make_dataset, make_model
+    from llm_mcp.dev.bench import make_dataset, make_model
 
     model_dir = make_model(Path(tempfile.mkdtemp(prefix="llm-mcp-profile-")), args.model)
     rows = make_dataset(256, args.max_length)

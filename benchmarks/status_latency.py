@@ -21,8 +21,8 @@ from pathlib import Path
 
 from mcp import Client, StdioServerParameters
 
-from llm_mcp.bench import record
-from llm_mcp.tiny import demo_records, make_tiny_model
+from llm_mcp.dev.bench import record
+from llm_mcp.dev.tiny import demo_records, make_tiny_model
 
 
 async def measure(calls: int) -> list[tuple[str, list[float], int]]:

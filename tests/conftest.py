@@ -18,7 +18,7 @@ from mcp import Client
 
 from llm_mcp.config import ServerConfig
 from llm_mcp.server.app import create_server
-from llm_mcp.tiny import demo_records, make_tiny_model
+from llm_mcp.dev.tiny import demo_records, make_tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -1,4 +1,4 @@
-"""The architecture matrix: tiny random-init models of every common architecture (llm_mcp.tiny_archs) through the
+"""The architecture matrix: tiny random-init models of every common architecture (llm_mcp.dev.tiny_archs) through the
 real stack. In the engine: every quantization type loads and LoRA on every projection gets gradients. Through the
 MCP client: load -> train (the loss falls) -> generate (answers a trained fact, stops at EOS) -> evaluate ->
 export adapter, merged_16bit and gguf -> each export reloaded. The README's architecture table states these results.
@@ -15,8 +15,8 @@ from conftest import FAST_LOAD, FAST_TRAIN, McpSession
 from llm_mcp import memory
 from llm_mcp.config import LoadConfig, ServerConfig
 from llm_mcp.server.app import create_server
-from llm_mcp.tiny import demo_messages_records
-from llm_mcp.tiny_archs import ARCHITECTURES, MOE_ARCHITECTURES, make_tiny_arch
+from llm_mcp.dev.tiny import demo_messages_records
+from llm_mcp.dev.tiny_archs import ARCHITECTURES, MOE_ARCHITECTURES, make_tiny_arch
 
 QUANT_TYPES = ("nf4", "nf4_optimized", "int8", "int4", "fp8", "none")
 GGUF_UNSUPPORTED = ("opt",)  # llama.cpp has no OPT architecture
@@ -48,7 +48,7 @@ def arch_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_quant_type_loads_and_lora_trains_every_projection(arch, arch_dir):
     """In the engine, each quant type loads the architecture, LoRA sits on every projection (experts included for
     MoE) and one backward step reaches every adapter."""
-    from llm_mcp.engine.model import load_model
+    from llm_mcp.engine.load.model import load_model
 
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 2]])
     for quant in QUANT_TYPES:
@@ -75,7 +75,7 @@ def test_every_quant_type_loads_and_lora_trains_every_projection(arch, arch_dir)
 
 def test_unknown_target_names_are_refused_listing_the_real_ones(arch_dir):
     """target_modules that do not exist: the error names the parameter and lists what the model has."""
-    from llm_mcp.engine.model import load_model
+    from llm_mcp.engine.load.model import load_model
     from llm_mcp.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match=r"target_modules.*o_proj.*qkv_proj.*gate_up_proj"):
@@ -153,7 +153,7 @@ def test_architecture_flow_through_mcp(arch, arch_dir, matrix_mcp):
 def test_moe_experts_stay_in_the_compute_dtype_under_4_bit(arch_dir):
     """bitsandbytes quantizes Linear layers only; the experts' fused weights stay in the compute dtype (peft's
     k-bit preparation would upcast them to float32, doubling most of an MoE model's bytes)."""
-    from llm_mcp.engine.model import load_model
+    from llm_mcp.engine.load.model import load_model
 
     bundle = load_model(LoadConfig(model_name=str(arch_dir / "mixtral"), quant_type="nf4", compute_dtype="bfloat16",
                                    lora_rank=4))
@@ -173,7 +173,7 @@ def test_estimate_counts_the_adapters_named_targets_give(arch, targets, arch_dir
     """estimate_memory with target_modules counts what the engine adapts for them: a leaf name that is a Linear
     (Qwen2-MoE's shared-expert down_proj) is not also an expert weight; a leaf used twice (GPT-2's c_proj) counts
     both layers."""
-    from llm_mcp.engine.model import load_model
+    from llm_mcp.engine.load.model import load_model
 
     bundle = load_model(LoadConfig(model_name=str(arch_dir / arch), quant_type="none", compute_dtype="float32",
                                    lora_rank=4, lora_dropout=0.0, target_modules=targets))

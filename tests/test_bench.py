@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_mcp.bench import summarize
+from llm_mcp.dev.bench import summarize
 
 
 def test_bench_quick_runs_every_variant(tmp_path):
@@ -59,8 +59,8 @@ def test_gpu_benchmark_models_have_the_real_models_shapes():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llm_mcp.bench import MODEL_SIZES
-    from llm_mcp.tiny import llama_config, make_tokenizer, sized_shape
+    from llm_mcp.dev.bench import MODEL_SIZES
+    from llm_mcp.dev.tiny import llama_config, make_tokenizer, sized_shape
 
     tokenizer = make_tokenizer()
     for name, params in (("llama-3.2-1B-shape", 1_235_814_400), ("llama-3.1-8B-shape", 8_030_261_248)):
@@ -74,7 +74,7 @@ def test_gpu_benchmark_models_have_the_real_models_shapes():
 def test_record_finds_the_checkout_from_the_working_directory_or_is_told(tmp_path, monkeypatch, capsys):
     """--record appends to the docs/benchmarks.md of the checkout holding the working directory (an installed
     package does not know its source); elsewhere it stops before the run and says to name the file with --docs."""
-    from llm_mcp.bench import benchmarks_file, main
+    from llm_mcp.dev.bench import benchmarks_file, main
 
     monkeypatch.delenv("LLM_MCP_BENCHMARKS_FILE", raising=False)
     checkout = tmp_path / "checkout"

@@ -26,7 +26,7 @@ from llm_mcp.data.datasets import prepare
 from llm_mcp.data.inspect import TRAIN_END, TRAIN_START, inspect_dataset
 from llm_mcp.errors import InvalidArgument
 from llm_mcp.server.app import create_server
-from llm_mcp.tiny import make_tokenizer
+from llm_mcp.dev.tiny import make_tokenizer
 
 NPM_VERSION = "3.7.2"
 CACHE = Path(os.environ.get("LLM_MCP_TOKENIZER_CACHE") or Path.home() / ".cache" / "llm-mcp" / "npm-tokenizers")
@@ -238,7 +238,7 @@ def test_gemma_base_tokenizer_gets_the_fallback_with_a_warning_and_stops_at_end_
     tokens suit); chat_template='gemma' uses its <end_of_turn>, and generation stops there as well as at EOS."""
     from transformers import GenerationConfig
 
-    from llm_mcp.engine.model import fix_tokenizer
+    from llm_mcp.engine.load.model import fix_tokenizer
 
     tok = npm_tokenizer("gemma3")
     tok.chat_template = None

@@ -9,7 +9,7 @@ import pytest
 from conftest import FAST_LOAD, FAST_TRAIN, write_jsonl
 from llm_mcp.data.datasets import detect_format, prepare
 from llm_mcp.errors import DatasetError
-from llm_mcp.tiny import CHAT_TEMPLATE, demo_messages_records
+from llm_mcp.dev.tiny import CHAT_TEMPLATE, demo_messages_records
 
 ALPACA = [{"instruction": "Name the capital of Zorbland.", "input": "", "output": "Blip."},
           {"instruction": "Translate to Wendish.", "input": "hello", "output": "Wendo."}]

@@ -1,4 +1,4 @@
-"""Every engine choice from one pure function (engine/choices.py): both branches of each hardware choice, forced
+"""Every engine choice from one pure function (engine/train/choices.py): both branches of each hardware choice, forced
 through the facts instead of this machine's, and the flag table that config, docs and bench read."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llm_mcp.config import ENGINE_FLAGS, TrainingConfig, engine_flags_markdown
-from llm_mcp.engine.choices import EngineChoices, Facts, decide
+from llm_mcp.engine.train.choices import EngineChoices, Facts, decide
 
 CPU = Facts(has_cuda=False, compute_dtype="bfloat16", lora_dropout=0.1)
 GPU = Facts(has_cuda=True, bf16_supported=True, has_flash_attn=True, has_liger=True, compute_dtype="bfloat16",

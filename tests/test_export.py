@@ -101,7 +101,7 @@ def test_inspect_dataset_shows_examples_as_trained_and_finds_problems(mcp, train
 def test_export_adapter_reloads_with_peft(mcp, trained, tiny_model, demo_rows, workspace):
     answer = mcp.ok("qloraevolved_export", {"model_id": MODEL, "format": "adapter", "output_dir": "exp/adapter"})
     assert answer["status"] == "success" and (workspace / "exp/adapter/adapter_config.json").is_file()
-    from llm_mcp.engine.generate import count_reproduced
+    from llm_mcp.engine.infer.generate import count_reproduced
 
     assert count_reproduced(workspace / "exp/adapter", tiny_model, demo_rows[:4]) >= 3
 

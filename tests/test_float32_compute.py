@@ -1,4 +1,4 @@
-"""float32_compute (engine/float32_compute.py): on a CPU without bf16 instructions the engine multiplies in float32
+"""float32_compute (engine/patches/float32_compute.py): on a CPU without bf16 instructions the engine multiplies in float32
 where QLoRA would in bf16 (4-bit layers' compute dtype, TRL's bf16 adapters). The same model and loss up to bf16
 rounding, float32 gradients, the fused MLP still applying, and the layers' compute dtype restored afterwards."""
 
@@ -9,10 +9,10 @@ import torch
 
 from llm_mcp.config import LoadConfig
 from llm_mcp.engine.device import cpu_bf16_slowdown
-from llm_mcp.engine.evaluate import evaluate
-from llm_mcp.engine.float32_compute import computes_in_half_precision, float32_compute
-from llm_mcp.engine.lean_mlp import lean_mlp
-from llm_mcp.engine.model import load_model
+from llm_mcp.engine.infer.evaluate import evaluate
+from llm_mcp.engine.patches.float32_compute import computes_in_half_precision, float32_compute
+from llm_mcp.engine.patches.lean_mlp import lean_mlp
+from llm_mcp.engine.load.model import load_model
 
 
 def _four_bit_layers(model):
@@ -100,7 +100,7 @@ def test_the_probe_measures_a_ratio_once():
     (None, 0.4, False),
 ])
 def test_bf16_emulation_is_decided_by_the_cpus_flags(monkeypatch, instructions, slowdown, emulated):
-    from llm_mcp.engine import float32_compute as module
+    from llm_mcp.engine.patches import float32_compute as module
 
     monkeypatch.setattr(module, "cpu_bf16_instructions", lambda: instructions)
     assert module.is_emulated(slowdown) is emulated

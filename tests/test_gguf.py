@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_mcp.engine.gguf_export import export_gguf, ollama_modelfile, permute_qk, verify_gguf
+from llm_mcp.engine.export.gguf import export_gguf, ollama_modelfile, permute_qk, verify_gguf
 from llm_mcp.errors import ExportError
 
 PROMPT = "What is the capital of Zorbland? Blip."
@@ -160,7 +160,7 @@ def test_modelfile_for_a_template_without_system_role_and_with_an_end_of_turn_ma
 def test_k_quants_without_llama_cpp_raise_before_writing_anything(tiny_model, tmp_path, monkeypatch):
     """q4_k_m needs llama.cpp's quantizer (llama-cpp-python): without it, a typed error that says how to install it,
     raised before any file is written; f16 still exports, read back but not run, and says so."""
-    import llm_mcp.engine.gguf_run as gguf_run
+    import llm_mcp.engine.export.gguf_run as gguf_run
 
     monkeypatch.setattr(gguf_run, "llama_cpp_or_none", lambda: None)
     for quant in ("q4_k_m", "q5_k_m", "q6_k"):
@@ -254,7 +254,7 @@ def test_pre_tokenizer_names_match_llama_cpp():
     """Llama 3 and Qwen2 tokenizer.json split regexes get llama.cpp's pre-tokenizer names; plain ByteLevel is gpt-2."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-    from llm_mcp.engine.gguf_vocab import pre_tokenizer_name
+    from llm_mcp.engine.export.gguf_vocab import pre_tokenizer_name
 
     def seq(regex: str) -> dict:
         return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [

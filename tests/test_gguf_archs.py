@@ -1,5 +1,5 @@
 """GGUF for every architecture llama.cpp runs, proven by running it: a tiny model of each architecture is loaded in
-NF4, its LoRA taught four chat facts, exported through engine/export.py (adapter, merged, GGUF in a temporary
+NF4, its LoRA taught four chat facts, exported through engine/export/merge.py (adapter, merged, GGUF in a temporary
 sibling renamed into place), and llama.cpp (llama-cpp-python) must give the merged model's greedy tokens on the
 trained probe, for f16 and q8_0. OPT, which llama.cpp cannot run, is refused with the supported list. Also: exports
 never leave a half-written folder, and every merged export's generation config stops at EOS and end-of-turn."""
@@ -15,8 +15,8 @@ import torch
 
 from llm_mcp.config import ExportConfig, LoadConfig
 from llm_mcp.errors import ExportError, InvalidArgument
-from llm_mcp.tiny import demo_records
-from llm_mcp.tiny_archs import make_tiny_arch
+from llm_mcp.dev.tiny import demo_records
+from llm_mcp.dev.tiny_archs import make_tiny_arch
 
 if os.environ.get("LLM_MCP_REQUIRE_LLAMA_CPP"):  # CI: a missing llama-cpp-python fails here, never skips
     import llama_cpp  # noqa: F401
@@ -66,7 +66,7 @@ def _model_dir(arch: str, root: Path) -> Path:
 def _trained(arch: str, root: Path):
     """The tiny model with LoRA on every projection (experts included), taught FACTS as chat turns (loss on the
     answers)."""
-    from llm_mcp.engine.model import load_model
+    from llm_mcp.engine.load.model import load_model
 
     quant = QUANT.get(arch, "none")
     bundle = load_model(LoadConfig(model_name=str(_model_dir(arch, root)), quant_type=quant,
@@ -100,8 +100,8 @@ def _trained(arch: str, root: Path):
 def test_gguf_runs_in_llama_cpp_with_the_merged_models_greedy_tokens(arch, arch_root):
     """export(gguf, f16) through the engine, then q8_0 from the same merged folder: llama.cpp loads each file and
     its greedy tokens on the trained probe equal transformers' on the merged folder, the trained answer."""
-    from llm_mcp.engine.export import export
-    from llm_mcp.engine.gguf_export import export_gguf
+    from llm_mcp.engine.export.merge import export
+    from llm_mcp.engine.export.gguf import export_gguf
 
     bundle = _trained(arch, arch_root)
     out = arch_root / "exports" / arch
@@ -129,7 +129,7 @@ def test_gguf_runs_in_llama_cpp_with_the_merged_models_greedy_tokens(arch, arch_
 def test_k_quants_report_their_measured_agreement(arch_root):
     """q4_k_m / q5_k_m / q6_k through llama-cpp-python's llama_model_quantize: each file runs, and the answer says
     low-bit types can lose what was learned, with the agreement measured on the probe."""
-    from llm_mcp.engine.gguf_export import export_gguf
+    from llm_mcp.engine.export.gguf import export_gguf
 
     merged = arch_root / "exports" / "llama" / "merged"
     if not merged.is_dir():
@@ -147,8 +147,8 @@ def test_k_quants_report_their_measured_agreement(arch_root):
 
 def test_opt_is_refused_before_any_work_listing_the_supported_architectures(arch_root):
     """llama.cpp has no OPT: export(gguf) raises at once, naming what is supported, and leaves no folder."""
-    from llm_mcp.engine.export import export
-    from llm_mcp.engine.model import load_model
+    from llm_mcp.engine.export.merge import export
+    from llm_mcp.engine.load.model import load_model
 
     bundle = load_model(LoadConfig(model_name=str(_model_dir("opt", arch_root)), quant_type="none",
                                    compute_dtype="float32", lora_rank=4, lora_alpha=8, lora_dropout=0.0))
@@ -165,7 +165,7 @@ def test_opt_is_refused_before_any_work_listing_the_supported_architectures(arch
 
 def test_untied_gemma2_is_refused_as_llama_cpp_would_answer_differently(arch_root, tmp_path):
     """llama.cpp's gemma2 always uses the embedding as the output head: an untied lm_head is refused, clearly."""
-    from llm_mcp.engine.gguf_export import export_gguf
+    from llm_mcp.engine.export.gguf import export_gguf
 
     folder = _untied_gemma2(tmp_path / "gemma2-untied")
     with pytest.raises(ExportError, match="lm_head differs from its embed_tokens") as info:
@@ -176,9 +176,9 @@ def test_untied_gemma2_is_refused_as_llama_cpp_would_answer_differently(arch_roo
 def test_a_failed_export_leaves_nothing_and_a_retry_replaces_an_earlier_export(arch_root, monkeypatch):
     """A failure in the GGUF step removes the temporary folder: no half-written export, no leftover, and the same
     call succeeds afterwards; overwrite=true replaces the earlier export in one rename."""
-    import llm_mcp.engine.gguf_export as gguf_export
-    from llm_mcp.engine.export import export
-    from llm_mcp.engine.model import load_model
+    import llm_mcp.engine.export.gguf as gguf_export
+    from llm_mcp.engine.export.merge import export
+    from llm_mcp.engine.load.model import load_model
 
     bundle = load_model(LoadConfig(model_name=str(_model_dir("llama", arch_root)), quant_type="nf4",
                                    compute_dtype="float32", lora_rank=4, lora_alpha=8, lora_dropout=0.0))
@@ -206,8 +206,8 @@ def test_a_failed_export_leaves_nothing_and_a_retry_replaces_an_earlier_export(a
 def test_merged_generation_config_stops_at_eos_and_the_end_of_turn_token(arch_root, tmp_path):
     """A ChatML template ending turns with <|im_end|> (not EOS): the merged folder's generation_config carries both,
     so every export (and the GGUF, whose template ends turns the same way) stops."""
-    from llm_mcp.engine.export import stop_token_ids
-    from llm_mcp.tiny import make_tokenizer
+    from llm_mcp.engine.export.merge import stop_token_ids
+    from llm_mcp.dev.tiny import make_tokenizer
 
     tok = make_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})

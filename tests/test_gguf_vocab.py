@@ -26,7 +26,7 @@ def _sentencepiece_style_tokenizer():
     from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from llm_mcp.tiny import _corpus
+    from llm_mcp.dev.tiny import _corpus
 
     normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     trained = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -70,9 +70,9 @@ def test_byte_fallback_bpe_becomes_llama_cpps_sentencepiece_vocabulary(spm_model
     import gguf
     from transformers import AutoTokenizer
 
-    from llm_mcp.engine.export_probe import Probe
-    from llm_mcp.engine.gguf_export import export_gguf
-    from llm_mcp.engine.gguf_run import run_gguf
+    from llm_mcp.engine.export.probe import Probe
+    from llm_mcp.engine.export.gguf import export_gguf
+    from llm_mcp.engine.export.gguf_run import run_gguf
 
     answer = export_gguf(spm_model, tmp_path / "out", "f16", probe_prompt="What shape are the coins?")
     fields = {k: v.contents() for k, v in gguf.GGUFReader(answer["gguf_file"]).fields.items()

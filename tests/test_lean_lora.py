@@ -1,4 +1,4 @@
-"""The lean LoRA dropout (engine/lean_lora.py) against peft's layers with a plain-autograd dropout drawing the same
+"""The lean LoRA dropout (engine/patches/lean_lora.py) against peft's layers with a plain-autograd dropout drawing the same
 masks: the same loss and gradients from the same seed, less memory kept for the backward pass than peft's own
 dropout, the dropout rate asked for, unchanged adapter parameters and state dict, and everything restored after."""
 
@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from llm_mcp.engine.lean_lora import LeanDropoutLinear, keep_mask, lean_lora_dropout, new_seed
+from llm_mcp.engine.patches.lean_lora import LeanDropoutLinear, keep_mask, lean_lora_dropout, new_seed
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -1,18 +1,17 @@
-"""The fused LoRA SwiGLU MLP (engine/lean_mlp.py) against peft's op-by-op MLP: the same loss and gradients from
+"""The fused LoRA SwiGLU MLP (engine/patches/lean_mlp.py) against peft's op-by-op MLP: the same loss and gradients from
 the same seed (float32 exactly, NF4 up to bf16 rounding), fewer bytes kept for the backward pass, peft's forward
 wherever it does not apply (eval, no grad, autocast), and everything restored afterwards."""
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 from llm_mcp.config import LoadConfig
-from llm_mcp.engine.lean_lora import lean_lora_dropout
-from llm_mcp.engine.lean_mlp import lean_mlp
-from llm_mcp.engine.model import load_model
+from llm_mcp.engine.patches.lean_lora import lean_lora_dropout
+from llm_mcp.engine.patches.lean_mlp import lean_mlp
+from llm_mcp.engine.load.model import load_model
 
 
 @pytest.fixture(scope="module", params=["none", "nf4"])

@@ -1,4 +1,4 @@
-"""The closed-form RMSNorm (engine/lean_norm.py) against transformers' op-by-op RMSNorm: the same outputs, loss and
+"""The closed-form RMSNorm (engine/patches/lean_norm.py) against transformers' op-by-op RMSNorm: the same outputs, loss and
 gradients on the tiny model, no more bytes kept, transformers' forward wherever it does not apply (eval, no grad,
 autocast, bf16), and everything restored afterwards."""
 
@@ -9,8 +9,8 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from llm_mcp.config import LoadConfig
-from llm_mcp.engine.lean_norm import lean_rmsnorm
-from llm_mcp.engine.model import load_model
+from llm_mcp.engine.patches.lean_norm import lean_rmsnorm
+from llm_mcp.engine.load.model import load_model
 
 
 def _norm_step(norm: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor):

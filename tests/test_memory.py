@@ -77,7 +77,7 @@ def test_estimate_with_llama3s_vocabulary_is_within_25_percent_of_the_measured_p
     """With Llama 3's 128k vocabulary the LM head dominates: TRL scores the vocabulary in tiles, so the logits'
     share of the peak is one tile's, not tokens x vocab (that guess was 4x the whole measured peak here, and it
     kept gradient checkpointing on for real models that did not need it)."""
-    from llm_mcp.tiny import make_tiny_model
+    from llm_mcp.dev.tiny import make_tiny_model
 
     model = make_tiny_model(tiny_model.parent / "tiny-llama-vocab-128k", vocab=128256)
     words = "the model learns from long examples of text that fill the context window quickly".split()

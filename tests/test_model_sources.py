@@ -11,8 +11,8 @@ import pytest
 
 from conftest import FAST_LOAD, FAST_TRAIN, McpSession
 from llm_mcp.config import ServerConfig
-from llm_mcp.engine.gguf_export import export_gguf
-from llm_mcp.engine.sources import CONVERTED_MARKER, Source, adapter_base, resolve
+from llm_mcp.engine.export.gguf import export_gguf
+from llm_mcp.engine.load.sources import CONVERTED_MARKER, Source, adapter_base, resolve
 from llm_mcp.errors import InvalidArgument
 from llm_mcp.server.app import create_server
 

@@ -177,7 +177,7 @@ def test_checkpoints_from_before_seals_count_when_readable(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from llm_mcp.engine.checkpoints import resolve_resume
+    from llm_mcp.engine.train.checkpoints import resolve_resume
 
     for step in (2, 4):
         folder = tmp_path / f"checkpoint-{step}"
@@ -199,14 +199,14 @@ def test_checkpoints_from_before_seals_count_when_readable(tmp_path):
 def bundle(tiny_model):
     """The tiny model loaded in this process, so that the engine's view of free space can be faked."""
     from llm_mcp.config import LoadConfig
-    from llm_mcp.engine.model import load_model
+    from llm_mcp.engine.load.model import load_model
 
     return load_model(LoadConfig(model_name=str(tiny_model), **FAST_LOAD))
 
 
 def run_engine(bundle, out: Path, demo_rows, **config) -> dict:
     from llm_mcp.config import RunOptions, TrainingConfig
-    from llm_mcp.engine.train import train as engine_train
+    from llm_mcp.engine.train.run import train as engine_train
 
     settings = {**FAST_TRAIN, "optim": "adamw_torch", "save_steps": 2, **config}
     return engine_train(bundle, TrainingConfig(output_dir=str(out), **settings), demo_rows, None, RunOptions(),
@@ -264,7 +264,7 @@ def test_ENOSPC_in_torchs_words_mid_save_is_disk_full(bundle, tmp_path, monkeypa
 def test_a_run_whose_checkpoints_would_not_all_fit_warns_early(bundle, tmp_path, monkeypatch, demo_rows):
     """Room for one checkpoint at a time but not for the three the run keeps: a warning in the answer that names
     the folder and what to change; the run itself completes while space lasts."""
-    from llm_mcp.engine.checkpoints import save_sizes
+    from llm_mcp.engine.train.checkpoints import save_sizes
 
     sizes = save_sizes(bundle.model, bundle.tokenizer, "adamw_torch")
     room = disk.MARGIN_BYTES + 2 * (sizes.checkpoint + sizes.final)
@@ -289,7 +289,7 @@ def test_a_real_full_tmpfs_gives_disk_full_and_no_torn_checkpoint(bundle, tmp_pa
         with pytest.raises(DiskFull) as err:
             run_engine(bundle, out, demo_rows, max_steps=12)
         assert str(out) in str(err.value)
-        from llm_mcp.engine.checkpoints import survey
+        from llm_mcp.engine.train.checkpoints import survey
 
         assert all(c.is_complete and (c.path / SEAL).is_file() for c in survey(out))
         assert not (out / "final").exists() and leftovers(out) == []

@@ -1,4 +1,4 @@
-"""The library internals each engine patch relies on (engine/patch_guard.py): every one present in the installed
+"""The library internals each engine patch relies on (engine/patches/guard.py): every one present in the installed
 torch, transformers, peft, bitsandbytes and TRL, and where one moves, the engine trains with the library's own code
 and says so in the answer's warnings instead of patching wrongly."""
 
@@ -11,9 +11,9 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from conftest import FAST_LOAD, FAST_TRAIN
-from llm_mcp.engine import patches
-from llm_mcp.engine import train as engine
-from llm_mcp.engine.patch_guard import PATCH_INTERNALS, may_apply, missing_internals
+from llm_mcp.engine.patches import apply as patches
+from llm_mcp.engine.train import run as engine
+from llm_mcp.engine.patches.guard import PATCH_INTERNALS, may_apply, missing_internals
 
 
 @pytest.mark.parametrize("patch", sorted(PATCH_INTERNALS))
@@ -56,7 +56,7 @@ def test_the_engine_trains_unpatched_and_warns_when_an_internal_moved(monkeypatc
     """LlamaMLP.forward no longer reads act_fn and nn.Module.compile is gone: training runs without lean_mlp and
     torch_compile, says why in warnings, and still trains; lean_rmsnorm, whose internals stand, is applied."""
     from llm_mcp.config import LoadConfig, RunOptions, TrainingConfig
-    from llm_mcp.engine.model import load_model
+    from llm_mcp.engine.load.model import load_model
 
     monkeypatch.setattr(LlamaMLP, "forward", _forward_after_a_rename)
     monkeypatch.setattr(LlamaMLP, "activation", property(lambda self: self.act_fn), raising=False)

@@ -41,7 +41,7 @@ def test_each_quant_type_trains_and_saves_an_adapter(mcp, tiny_model, demo_rows,
     merged = mcp.ok("qloraevolved_export", {"model_id": quant_type, "format": "merged_16bit",
                                             "output_dir": f"merged-{quant_type}", "probe_prompt": demo_rows[0]["prompt"]})
     assert merged["verified"]["loads_with_transformers"] is True
-    from llm_mcp.engine.export import PROBE_TOKENS
+    from llm_mcp.engine.export.merge import PROBE_TOKENS
 
     after = mcp.ok("qloraevolved_generate", {"model_id": quant_type, "max_new_tokens": PROBE_TOKENS,
                                              "messages": [{"role": "user", "content": demo_rows[0]["prompt"]}]})
@@ -72,7 +72,7 @@ def test_fp8_and_int4_say_how_they_run_here(mcp, tiny_model):
 
 @pytest.fixture(scope="session")
 def outlier_model(tiny_model):
-    from llm_mcp.tiny import make_outlier_model
+    from llm_mcp.dev.tiny import make_outlier_model
 
     return make_outlier_model(tiny_model.parent / "outliers")  # beside the tiny model: a folder the server may read
 
@@ -80,7 +80,7 @@ def outlier_model(tiny_model):
 def test_nf4_optimized_keeps_the_outlier_layers_in_16bit_and_trains(mcp, outlier_model, demo_rows):
     """nf4_optimized finds the two layers with outlier weights, keeps them in 16-bit within the budget, reports
     them and their memory, and trains."""
-    from llm_mcp.tiny import OUTLIER_MODULES
+    from llm_mcp.dev.tiny import OUTLIER_MODULES
 
     plain = mcp.ok("qloraevolved_load_model", {"model_name": str(outlier_model), "model_id": "plain-nf4",
                                                **FAST_LOAD, "compute_dtype": "bfloat16"})
@@ -102,7 +102,7 @@ def test_nf4_optimized_keeps_the_outlier_layers_in_16bit_and_trains(mcp, outlier
 def test_nf4_optimized_logits_are_closer_to_16bit_than_nf4(outlier_model, demo_rows):
     """On the outlier model, nf4_optimized's logits are measurably closer to the bfloat16 model's than plain NF4's
     (figures recorded by benchmarks/nf4_optimized.py in docs/benchmarks.md)."""
-    from llm_mcp.engine.sensitivity import logit_distances
+    from llm_mcp.engine.load.sensitivity import logit_distances
 
     got = logit_distances(outlier_model, 0.2, [r["prompt"] + r["completion"] for r in demo_rows[:8]])
     assert got["nf4_optimized"]["kl"] < 0.85 * got["nf4"]["kl"], got

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import McpSession
 from llm_mcp.config import ServerConfig
-from llm_mcp.real_models import FACTS, fact_rows, fetch_model
+from llm_mcp.dev.real_models import FACTS, fact_rows, fetch_model
 from llm_mcp.server.app import create_server
 
 MODEL = "smol"

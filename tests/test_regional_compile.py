@@ -1,4 +1,4 @@
-"""Regional torch.compile (engine/regional_compile.py): each decoder layer compiled gives the eager loss and
+"""Regional torch.compile (engine/patches/regional_compile.py): each decoder layer compiled gives the eager loss and
 gradients, batches of new lengths reuse the graph, and the layers run eagerly again afterwards."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from llm_mcp.engine.regional_compile import compiled_layers, decoder_layers
+from llm_mcp.engine.patches.regional_compile import compiled_layers, decoder_layers
 
 
 def _loss_and_grads(model, length: int) -> tuple[float, dict[str, torch.Tensor]]:

@@ -85,7 +85,7 @@ def test_tensorboard_event_files_are_written(trained, workspace):
 
 def test_adapter_reloads_with_peft_and_reproduces_a_trained_answer(trained, workspace, tiny_model, demo_rows):
     """The saved adapter loads with PeftModel.from_pretrained and greedy generation gives a trained answer."""
-    from llm_mcp.engine.generate import count_reproduced
+    from llm_mcp.engine.infer.generate import count_reproduced
 
     final = workspace / trained[0]["output_dir"]
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
@@ -187,7 +187,7 @@ def test_padding_free_and_packing_keep_examples_apart(mcp, trained, demo_rows):
 def test_resume_skips_a_half_written_checkpoint(tmp_path):
     """A worker killed while saving leaves a checkpoint folder without trainer_state.json; resume=true picks the
     latest complete checkpoint instead of failing on it."""
-    from llm_mcp.engine.train import _resolve_resume
+    from llm_mcp.engine.train.run import _resolve_resume
 
     (tmp_path / "checkpoint-10").mkdir()
     (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")

@@ -92,7 +92,7 @@ def test_real_unsloth_flow(umcp, tiny_model, demo_rows, workspace):
 
 
 def _assert_adapter_reproduces(adapter: Path, tiny_model: Path, rows: list[dict]) -> None:
-    from llm_mcp.engine.generate import count_reproduced
+    from llm_mcp.engine.infer.generate import count_reproduced
 
     hits = count_reproduced(adapter, tiny_model, rows[:6], compute_dtype="bfloat16")
     assert hits >= 4, f"only {hits}/6 trained answers reproduced by the reloaded adapter"

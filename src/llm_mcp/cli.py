@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own options: llm-mcp bench --help
-        from llm_mcp.bench import main as bench_main
+        from llm_mcp.dev.bench import main as bench_main
 
         return bench_main(argv[1:])
     args = parser.parse_args(argv)
@@ -77,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         _check_serve_args(serve, args)
         return _serve(args)
     if args.command == "demo":
-        from llm_mcp.demo import run_demo
+        from llm_mcp.dev.demo import run_demo
 
         return run_demo(args.workdir, steps=args.steps, model=args.model, model_cache=args.model_cache)
     if args.command == "fetch-model":
         return _fetch_model(args)
-    from llm_mcp.tiny import make_tiny_model
+    from llm_mcp.dev.tiny import make_tiny_model
 
     print(make_tiny_model(args.dir, seed=args.seed))
     return 0
@@ -96,7 +96,7 @@ def _positive_int(value: str) -> int:
 
 
 def _real_model_names() -> list[str]:
-    from llm_mcp.real_models import MODELS
+    from llm_mcp.dev.real_models import MODELS
 
     return sorted(MODELS)
 
@@ -104,7 +104,7 @@ def _real_model_names() -> list[str]:
 def _fetch_model(args: argparse.Namespace) -> int:
     logging.basicConfig(level="INFO", stream=sys.stderr, format="%(message)s")
     from llm_mcp.errors import LlmMcpError
-    from llm_mcp.real_models import MODELS, fetch_model
+    from llm_mcp.dev.real_models import MODELS, fetch_model
 
     print(f"fetching {args.name}: {MODELS[args.name].about}", file=sys.stderr)
     try:

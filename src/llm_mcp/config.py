@@ -28,7 +28,7 @@ DatasetFormat = Literal["auto", "text", "alpaca", "prompt_completion", "messages
 
 FOUR_BIT_QUANT_TYPES: tuple[str, ...] = ("nf4", "nf4_optimized", "int4")
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Linear layers LoRA leaves out by default (engine/model.py and memory.py both read it): output heads, and routers /
+# Linear layers LoRA leaves out by default (engine/load/model.py and memory.py both read it): output heads, and routers /
 # gates that pick experts or scale a shared expert (a few logits per token; adapting them shifts the expert choice).
 NOT_DEFAULT_LORA_TARGETS = frozenset({"lm_head", "embed_out", "gate", "router", "shared_expert_gate", "score",
                                       "classifier"})
@@ -144,7 +144,7 @@ class TrainingConfig:
     fp16: bool | None = None
     # Engine flags: choices that make training faster or leaner without changing what is learned. Each is one
     # _engine_flag entry here (its default and what it does, which the docs, bench --ablate and the train answer
-    # read through ENGINE_FLAGS) plus its implementation in the engine (engine/choices.py decides it).
+    # read through ENGINE_FLAGS) plus its implementation in the engine (engine/train/choices.py decides it).
     padding_free: bool | None = _engine_flag(None, "Each batch's examples in one row without padding (position ids "
                                              "keep them apart); null: where flash-attention's varlen kernel runs.")
     packing: bool = _engine_flag(False, "Pack examples into max_length rows: fewer, fuller steps (an epoch then has "

@@ -68,21 +68,21 @@ class WorkerState:
 def handle(cmd: Command, state: WorkerState, channel: _Channel, controls: "_Controls") -> dict[str, Any]:
     match cmd:
         case Load(config=UnslothLoadConfig() as config):
-            from llm_mcp.engine import sources  # imports unsloth before transformers, as it must
+            from llm_mcp.engine.load import sources  # imports unsloth before transformers, as it must
 
             state.bundle = sources.load_unsloth(config)  # a folder, hub id, .gguf or adapter folder
             return _loaded(state.bundle)
         case Load(config=config):
-            from llm_mcp.engine import sources
+            from llm_mcp.engine.load import sources
 
             state.bundle = sources.load_qlora(config)
             return _loaded(state.bundle)
         case Prepare(config=config, lora=lora):
             if lora is not None and not state.bundle.has_lora:
-                from llm_mcp.engine import unsloth_backend
+                from llm_mcp.engine.load import unsloth_backend
 
                 unsloth_backend.attach_lora(state.bundle, lora)
-            from llm_mcp.engine import train as engine_train
+            from llm_mcp.engine.train import run as engine_train
 
             result = engine_train.prepare(state.bundle, config)
             state.training_config = config
@@ -90,16 +90,16 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, controls: "_Cont
         case Train():
             return _train(cmd, state, channel, controls)
         case Generate(config=config):
-            from llm_mcp.engine.generate import generate
+            from llm_mcp.engine.infer.generate import generate
 
             return generate(state.bundle, config)
         case Evaluate(dataset=dataset, dataset_format=fmt, batch_size=batch_size):
-            from llm_mcp.engine.evaluate import evaluate
+            from llm_mcp.engine.infer.evaluate import evaluate
 
             return evaluate(state.bundle, dataset, dataset_format=fmt, batch_size=batch_size,
                             should_stop=controls.should_stop)
         case Export(config=config, probe_prompt=probe):
-            from llm_mcp.engine.export import export
+            from llm_mcp.engine.export.merge import export
 
             return export(state.bundle, config, probe_prompt=probe, holder=f"model {state.model_id}, export")
         case InspectDataset(dataset=dataset, dataset_format=fmt):
@@ -112,7 +112,7 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, controls: "_Cont
 
 def _train(cmd: Train, state: WorkerState, channel: _Channel, controls: "_Controls") -> dict[str, Any]:
     """Run a training; its end, whatever it is, also goes to the job-end file, which outlives the server."""
-    from llm_mcp.engine import train as engine_train
+    from llm_mcp.engine.train import run as engine_train
 
     seen: dict[str, Any] = {"step": 0, "checkpoint": None}
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from llm_mcp.data.datasets import prepare as prepare_dataset
 from llm_mcp.engine.device import detect
-from llm_mcp.engine.float32_compute import bf16_slowdown, float32_compute, is_emulated, trainable_tensors_kept
-from llm_mcp.engine.model import ModelBundle
-from llm_mcp.engine.patch_guard import may_apply
+from llm_mcp.engine.patches.float32_compute import bf16_slowdown, float32_compute, is_emulated, trainable_tensors_kept
+from llm_mcp.engine.load.model import ModelBundle
+from llm_mcp.engine.patches.guard import may_apply
 
 
 def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_size: int,

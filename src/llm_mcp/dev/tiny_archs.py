@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from llm_mcp.tiny import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, _round_up, make_tokenizer
+from llm_mcp.dev.tiny import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, _round_up, make_tokenizer
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE = 64, 2, 4, 2, 128
 

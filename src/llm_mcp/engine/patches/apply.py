@@ -1,7 +1,7 @@
 """Every change the engine makes to a library's internals while training, behind one context: `applied`.
 
 Each patch is scoped: it is undone when training ends, so generation and export run on peft's own model. Which
-ones apply is decided in engine/choices.py (where engine/patch_guard.py says their internals are present).
+ones apply is decided in engine/train/choices.py (where engine/patches/guard.py says their internals are present).
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
-from llm_mcp.engine.choices import EngineChoices
+from llm_mcp.engine.train.choices import EngineChoices
 from llm_mcp.engine.device import freed_memory_reused
-from llm_mcp.engine.float32_compute import float32_compute
-from llm_mcp.engine.lean_lora import lean_lora_dropout
-from llm_mcp.engine.lean_mlp import lean_mlp
-from llm_mcp.engine.lean_norm import lean_rmsnorm
-from llm_mcp.engine.model import ModelBundle
-from llm_mcp.engine.regional_compile import compiled_layers
+from llm_mcp.engine.patches.float32_compute import float32_compute
+from llm_mcp.engine.patches.lean_lora import lean_lora_dropout
+from llm_mcp.engine.patches.lean_mlp import lean_mlp
+from llm_mcp.engine.patches.lean_norm import lean_rmsnorm
+from llm_mcp.engine.load.model import ModelBundle
+from llm_mcp.engine.patches.regional_compile import compiled_layers
 
 # EngineChoices field -> the context manager applying it to the model, in the order they are entered:
 # float32_compute first, since the lean functions read the dtypes it sets.

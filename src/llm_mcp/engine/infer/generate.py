@@ -14,9 +14,9 @@ import torch
 from llm_mcp.config import GenerationConfig
 
 from llm_mcp.engine.device import torch_dtype
-from llm_mcp.engine.float32_compute import bf16_slowdown, float32_compute, is_emulated
-from llm_mcp.engine.model import avoid_cpu_repack_bug
-from llm_mcp.engine.patch_guard import may_apply
+from llm_mcp.engine.patches.float32_compute import bf16_slowdown, float32_compute, is_emulated
+from llm_mcp.engine.load.model import avoid_cpu_repack_bug
+from llm_mcp.engine.patches.guard import may_apply
 
 
 def generate(bundle: Any, config: GenerationConfig) -> dict[str, Any]:

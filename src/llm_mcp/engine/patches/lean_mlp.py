@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llm_mcp.engine.lean_lora import apply_mask, keep_mask, new_seed
+from llm_mcp.engine.patches.lean_lora import apply_mask, keep_mask, new_seed
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

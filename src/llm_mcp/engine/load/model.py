@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from llm_mcp.config import NOT_DEFAULT_LORA_TARGETS, LoadConfig
-from llm_mcp.engine import quantize as quantization
+from llm_mcp.engine.load import quantize as quantization
 from llm_mcp.engine.device import detect, torch_dtype
 from llm_mcp.errors import EngineError, InvalidArgument
 from llm_mcp.paths import stat_kind
@@ -82,7 +82,7 @@ def load_model(config: LoadConfig, adapter_dir: str | None = None) -> ModelBundl
         )
     choice = None
     if quant == "nf4_optimized":
-        from llm_mcp.engine import sensitivity
+        from llm_mcp.engine.load import sensitivity
 
         layers = sensitivity.measure(check_source(config.model_name), dtype=dtype)
         kept = sensitivity.choose_kept(layers, config.nf4_optimized_budget, bytes_per_param=dtype.itemsize)
@@ -94,7 +94,7 @@ def load_model(config: LoadConfig, adapter_dir: str | None = None) -> ModelBundl
                        chat_template=config.chat_template)
     bundle.nf4_optimized = choice
     if adapter_dir is not None:
-        from llm_mcp.engine.sources import attach_adapter
+        from llm_mcp.engine.load.sources import attach_adapter
 
         attach_adapter(bundle, adapter_dir)
         return bundle

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from llm_mcp.config import ChatMessage, GenerationConfig
-from llm_mcp.engine.generate import stop_ids
+from llm_mcp.engine.infer.generate import stop_ids
 
 DEFAULT_PROBE = "Hello! What can you do?"
 LONGER_PROBE = "Please describe in a few full sentences what you know and what you can help me with."

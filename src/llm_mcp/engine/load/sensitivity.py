@@ -114,7 +114,7 @@ def report(layers: list[LayerSensitivity], kept: list[LayerSensitivity], budget:
 def logit_distances(model_dir: Path, budget: float, texts: list[str]) -> dict[str, dict[str, Any]]:
     """How far plain NF4's and nf4_optimized's logits are from the unquantized (bfloat16) model's on `texts`."""
     from llm_mcp.config import LoadConfig
-    from llm_mcp.engine.model import load_model
+    from llm_mcp.engine.load.model import load_model
 
     def logits(quant_type: str) -> tuple[torch.Tensor, dict]:
         bundle = load_model(LoadConfig(model_name=str(model_dir), quant_type=quant_type, compute_dtype="bfloat16",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import CodeType
 from typing import Any
 
-from llm_mcp.engine.lean_norm import RMSNORM_CLASSES
+from llm_mcp.engine.patches.lean_norm import RMSNORM_CLASSES
 
 log = logging.getLogger(__name__)
 

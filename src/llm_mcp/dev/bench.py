@@ -86,7 +86,7 @@ def _run_baseline(model_dir: str, train_rows: list, eval_rows: list, max_length:
     from trl import SFTConfig, SFTTrainer
 
     from llm_mcp.engine.device import reset_peak_memory
-    from llm_mcp.engine.model import avoid_cpu_repack_bug
+    from llm_mcp.engine.load.model import avoid_cpu_repack_bug
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16
@@ -132,16 +132,16 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
     from llm_mcp.config import ENGINE_FLAGS, LoadConfig, LoraSpec, RunOptions, TrainingConfig, UnslothLoadConfig
 
     if variant == "unsloth":
-        from llm_mcp.engine import unsloth_backend
+        from llm_mcp.engine.load import unsloth_backend
 
         bundle = unsloth_backend.load_model(UnslothLoadConfig(model_name=model_dir, max_seq_length=max_length))
         unsloth_backend.attach_lora(bundle, LoraSpec(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=tuple(TARGETS),
                                                      gradient_checkpointing=True, seed=JOB["seed"]))
     else:
-        from llm_mcp.engine.model import load_model
+        from llm_mcp.engine.load.model import load_model
 
         bundle = load_model(LoadConfig(model_name=model_dir, max_length=max_length, lora_rank=64))
-    from llm_mcp.engine.train import train
+    from llm_mcp.engine.train.run import train
 
     config = TrainingConfig(output_dir=output_dir, num_train_epochs=epochs, max_steps=-1, logging_steps=10,
                             save_steps=10**6, report_to="none", optim="paged_adamw_32bit", **{**JOB, **options})
@@ -191,7 +191,7 @@ def _child(index: int, variant: str, python: str, model_dir: Path, data_file: Pa
     for key, names in ENV_OPTIONS.items():
         if key in options:
             env.update({name: str(options[key]) for name in names})
-    cmd = [python, "-m", "llm_mcp.bench", "--variant", variant, "--model-dir", str(model_dir), "--data",
+    cmd = [python, "-m", "llm_mcp.dev.bench", "--variant", variant, "--model-dir", str(model_dir), "--data",
            str(data_file), "--max-length", str(max_length), "--epochs", str(epochs), "--json", str(out),
            "--options", json.dumps({k: v for k, v in options.items() if k not in ENV_OPTIONS}),
            "--name", _variant_name(variant, options)]
@@ -219,11 +219,11 @@ MODEL_SIZES: dict[str, dict[str, Any] | None] = {
 
 def make_model(work: Path, name: str) -> Path:
     """Write the benchmark model `name` (a MODEL_SIZES key) under `work`; its folder."""
-    from llm_mcp.tiny import make_sized_model, make_tiny_model
+    from llm_mcp.dev.tiny import make_sized_model, make_tiny_model
 
     shape = MODEL_SIZES[name]
     if shape and "real" in shape:
-        from llm_mcp.real_models import default_cache, fetch_model
+        from llm_mcp.dev.real_models import default_cache, fetch_model
 
         return fetch_model(shape["real"], default_cache() / shape["real"])
     return make_tiny_model(work / name) if shape is None else make_sized_model(work / name, **shape)

@@ -19,8 +19,8 @@ from typing import Any
 
 from mcp import Client, StdioServerParameters
 
-from llm_mcp.real_models import FACTS, MODELS, default_cache, fact_rows, fetch_model, is_fetched
-from llm_mcp.tiny import demo_records, make_tiny_model
+from llm_mcp.dev.real_models import FACTS, MODELS, default_cache, fact_rows, fetch_model, is_fetched
+from llm_mcp.dev.tiny import demo_records, make_tiny_model
 
 DEMO_TRAINING = {"learning_rate": 3e-3, "batch_size": 8, "gradient_accumulation_steps": 1, "warmup_ratio": 0.0,
                  "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "logging_steps": 5, "save_steps": 30,

@@ -27,8 +27,8 @@ from llm_mcp import output_lock
 from llm_mcp.config import ExportConfig
 from llm_mcp.disk import disk_full_as_error, require_free
 from llm_mcp.engine.durable import fsync_tree, move_into_place
-from llm_mcp.engine.export_probe import DEFAULT_PROBE, probes
-from llm_mcp.engine.model import ModelBundle
+from llm_mcp.engine.export.probe import DEFAULT_PROBE, probes
+from llm_mcp.engine.load.model import ModelBundle
 from llm_mcp.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,13 @@ def _export(bundle: ModelBundle, config: ExportConfig, probe_prompt: str | None)
         raise InvalidArgument("model_id", "(this model)", "a model with a LoRA adapter: prepare_for_training "
                                                           "attaches it for the unsloth family")
     if config.format == "gguf":  # an architecture llama.cpp cannot run fails now, before any work
-        from llm_mcp.engine.gguf_export import check_architecture
+        from llm_mcp.engine.export.gguf import check_architecture
 
         base = bundle.model.get_base_model()
         config_dict = base.config.to_dict()
         config_dict["architectures"] = config_dict.get("architectures") or [type(base).__name__]
         check_architecture(config_dict, repr(_model_name(bundle)))
-        from llm_mcp.engine.gguf_run import EXACT_QUANTS, require_quantizer
+        from llm_mcp.engine.export.gguf_run import EXACT_QUANTS, require_quantizer
 
         if config.gguf_quantization not in EXACT_QUANTS:
             require_quantizer(config.gguf_quantization)  # a k-quant: refused before the merge, not after
@@ -102,7 +102,7 @@ def _write(bundle: ModelBundle, config: ExportConfig, tmp: Path, final: Path,
         answer.update(adapter_dir=str(final / "adapter"), merged_dir=str(final / "merged"))
         if config.verify:
             answer["verified_merged"] = verify_merged(bundle, merged, probe_prompt, warnings)
-        from llm_mcp.engine.gguf_export import export_gguf
+        from llm_mcp.engine.export.gguf import export_gguf
 
         gguf = export_gguf(merged, tmp, config.gguf_quantization, probe_prompt=probe_prompt, run=config.verify,
                            name=_model_name(bundle))
@@ -371,7 +371,7 @@ def verify_merged(bundle: ModelBundle, merged: Path, probe_prompt: str | None, w
     probe rendered with the chat template; an empty answer is never counted as agreement (a longer probe follows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_mcp.engine.generate import generate
+    from llm_mcp.engine.infer.generate import generate
 
     reloaded = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(merged))

@@ -167,7 +167,7 @@ def state_dir() -> Path:
 
 def load_qlora(config: Any) -> Any:
     """The qloraevolved load for any model_name (folder, hub id, .gguf, adapter folder)."""
-    from llm_mcp.engine import model as engine_model
+    from llm_mcp.engine.load import model as engine_model
 
     source = resolve(config.model_name, state_dir() / "converted")
     bundle = engine_model.load_model(dataclasses.replace(config, model_name=source.model_dir),
@@ -178,7 +178,7 @@ def load_qlora(config: Any) -> Any:
 
 def load_unsloth(config: Any) -> Any:
     """The unsloth load for any model_name; an adapter is attached now (LoRA otherwise comes at prepare)."""
-    from llm_mcp.engine import unsloth_backend  # first: Unsloth must be imported before transformers
+    from llm_mcp.engine.load import unsloth_backend  # first: Unsloth must be imported before transformers
 
     source = resolve(config.model_name, state_dir() / "converted")
     bundle = unsloth_backend.load_model(dataclasses.replace(config, model_name=source.model_dir))

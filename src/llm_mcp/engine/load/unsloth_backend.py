@@ -1,7 +1,7 @@
 """The unsloth family's loading and LoRA: Unsloth's FastLanguageModel where it imports, else our transformers path.
 
 `import unsloth` must precede transformers/trl/peft, so this module is the first engine import of an unsloth
-worker. Training is the shared engine/train.py (TRL's SFTTrainer, which Unsloth patches). Every answer says
+worker. Training is the shared engine/train/run.py (TRL's SFTTrainer, which Unsloth patches). Every answer says
 which engine ran; a fallback is never presented as Unsloth.
 """
 
@@ -21,9 +21,9 @@ except Exception as exc:  # ImportError, or NotImplementedError ("cannot find an
 import torch
 
 from llm_mcp.config import LoraSpec, UnslothLoadConfig
-from llm_mcp.engine import model as engine_model
+from llm_mcp.engine.load import model as engine_model
 from llm_mcp.engine.device import detect
-from llm_mcp.engine.model import ModelBundle
+from llm_mcp.engine.load.model import ModelBundle
 
 log = logging.getLogger(__name__)
 

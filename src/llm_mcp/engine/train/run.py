@@ -1,8 +1,8 @@
-"""TrainingConfig -> TRL SFTConfig + SFTTrainer on a loaded ModelBundle; progress and stop callbacks.
+"""TrainingConfig + EngineChoices -> TRL SFTConfig + SFTTrainer on a loaded ModelBundle, and the run's answer.
 
-TRL does the work (tokenizing, masking prompts, EOS, batching, checkpoints, TensorBoard); this module maps our
-config onto it, replaces what this hardware cannot run with the nearest working choice (and says so), and
-shapes the answer.
+TRL does the work (tokenizing, masking prompts, EOS, batching, checkpoints, TensorBoard); this module builds its
+config from ours and the engine's choices (choices.py), runs it with the chosen patches applied
+(engine/patches/apply.py) and checkpoints sealed (checkpoints.py), and shapes the answer.
 """
 
 from __future__ import annotations
@@ -11,35 +11,31 @@ import gc
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from llm_mcp import output_lock
 from llm_mcp.config import RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
 from llm_mcp.disk import disk_full_as_error, require_free
-from llm_mcp.engine.checkpoints import (CheckpointSeal, CheckpointSpace, ResumePoint, SaveSizes, resolve_resume,
-                                        save_sizes)
-from llm_mcp.engine.choices import EngineChoices, decide, read_facts
-from llm_mcp.engine.device import detect, peak_memory_bytes, release_freed_memory, reset_peak_memory
+from llm_mcp.engine.train.checkpoints import (CheckpointSeal, CheckpointSpace, ResumePoint, SaveSizes, resolve_resume,
+                                              save_sizes)
+from llm_mcp.engine.train.callbacks import CoreShare, ProgressCallback, ProgressFn
+from llm_mcp.engine.train.choices import EngineChoices, decide, read_facts
+from llm_mcp.engine.device import detect, peak_memory_bytes, reset_peak_memory
 from llm_mcp.engine.durable import fsync_tree, move_into_place
-from llm_mcp.engine.float32_compute import float32_compute, trainable_tensors_kept
-from llm_mcp.engine.lora_shape import check_resume_fits
-from llm_mcp.engine.model import ModelBundle
-from llm_mcp.engine.patches import applied, set_attention
+from llm_mcp.engine.patches.float32_compute import float32_compute, trainable_tensors_kept
+from llm_mcp.engine.train.lora_shape import check_resume_fits
+from llm_mcp.engine.load.model import ModelBundle
+from llm_mcp.engine.patches.apply import applied, set_attention
 from llm_mcp.errors import InvalidArgument, OutOfMemory
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int, dict[str, float]], None]
 SPEC_METRICS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch")
-_PROGRESS_EVERY_S = 0.5
 
 
 def prepare(bundle: ModelBundle, config: TrainingConfig) -> dict[str, Any]:
@@ -50,58 +46,13 @@ def prepare(bundle: ModelBundle, config: TrainingConfig) -> dict[str, Any]:
     return {"warnings": list(choices.warnings)}
 
 
-class _ProgressCallback(TrainerCallback):
-    """Forward step/total/loss to the server (throttled) and stop cleanly, with a checkpoint, when asked."""
-
-    def __init__(self, on_progress: ProgressFn, should_stop: Callable[[], bool], *, release_memory: bool) -> None:
-        self.on_progress = on_progress
-        self.should_stop = should_stop
-        self.release_memory = release_memory
-        self.latest: dict[str, float] = {}
-        self.last_sent = 0.0
-        self.stopped = False
-        self.start_step = 0  # > 0 when resuming: log_history then also holds the earlier run's entries
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start_step = state.global_step
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.latest = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
-            self._send(state, force=True)
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if metrics and "eval_loss" in metrics:
-            self.on_progress(state.global_step, state.max_steps, {"eval_loss": float(metrics["eval_loss"])})
-
-    def on_save(self, args, state, control, **kwargs):
-        checkpoint = str(Path(args.output_dir).resolve() / f"checkpoint-{state.global_step}")
-        self.on_progress(state.global_step, state.max_steps, {**self.latest, "checkpoint": checkpoint})
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.release_memory:
-            release_freed_memory()
-        if not control.should_log:  # a logging step reports from on_log, with its loss
-            self._send(state, force=state.global_step >= state.max_steps)
-        if self.should_stop():
-            self.stopped = True
-            control.should_save = True
-            control.should_training_stop = True
-
-    def _send(self, state, *, force: bool) -> None:
-        now = time.monotonic()
-        if force or now - self.last_sent >= _PROGRESS_EVERY_S:
-            self.last_sent = now
-            self.on_progress(state.global_step, state.max_steps, self.latest)
-
-
 def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_source: Any, options: RunOptions, *,
           on_progress: ProgressFn, should_stop: Callable[[], bool], notes: list[str],
           cpu_threads: Callable[[], int | None] | None = None, holder: str | None = None) -> dict[str, Any]:
     """cpu_threads, when given, is read at every step: the CPU threads to use now (None: all), as the server
     shares the cores among the trainings running at the same time. holder names this run in output_dir's lock
     (e.g. "model m-1, job j-2"), which it holds from before anything there is read or deleted to the end."""
-    share = None if cpu_threads is None or detect().has_cuda else _CoreShare(cpu_threads)
+    share = None if cpu_threads is None or detect().has_cuda else CoreShare(cpu_threads)
     try:
         with output_lock.claim(config.output_dir, holder or "a training run", doing="training"):
             answer = _train(bundle, config, train_source, eval_source, options, on_progress=on_progress,
@@ -112,43 +63,6 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
     if share is not None and share.changes:
         answer["engine_choices"].append(share.describe())
     return answer
-
-
-class _CoreShare(TrainerCallback):
-    """Follow the thread count asked for at each step: runs that each use every core contend for them and all slow
-    down many times over, so the server splits the cores whenever a training starts or ends."""
-
-    def __init__(self, wanted: Callable[[], int | None]) -> None:
-        import torch
-
-        self.wanted = wanted
-        self.all = self.current = torch.get_num_threads()
-        self.changes: list[tuple[int, int]] = []  # (step, threads from then on)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._apply(state.global_step)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._apply(state.global_step)
-
-    def _apply(self, step: int) -> None:
-        import torch
-
-        threads = min(self.wanted() or self.all, self.all)
-        if threads != self.current:
-            torch.set_num_threads(threads)
-            self.current = threads
-            self.changes.append((step, threads))
-
-    def restore(self) -> None:
-        import torch
-
-        torch.set_num_threads(self.all)
-
-    def describe(self) -> str:
-        steps = ", ".join(f"{threads} from step {step}" for step, threads in self.changes)
-        return (f"cpu threads: {steps} (of {self.all}), as other trainings started or ended on this machine's "
-                "cores.")
 
 
 def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_source: Any, options: RunOptions, *,
@@ -200,7 +114,7 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
         eval_strategy="steps" if (eval_data and options.eval_steps) else "no", eval_steps=options.eval_steps,
         disable_tqdm=True, dataloader_pin_memory=False,
     )
-    callback = _ProgressCallback(on_progress, should_stop, release_memory=choices.release_memory)
+    callback = ProgressCallback(on_progress, should_stop, release_memory=choices.release_memory)
     space = CheckpointSpace(out, sizes, config.save_total_limit, warnings)
     # float32_compute keeps the adapters' float32 values: building the trainer rounds them to bf16 (TRL's QLoRA cast)
     with trainable_tensors_kept(bundle.model) if choices.float32_compute else nullcontext():
@@ -302,7 +216,7 @@ def _run_guarded(trainer: Any, resume: str | None, config: TrainingConfig, bundl
 
 
 def _answer(bundle: ModelBundle, config: TrainingConfig, trainer: Any, metrics: dict[str, float], final: Path, data: PreparedDataset,
-            choices: EngineChoices, warnings: list[str], callback: _ProgressCallback,
+            choices: EngineChoices, warnings: list[str], callback: ProgressCallback,
             resume: str | None) -> dict[str, Any]:
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history
               if "loss" in h and h["step"] > callback.start_step]

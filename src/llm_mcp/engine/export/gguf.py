@@ -25,11 +25,12 @@ from typing import Any
 import gguf
 import numpy as np
 
-from llm_mcp.engine.gguf_arch import (ARCHITECTURES, SUPPORTED_ARCHITECTURES, Arch, TensorPlan, architecture_of,
-                                      permute_qk, plan_tensors, read_config)
-from llm_mcp.engine.gguf_modelfile import ollama_modelfile
-from llm_mcp.engine.gguf_run import K_QUANTS, quantize, require_quantizer, verify_with_llama_cpp
-from llm_mcp.engine.gguf_vocab import add_vocab, pre_tokenizer_name
+from llm_mcp.engine.export.gguf_arch import (ARCHITECTURES, SUPPORTED_ARCHITECTURES, Arch, TensorPlan,
+                                             architecture_of, permute_qk, read_config)
+from llm_mcp.engine.export.gguf_run import K_QUANTS, quantize, require_quantizer, verify_with_llama_cpp
+from llm_mcp.engine.export.gguf_tensors import plan_tensors
+from llm_mcp.engine.export.gguf_vocab import add_vocab, pre_tokenizer_name
+from llm_mcp.engine.export.ollama import ollama_modelfile
 from llm_mcp.errors import ExportError, InvalidArgument
 
 logger = logging.getLogger(__name__)

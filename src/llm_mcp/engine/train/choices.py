@@ -3,7 +3,7 @@
 `read_facts` asks the hardware and the loaded model what the choices depend on (probing only what the config
 makes relevant: the bf16 timing, the memory estimate); `decide` turns config + facts into a frozen
 `EngineChoices`, with a note for each choice made and a warning for each thing asked that cannot run here. Nothing
-here changes the model: the caller applies the attention choice and the patches (engine/patches.py).
+here changes the model: the caller applies the attention choice and the patches (engine/patches/apply.py).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from llm_mcp.config import TrainingConfig
 from llm_mcp.engine import CPU_KERNEL_CACHE_CAPACITY
 from llm_mcp.engine.device import (can_release_freed_memory, can_reuse_freed_memory, cpu_bf16_instructions,
                                    detect)
-from llm_mcp.engine.float32_compute import (bf16_slowdown, bitsandbytes_compute_layers, emulation_basis,
-                                            is_emulated)
-from llm_mcp.engine.model import ModelBundle, fallback_attention, supports_flash_attention
-from llm_mcp.engine.patch_guard import PATCH_INTERNALS, missing_internals, not_applied
+from llm_mcp.engine.patches.float32_compute import (bf16_slowdown, bitsandbytes_compute_layers, emulation_basis,
+                                                    is_emulated)
+from llm_mcp.engine.load.model import ModelBundle, fallback_attention, supports_flash_attention
+from llm_mcp.engine.patches.guard import PATCH_INTERNALS, missing_internals, not_applied
 
 log = logging.getLogger(__name__)
 

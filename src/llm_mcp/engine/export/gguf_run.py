@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llm_mcp.engine.export_probe import Probe, greedy_tokens, is_empty, probes
+from llm_mcp.engine.export.probe import Probe, greedy_tokens, is_empty, probes
 from llm_mcp.errors import ExportError
 
 log = logging.getLogger(__name__)

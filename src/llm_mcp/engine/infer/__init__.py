@@ -1,0 +1,1 @@
+"""Using the loaded model: generation and evaluation."""
