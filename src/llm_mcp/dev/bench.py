@@ -364,8 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default=None, help="comma-separated max_length values (default 256,512)")
     parser.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="also run the engine with these training_config values (repeatable), e.g. "
-                             "--ablate lean_lora_dropout=false (the engine flags: docs/engine-flags.md); cpu_kernel_cache_capacity=N sets oneDNN's and "
-                             "ideep's cache capacities (environment variables) for that run")
+                             "--ablate lean_lora_dropout=false (the engine flags: docs/engine-flags.md); "
+                             "cpu_kernel_cache_capacity=N sets oneDNN's and ideep's cache capacities (environment "
+                             "variables) for that run")
+    parser.add_argument("--generate", action="store_true",
+                        help="measure generation instead: tokens/s of the engine (NF4 + LoRA) against plain "
+                             "transformers and llama.cpp on the same weights (--models; default smollm2-135m)")
+    parser.add_argument("--tokens", type=int, default=48, metavar="N", help="tokens generated per run (--generate)")
     parser.add_argument("--repeats", type=int, default=1, metavar="N",
                         help="run every variant N times, in turn, and report medians with the ratios' spread")
     parser.add_argument("--rows", type=int, default=None, metavar="N",
@@ -398,11 +403,30 @@ def main(argv: list[str] | None = None) -> int:
             record_to = benchmarks_file(args.docs)
         except ValueError as e:
             parser.error(f"--record: {e}")
+    if args.generate:
+        return _generate_bench(args, record_to)
     return run_bench(args.quick, record_to, args.json,
                      models=args.models.split(",") if args.models else None,
                      lengths=[int(n) for n in args.lengths.split(",")] if args.lengths else None,
                      ablations=[_parse_ablation(parser, text) for text in args.ablate], repeats=args.repeats,
                      rows=args.rows)
+
+
+def _generate_bench(args: argparse.Namespace, record_to: Path | None) -> int:
+    from llm_mcp.dev.bench_generate import run_generate_bench, table
+
+    models = args.models.split(",") if args.models else ["smollm2-135m"]
+    work = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
+    rows = run_generate_bench([make_model(work, name) for name in models], args.tokens)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if record_to is not None:
+        command = f"llm-mcp bench --generate --record --models {','.join(models)} --tokens {args.tokens}"
+        record(record_to, "llm-mcp bench --generate",
+               f"Command: `{command}`; machine: {describe_machine()}. Greedy tokens/s from the same prompt, the "
+               "same number of tokens in each variant (the engine's answer sets it), best of three runs after a "
+               "warm-up; in brackets the ratio to plain transformers in float32.\n\n" + table(rows))
+    return 0
 
 
 def _parse_ablation(parser: argparse.ArgumentParser, text: str) -> dict[str, Any]:

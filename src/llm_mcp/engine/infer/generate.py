@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from llm_mcp.config import GenerationConfig
-
-from llm_mcp.engine.device import torch_dtype
-from llm_mcp.engine.patches.float32_compute import bf16_slowdown, float32_compute, is_emulated
+from llm_mcp.engine.device import detect, torch_dtype
 from llm_mcp.engine.load.model import avoid_cpu_repack_bug
+from llm_mcp.engine.patches.float32_compute import bf16_slowdown, float32_compute, is_emulated
+from llm_mcp.engine.patches.float_weights import fits, float_weights
 from llm_mcp.engine.patches.guard import may_apply
 
 
@@ -43,10 +43,10 @@ def generate(bundle: Any, config: GenerationConfig) -> dict[str, Any]:
     model.eval()
     started = time.perf_counter()
     try:
-        # float32 where this CPU emulates bf16 (its emulated bf16 matmuls are far slower), as the transformers engine trains
+        # float32 where this CPU emulates bf16 (its emulated bf16 matmuls are far slower), as the engine trains
         fast = float32_compute(model) if bundle.engine == "transformers" and is_emulated(bf16_slowdown(model)) \
             and may_apply("float32_compute", ran="generated") else contextlib.nullcontext()
-        with torch.no_grad(), without_adapter, fast:
+        with torch.no_grad(), without_adapter, fast, _float_copies(bundle):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     finally:
         model.train(was_training)
@@ -63,6 +63,18 @@ def generate(bundle: Any, config: GenerationConfig) -> dict[str, Any]:
         "sampling": {"temperature": config.temperature, "top_p": config.top_p, "seed": config.seed}
         if sampling else "greedy",
     }
+
+
+def _float_copies(bundle: Any) -> Any:
+    """On CPU, the 4-bit layers multiply with float copies of their weights, dequantized once for the call rather
+    than once per generated token, where the copies fit in free memory. (On CUDA, bitsandbytes has a kernel for
+    one-token 4-bit matmuls.)"""
+    from llm_mcp import memory
+
+    if detect().has_cuda or not fits(bundle.model, memory.free_memory("cpu")) \
+            or not may_apply("float_weights", ran="generated"):
+        return contextlib.nullcontext()
+    return float_weights(bundle.model)
 
 
 def stop_ids(tokenizer: Any, model: Any) -> list[int]:

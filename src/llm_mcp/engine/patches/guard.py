@@ -101,13 +101,23 @@ _FLOAT32_COMPUTE = (
     *_used_by("trl", "trl.trainer.sft_trainer.SFTTrainer", "__init__", "data", "bfloat16"),
 )
 
-# engine choice (TrainingConfig flag / effective_config key) -> the internals its patch relies on
+_FLOAT_WEIGHTS = (
+    # found by class; its weight dequantized as bitsandbytes does, then multiplied as its forward does
+    Internal("bitsandbytes", "bitsandbytes.nn", "Linear4bit"),
+    *_used_by("bitsandbytes", "bitsandbytes.nn.Linear4bit", "forward", "compute_dtype", "weight", "bias"),
+    *_used_by("bitsandbytes", "bitsandbytes.nn.Params4bit", "__new__", "quant_state"),
+    Internal("bitsandbytes", "bitsandbytes.functional", "dequantize_4bit"),
+)
+
+# engine choice (TrainingConfig flag / effective_config key, or float_weights while generating) -> the internals
+# its patch relies on
 PATCH_INTERNALS: dict[str, tuple[Internal, ...]] = {
     "lean_lora_dropout": _LEAN_LORA_DROPOUT,
     "lean_mlp": _LEAN_MLP,
     "lean_rmsnorm": _LEAN_RMSNORM,
     "torch_compile": _TORCH_COMPILE,
     "float32_compute": _FLOAT32_COMPUTE,
+    "float_weights": _FLOAT_WEIGHTS,
 }
 
 
