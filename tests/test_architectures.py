@@ -50,10 +50,10 @@ def test_every_quant_type_loads_and_lora_trains_every_projection(arch, arch_dir)
     MoE) and one backward step reaches every adapter."""
     from llm_mcp.engine.load.model import load_model
 
-    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 2]])
     for quant in QUANT_TYPES:
         bundle = load_model(LoadConfig(model_name=str(arch_dir / arch), quant_type=quant, compute_dtype="float32",
                                        lora_rank=4, lora_alpha=8))
+        ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 2]], device=bundle.model.device)
         assert bundle.target_modules == EXPECTED_TARGETS[arch], (quant, bundle.target_modules)
         if arch in MOE_ARCHITECTURES:
             assert bundle.target_parameters == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
@@ -159,9 +159,9 @@ def test_moe_experts_stay_in_the_compute_dtype_under_4_bit(arch_dir):
                                    lora_rank=4))
     experts = {n: p.dtype for n, p in bundle.model.named_parameters() if p.dim() == 3}
     assert experts and set(experts.values()) == {torch.bfloat16}, experts
-    ids = torch.tensor([[1, 40, 41, 42, 43, 2]])
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2]], device=bundle.model.device)
     bundle.model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(bundle.model.device.type, dtype=torch.bfloat16):
         loss = bundle.model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert all(p.grad is not None for n, p in bundle.model.named_parameters() if "experts" in n and "lora_B" in n)

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import FAST_LOAD, FAST_TRAIN, McpSession, server_config
+from conftest import FAST_LOAD, FAST_TRAIN, McpSession, server_config, unsloth_python
 from llm_mcp.data.chat_templates import (
     NAMED, build_named, end_of_turn_token, render, tokenize_chat, trained_runs, use_chat_template,
 )
@@ -360,9 +360,7 @@ def test_load_tools_take_chat_template_and_refuse_unknown_names(bare_mcp, bare_m
 def test_unsloth_trains_multi_turn_chat_on_a_named_template(workspace, bare_model):
     """Through Unsloth's own worker (its TRL 1.15): chat_template='chatml' on a model without one, multi-turn
     rows trained on the engine's masks; the answer learned is written in that template and ends at EOS."""
-    from test_unsloth import _unsloth_python
-
-    config = server_config(workspace, bare_model, unsloth_python=_unsloth_python())
+    config = server_config(workspace, bare_model, unsloth_python=unsloth_python())
     with McpSession(create_server(config)) as session:
         loaded = session.ok("unsloth_load_model", {"model_name": str(bare_model), "max_seq_length": 128,
                                                    "chat_template": "chatml"})

@@ -68,6 +68,9 @@ def test_attention_flash_where_it_runs_and_the_reason_where_not():
         choices = decide(TrainingConfig(), facts)
         assert choices.attn_implementation == "sdpa"
         assert any(w.startswith("use_flash_attention_2=true") and why in w for w in choices.warnings), why
+    float32 = decide(TrainingConfig(), replace(GPU, compute_dtype="float32"))  # no half precision: no flash kernel
+    assert float32.attn_implementation == "sdpa" and (float32.bf16, float32.fp16) == (False, False)
+    assert any("bf16/fp16 only" in w for w in float32.warnings)
     off = decide(TrainingConfig(use_flash_attention_2=False),
                  replace(GPU, attention="flash_attention_2", attention_without_flash="eager"))
     assert off.attn_implementation == "eager"

@@ -85,10 +85,22 @@ def test_nothing_to_do_for_a_float32_model(tiny_model):
 
 
 def test_the_probe_measures_a_ratio_once():
-    """The timed ratio is positive and cached for the process (its size depends on the CPU and its load, which is
-    why the decision below rests on the CPU's flags)."""
+    """The timed ratio is a positive, finite number measured once per process (its size depends on the CPU and its
+    load, which is why the decision below rests on the CPU's flags); where the flags list no bf16 instructions,
+    emulation shows as a ratio over SLOW_BF16 (load only inflates it). A CPU with bf16 instructions (as CI's may
+    be) runs the first part only; tests/test_engine_choices.py forces both branches of the decision through
+    Facts."""
+    import math
+
+    from llm_mcp.engine.device import cpu_bf16_instructions
+    from llm_mcp.engine.patches.float32_compute import SLOW_BF16
+
+    cpu_bf16_slowdown.cache_clear()
     slowdown = cpu_bf16_slowdown()
-    assert slowdown > 0 and cpu_bf16_slowdown() == slowdown
+    assert 0 < slowdown and math.isfinite(slowdown), slowdown
+    assert cpu_bf16_slowdown() == slowdown and cpu_bf16_slowdown.cache_info().hits == 1  # measured once
+    if cpu_bf16_instructions() is False:
+        assert slowdown > SLOW_BF16, slowdown
 
 
 @pytest.mark.parametrize("instructions, slowdown, emulated", [

@@ -130,6 +130,7 @@ def test_k_quants_report_their_measured_agreement(arch_root):
     """q4_k_m / q5_k_m / q6_k through llama-cpp-python's llama_model_quantize: each file runs, and the answer says
     low-bit types can lose what was learned, with the agreement measured on the probe."""
     from llm_mcp.engine.export.gguf import export_gguf
+    from llm_mcp.engine.export.gguf_run import COMPARED_TOKENS
 
     merged = arch_root / "exports" / "llama" / "merged"
     if not merged.is_dir():
@@ -140,9 +141,13 @@ def test_k_quants_report_their_measured_agreement(arch_root):
         assert answer["verified"]["file_type"] == file_type
         assert sorted(p.name for p in out.iterdir()) == ["Modelfile", f"model-{quant}.gguf"]  # no intermediate
         ran = answer["verified_llama_cpp"]
-        assert ran["ran"] and ran["compared"] and 0.0 <= ran["agreement"] <= 1.0
+        matching, compared = ran["matching_tokens"], ran["tokens_compared"]
+        assert ran["ran"] and ran["compared"] and 0 < compared <= COMPARED_TOKENS and 0 <= matching <= compared, ran
+        # the agreement is the leading tokens that match, out of the merged model's answer
+        assert ran["agreement"] == round(matching / compared, 4), ran
         note = " ".join(answer["warnings"])
-        assert "can lose what fine-tuning taught" in note and f"{ran['matching_tokens']}/" in note, note
+        assert "can lose what fine-tuning taught" in note, note
+        assert f"{matching}/{compared} greedy tokens (agreement {ran['agreement']})" in note, note
 
 
 def test_opt_is_refused_before_any_work_listing_the_supported_architectures(arch_root):

@@ -52,7 +52,7 @@ def test_same_loss_and_gradients_with_less_memory(lora_model, lora_step):
 
 def test_applies_only_while_training_with_grad(lora_model):
     _, model = lora_model
-    ids = torch.arange(2 * 16).reshape(2, 16) + 5
+    ids = (torch.arange(2 * 16).reshape(2, 16) + 5).to(model.device)
     mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
     with lean_mlp(model) as fused:
         assert fused == len(mlps) == 2
@@ -60,7 +60,7 @@ def test_applies_only_while_training_with_grad(lora_model):
         with torch.no_grad():
             eval_logits = model(input_ids=ids).logits
         model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: peft's forward
+        with torch.autocast(model.device.type, dtype=torch.bfloat16):  # autocast: peft's forward
             autocast_loss = model(input_ids=ids, labels=ids).loss
         assert autocast_loss.grad_fn is not None
     assert all("forward" not in vars(m) for m in mlps)  # the class's forward again

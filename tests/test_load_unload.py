@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-import time
-from pathlib import Path
 
-from conftest import FAST_LOAD
+from conftest import FAST_LOAD, HW, lora_param_count, wait_for, worker_pids
 
 SPEC_CONFIG_KEYS = ["model_name", "max_length", "load_in_4bit", "quant_type", "use_double_quant",
                     "bnb_4bit_compute_dtype", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
@@ -22,26 +20,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def worker_pids(model_id: str) -> list[int]:
-    """Pids of this test process's worker children for model_id (workers name their model in argv).
-
-    Reads /proc rather than running `ps`, which a minimal machine (CI's) may not have."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            stat = (proc / "stat").read_text()
-        except OSError:  # the process ended while we looked
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        args = [a.decode(errors="replace") for a in argv if a]
-        if ppid == os.getpid() and "llm_mcp.workers.worker" in args and args[-1] == model_id:
-            pids.append(int(proc.name))
-    return pids
-
-
 def test_load_nf4_answers_with_the_spec_keys(mcp, tiny_model):
     """A default (NF4, double quant) load returns the spec's keys, LoRA-only trainable params and config."""
     answer = mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "tiny-nf4"})
@@ -51,9 +29,9 @@ def test_load_nf4_answers_with_the_spec_keys(mcp, tiny_model):
     assert answer["config"]["quant_type"] == "nf4" and answer["config"]["bnb_4bit_compute_dtype"] == "bfloat16"
     assert answer["config"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"]
-    # rank 64 LoRA on 7 modules x 2 layers of a hidden-64 model: exactly the A and B matrices
-    assert 0 < answer["trainable_params"] < answer["total_params"]
-    assert answer["device"] == "cpu"
+    # rank 64 LoRA on 7 modules x 2 layers: exactly the A and B matrices, r x (in + out) each
+    assert answer["trainable_params"] == lora_param_count(tiny_model, 64) < answer["total_params"]
+    assert answer["device"] == HW.device
 
 
 def test_auto_id_and_duplicate_id(mcp, tiny_model):
@@ -70,7 +48,7 @@ def test_list_models_shows_config_and_device(mcp):
     answer = mcp.ok("qloraevolved_list_models")
     assert answer["status"] == "success"
     entry = answer["models"]["tiny-nf4"]
-    assert list(entry["config"]) == SPEC_CONFIG_KEYS and entry["device"] == "cpu"
+    assert list(entry["config"]) == SPEC_CONFIG_KEYS and entry["device"] == HW.device
 
 
 def test_unplain_lora_and_load_in_4bit_false(mcp, tiny_model):
@@ -119,8 +97,5 @@ def test_unload_ends_the_worker_process(mcp, tiny_model):
     assert _alive(pid)
     answer = mcp.ok("qloraevolved_unload_model", {"model_id": "to-unload"})
     assert answer == {"status": "success", "message": "Model to-unload unloaded"}
-    deadline = time.time() + 10
-    while _alive(pid) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not _alive(pid)
+    wait_for(lambda: not _alive(pid), f"the worker (pid {pid}) to exit")
     assert "to-unload" not in mcp.ok("qloraevolved_list_models")["models"]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import FAST_LOAD, FAST_TRAIN
+from conftest import FAST_LOAD, FAST_TRAIN, cpu_only
 
 LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
              "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
@@ -56,6 +56,7 @@ def test_load_refuses_a_model_that_clearly_cannot_fit(mcp, huge_config):
     assert mcp.ok("qloraevolved_list_models")["models"] == {}
 
 
+@cpu_only  # the tiny model's CPU peak is runtime-dominated: the estimate is tuned to it
 def test_estimate_is_within_25_percent_of_the_measured_peak(mcp, tiny_model, demo_rows):
     """On the tiny model (CPU, runtime-dominated) the estimate is within 25% of the worker's measured peak RSS;
     benchmarks/memory_estimate.py records larger models in docs/benchmarks.md."""
@@ -73,6 +74,7 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(mcp, tiny_model, dem
     mcp.ok("qloraevolved_unload_model", {"model_id": "mem"})
 
 
+@cpu_only  # the tiny model's CPU peak is runtime-dominated: the estimate is tuned to it
 def test_estimate_with_llama3s_vocabulary_is_within_25_percent_of_the_measured_peak(mcp, tiny_model):
     """With Llama 3's 128k vocabulary the LM head dominates: TRL scores the vocabulary in tiles, so the logits'
     share of the peak is one tile's, not tokens x vocab (that guess was 4x the whole measured peak here, and it

@@ -18,32 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_LOAD, FAST_TRAIN, McpSession
+from conftest import FAST_LOAD, FAST_TRAIN, McpSession, poll_job, wait_for_step
 from llm_mcp import disk, output_lock
 from llm_mcp.errors import DiskFull, InvalidArgument, OutputDirBusy
 
 # a run that lasts until cancelled, checkpointing often and keeping every checkpoint
 ENDLESS = {**FAST_TRAIN, "max_steps": 100_000, "save_steps": 5, "save_total_limit": 1000}
 SEAL = ".complete"
-
-
-def poll(mcp: McpSession, job_id: str, until: set[str], timeout: float = 180) -> dict:
-    deadline = time.time() + timeout
-    while True:
-        status = mcp.ok("qloraevolved_training_status", {"job_id": job_id})
-        if status["state"] in until or time.time() > deadline:
-            return status
-        time.sleep(0.3)
-
-
-def wait_for_checkpoint(mcp: McpSession, job_id: str, timeout: float = 180) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = mcp.ok("qloraevolved_training_status", {"job_id": job_id})
-        if status["last_checkpoint"]:
-            return status
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} wrote no checkpoint")
 
 
 def train(mcp: McpSession, model_id: str, rows: list, **config) -> dict:
@@ -73,7 +54,7 @@ def test_a_folder_a_live_run_holds_is_refused_to_another_model(mcp, models, work
     first = mcp.ok("qloraevolved_train", {"model_id": "fa", "train_dataset": demo_rows, "wait_seconds": 0,
                                           "training_config": {**ENDLESS, "output_dir": "shared"}})
     try:
-        wait_for_checkpoint(mcp, first["job_id"])
+        wait_for_step(mcp, first["job_id"], 1, checkpoint=True)
         lock = workspace / ".shared.llm-mcp.lock"
         held = json.loads(lock.read_text())
         before = sorted((workspace / "shared").glob("checkpoint-*"))
@@ -87,7 +68,7 @@ def test_a_folder_a_live_run_holds_is_refused_to_another_model(mcp, models, work
         assert json.loads(lock.read_text())["pid"] == held["pid"]
     finally:
         mcp.ok("qloraevolved_cancel_training", {"job_id": first["job_id"]})
-        assert poll(mcp, first["job_id"], {"cancelled", "failed", "succeeded"})["state"] == "cancelled"
+        assert poll_job(mcp, first["job_id"])["state"] == "cancelled"
     assert not lock.exists()
     again = train(mcp, "fb", demo_rows, max_steps=2, save_steps=2, output_dir="shared", overwrite_output_dir=True)
     assert again["status"] == "success" and not lock.exists()

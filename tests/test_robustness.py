@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from conftest import FAST_LOAD, McpSession
+from conftest import FAST_LOAD, McpSession, wait_for, worker_pids
 from llm_mcp.config import LoadConfig, TrainingConfig, validated
 from llm_mcp.errors import InvalidArgument
-from test_load_unload import worker_pids
 
 
 def test_killed_worker_is_reported_and_server_keeps_serving(mcp, tiny_model, demo_rows):
@@ -26,9 +21,8 @@ def test_killed_worker_is_reported_and_server_keeps_serving(mcp, tiny_model, dem
     mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "bystander", **FAST_LOAD})
     [pid] = worker_pids("victim")
     os.kill(pid, signal.SIGKILL)
-    deadline = time.time() + 10
-    while "lost" not in mcp.ok("qloraevolved_list_models")["models"]["victim"]["state"] and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: "lost" in mcp.ok("qloraevolved_list_models")["models"]["victim"]["state"],
+             "the killed worker's model to show as lost")
     assert "SIGKILL" in mcp.ok("qloraevolved_list_models")["models"]["victim"]["state"]
     text = mcp.error("qloraevolved_prepare_for_training", {"model_id": "victim"})
     assert "victim" in text and "load it again" in text
@@ -50,31 +44,11 @@ def test_config_errors_name_field_value_and_bound():
     assert LoadConfig(model_name="x", load_in_4bit=False, quant_type="int4").effective_quant_type == "none"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_streamable_http_transport_on_loopback(tmp_path):
+def test_streamable_http_transport_on_loopback(tmp_path, http_server):
     """`serve --transport streamable-http` binds 127.0.0.1 by default and serves the same tools."""
-    port = _free_port()
-    exe = Path(sys.executable).with_name("llm-mcp")
-    proc = subprocess.Popen([str(exe), "serve", "--transport", "streamable-http", "--port", str(port),
-                             "--workspace", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
-        assert f"127.0.0.1:{port}" in listening
-        with McpSession(f"http://127.0.0.1:{port}/mcp") as mcp:
-            assert "qloraevolved_list_models" in mcp.tools()
-            assert mcp.ok("qloraevolved_list_models") == {"status": "success", "models": {}}
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    server = http_server("--workspace", str(tmp_path))
+    listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+    assert f"127.0.0.1:{server.port}" in listening
+    with McpSession(server.url) as mcp:
+        assert "qloraevolved_list_models" in mcp.tools()
+        assert mcp.ok("qloraevolved_list_models") == {"status": "success", "models": {}}

@@ -11,22 +11,20 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST_LOAD, FAST_TRAIN, McpSession, server_config
+from conftest import (EXE, FAST_LOAD, FAST_TRAIN, McpSession, poll_job, server_config, wait_for, wait_for_step,
+                      worker_pids)
 from llm_mcp.jobs import ends
 from llm_mcp.jobs.store import JobStore
 from llm_mcp.server.app import create_server
 
-EXE = Path(sys.executable).with_name("llm-mcp")
 TOKEN = "s3cret-token-for-logs-0123456789"
 LONG_RUN = {**FAST_TRAIN, "max_steps": 400, "save_steps": 5, "logging_steps": 1, "batch_size": 2}
 
@@ -98,76 +96,20 @@ def test_restart_reads_the_end_the_worker_recorded(tmp_path):
 
 
 # -- the server dies, or is stopped, during training --------------------------------------------------------------
-def _worker_pids_anywhere(model_id: str) -> list[int]:
-    """Worker processes for model_id whoever their parent is (a killed server's workers are re-parented)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            args = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
-            zombie = " Z " in (proc / "stat").read_text()
-        except OSError:
-            continue
-        if "llm_mcp.workers.worker" in args and args[-1] == model_id and not zombie:
-            pids.append(int(proc.name))
-    return pids
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http_server(workspace: Path, tiny_model: Path, log: Path, *extra: str, env: dict | None = None):
-    port = _free_port()
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([str(EXE), "serve", "--transport", "streamable-http", "--port", str(port),
-                                 "--workspace", str(workspace), "--allow-read", str(tiny_model.parent), *extra],
-                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    _wait_for(lambda: _port_open(port), 60, "the HTTP server to listen")
-    return proc, port
-
-
-def _port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-def _status(mcp: McpSession, job_id: str) -> dict:
-    return mcp.ok("qloraevolved_training_status", {"job_id": job_id})
-
-
-def test_server_killed_mid_training_loses_at_most_a_step(tmp_path, tiny_model, demo_rows):
+def test_server_killed_mid_training_loses_at_most_a_step(tmp_path, tiny_model, demo_rows, http_server):
     """kill -9 of the server while it trains: the worker finishes its step, saves a checkpoint and the adapter,
     records the end and exits (no orphan); the next server reports the job's true end, and resume continues."""
     workspace = tmp_path / "ws"
     workspace.mkdir()
-    proc, port = _http_server(workspace, tiny_model, tmp_path / "server.log")
-    try:
-        with McpSession(f"http://127.0.0.1:{port}/mcp") as mcp:
-            mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "doomed", **FAST_LOAD})
-            job = mcp.ok("qloraevolved_train", {"model_id": "doomed", "train_dataset": demo_rows, "wait_seconds": 0,
-                                                "training_config": {**LONG_RUN, "output_dir": "run"}})["job_id"]
-            _wait_for(lambda: _status(mcp, job)["step"] >= 7, 120, "a few training steps")
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    _wait_for(lambda: not _worker_pids_anywhere("doomed"), 60, "the orphaned worker to save and exit")
+    server = http_server("--workspace", str(workspace), "--allow-read", str(tiny_model.parent))
+    with McpSession(server.url) as mcp:
+        mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "doomed", **FAST_LOAD})
+        job = mcp.ok("qloraevolved_train", {"model_id": "doomed", "train_dataset": demo_rows, "wait_seconds": 0,
+                                            "training_config": {**LONG_RUN, "output_dir": "run"}})["job_id"]
+        wait_for_step(mcp, job, 7, timeout=120)
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+    wait_for(lambda: not worker_pids("doomed", any_parent=True), "the orphaned worker to save and exit", 60)
     assert (workspace / "run" / "final" / "adapter_model.safetensors").is_file()
 
     with McpSession(create_server(server_config(workspace, tiny_model))) as mcp:
@@ -230,14 +172,14 @@ def test_stdio_server_stops_trainings_on_a_signal(tmp_path, tiny_model, demo_row
         peer.tool("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "sig", **FAST_LOAD})
         job = peer.tool("qloraevolved_train", {"model_id": "sig", "train_dataset": demo_rows, "wait_seconds": 0,
                                                "training_config": {**LONG_RUN, "output_dir": "run"}})["job_id"]
-        _wait_for(lambda: peer.tool("qloraevolved_training_status", {"job_id": job})["step"] >= 3, 120,
-                  "a few training steps")
+        wait_for(lambda: peer.tool("qloraevolved_training_status", {"job_id": job})["step"] >= 3,
+                 "a few training steps", 120)
         peer.proc.send_signal(signum)
         assert peer.proc.wait(60) == 0  # stdin is still open: the server exits on its own
     finally:
         if peer.proc.poll() is None:
             peer.proc.kill()
-    _wait_for(lambda: not _worker_pids_anywhere("sig"), 30, "the worker to exit")
+    wait_for(lambda: not worker_pids("sig", any_parent=True), "the worker to exit", 30)
     stderr = (tmp_path / "err.log").read_text()
     assert "Traceback" not in stderr, stderr[-3000:]
     store = JobStore(workspace / ".llm-mcp" / "jobs.sqlite")
@@ -265,13 +207,14 @@ def test_concurrent_generate_calls_queue_instead_of_bouncing(mcp, tiny_model):
 
 
 # -- secrets -----------------------------------------------------------------------------------------------------
-def test_token_never_reaches_a_log(tmp_path, tiny_model):
+def test_token_never_reaches_a_log(tmp_path, tiny_model, http_server):
     """With access logging on (--log-level DEBUG), a token sent in a query string, a wrong bearer token and the
     right one leave no trace of the token in the server's output or any file of its state folder."""
     workspace = tmp_path / "ws"
     workspace.mkdir()
     log = tmp_path / "server.log"
-    proc, port = _http_server(workspace, tiny_model, log, "--log-level", "DEBUG", env={"LLM_MCP_TOKEN": TOKEN})
+    server = http_server("--workspace", str(workspace), "--allow-read", str(tiny_model.parent), "--log-level",
+                         "DEBUG", log=log, env={"LLM_MCP_TOKEN": TOKEN})
     initialize = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}).encode()
 
@@ -279,20 +222,17 @@ def test_token_never_reaches_a_log(tmp_path, tiny_model):
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         if bearer:
             headers["Authorization"] = f"Bearer {bearer}"
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/mcp{query}", data=initialize, headers=headers)
+        request = urllib.request.Request(f"{server.url}{query}", data=initialize, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=30) as answer:
                 return answer.status
         except urllib.error.HTTPError as refused:
             return refused.code
 
-    try:
-        assert post(f"?token={TOKEN}", None) == 401
-        assert post(f"?access_token={TOKEN}&x=1", f"{TOKEN}x") == 401
-        assert post(f"?token={TOKEN}", TOKEN) == 200  # the right header: served, and logged without the query
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    assert post(f"?token={TOKEN}", None) == 401
+    assert post(f"?access_token={TOKEN}&x=1", f"{TOKEN}x") == 401
+    assert post(f"?token={TOKEN}", TOKEN) == 200  # the right header: served, and logged without the query
+    server.stop()  # its output is complete once it has exited
     output = log.read_text(errors="replace")
     assert "/mcp?<redacted>" in output  # the access log ran, with the query string removed
     leaks = [str(p) for p in [log, *workspace.rglob("*")] if p.is_file() and TOKEN.encode() in p.read_bytes()]
@@ -358,10 +298,9 @@ def test_a_full_workspace_fails_the_run_clearly_and_keeps_what_was_written(small
         mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "full", **FAST_LOAD})
         job = mcp.ok("qloraevolved_train", {"model_id": "full", "train_dataset": demo_rows, "wait_seconds": 0,
                                             "training_config": {**LONG_RUN, "output_dir": "run"}})["job_id"]
-        _wait_for(lambda: _status(mcp, job)["last_checkpoint"] is not None, 120, "a first checkpoint")
+        wait_for_step(mcp, job, 1, checkpoint=True, timeout=120)
         filler = _fill_disk(small_disk, leave=64 * 1024)
-        _wait_for(lambda: _status(mcp, job)["state"] != "running", 120, "the run to end")
-        status = _status(mcp, job)
+        status = poll_job(mcp, job, timeout=120)
         assert status["state"] == "failed" and "disk full" in status["error"], status
         assert str(small_disk / "run") in status["error"]
         checkpoints = sorted((small_disk / "run").glob("checkpoint-*"))
@@ -384,12 +323,13 @@ def test_cancel_while_the_dataset_is_read_ends_the_job_at_once(mcp, tiny_model, 
     row = json.dumps({"prompt": "Q: what is the capital of France?\nA:", "completion": " Paris."}) + "\n"
     big.write_text(row * 200_000)
     job = mcp.ok("qloraevolved_train", {"model_id": "reader", "train_dataset": str(big), "wait_seconds": 0,
-                                        "training_config": {**FAST_TRAIN, "max_steps": 5, "output_dir": "read"}})
+                                        "training_config": {**FAST_TRAIN, "max_steps": 1000, "output_dir": "read"}})
     mcp.ok("qloraevolved_cancel_training", {"job_id": job["job_id"]})
-    _wait_for(lambda: _status(mcp, job["job_id"])["state"] != "running", 300, "the job to end")
-    status = _status(mcp, job["job_id"])
-    # 200,000 rows are still being read or tokenized when the cancel arrives: no step was taken
-    assert status["state"] == "cancelled" and status["step"] == 0 and "stopped" in status["error"], status
+    status = poll_job(mcp, job["job_id"], timeout=300)
+    # 200,000 rows are still being read or tokenized when the cancel arrives: the run stops there (step 0), or at
+    # the latest at the end of the step under way once reading is done (a fast machine), never runs on
+    assert status["state"] == "cancelled" and "stopped" in status["error"], status
+    assert status["step"] <= 1, status
     assert mcp.ok("qloraevolved_generate", {"model_id": "reader", "prompt": "Hi", "max_new_tokens": 2})["text"] is not None
     mcp.ok("qloraevolved_unload_model", {"model_id": "reader"})
 

@@ -26,7 +26,7 @@ def test_stdio_server_runs_the_flow(tiny_model, tmp_path, demo_rows):
         assert "qloraevolved_train" in mcp.tools()
         mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "stdio", **FAST_LOAD})
         progress: list = []
-        answer = mcp.ok("qloraevolved_train", {"model_id": "stdio", "train_dataset": demo_rows,
+        answer = mcp.ok("qloraevolved_train", {"model_id": "stdio", "train_dataset": demo_rows, "wait_seconds": -1,
                                                "training_config": {**FAST_TRAIN, "max_steps": 4, "logging_steps": 1,
                                                                    "output_dir": "out"}}, progress=progress)
         assert answer["status"] == "success" and answer["global_step"] == 4

@@ -218,6 +218,7 @@ class _Decision:
             v["report_to"] = ()
             self.warnings.append("report_to='tensorboard' but tensorboard is not installed in the worker's "
                                  "environment; no event files are written (pip install tensorboard).")
+        v["bf16"], v["fp16"] = self._mixed_precision()
         v["attn_implementation"] = self._attention()
         if config.use_cpu_offload and not facts.has_cuda:
             self.warnings.append("use_cpu_offload=true has no effect on a CPU-only machine: the model already "
@@ -226,7 +227,6 @@ class _Decision:
             self.warnings.append("use_cpu_offload=true: offloading is decided at load time: with device_map='auto' "
                                  "layers that do not fit the GPU were placed in CPU memory; this model was loaded "
                                  f"with device_map={facts.device_map!r}.")
-        v["bf16"], v["fp16"] = self._mixed_precision()
         v["use_cpu"] = not facts.has_cuda
 
     def _attention(self) -> str:
@@ -235,10 +235,13 @@ class _Decision:
         if attn == "flash_attention_2" and not config.use_flash_attention_2 and self.own_engine:
             return facts.attention_without_flash
         if config.use_flash_attention_2 and attn != "flash_attention_2":
-            if facts.has_flash_attn and facts.supports_flash_attention:
+            half = self.values["bf16"] or self.values["fp16"]  # flash-attention 2 has no float32 kernels
+            if facts.has_flash_attn and facts.supports_flash_attention and half:
                 return "flash_attention_2"
             why = ("no CUDA GPU" if not facts.has_cuda else "the flash_attn package is not installed"
-                   if not facts.has_flash_attn else "this architecture has no flash-attention 2 implementation")
+                   if not facts.has_flash_attn else "this architecture has no flash-attention 2 implementation"
+                   if not facts.supports_flash_attention else "it runs in bf16/fp16 only and this run computes in "
+                   "float32 (compute_dtype float32, no bf16/fp16)")
             kernel = "PyTorch SDPA" if attn == "sdpa" else "eager"
             self.warnings.append(f"use_flash_attention_2=true but flash-attention 2 cannot run here ({why}); "
                                  f"using {kernel} attention.")
