@@ -35,6 +35,33 @@ def test_the_copies_give_bitsandbytes_logits_and_are_freed(bundle):
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
+def test_the_lora_layers_over_them_add_the_same_adapter_output(bundle):
+    """With a trained-like adapter (B no longer zero), peft's LoRA layers run the copy's product plus the adapter's
+    in one step: the same logits as peft's own forward, with the adapter on and off."""
+    model = bundle.model.eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    wrappers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    ids = torch.tensor([[1, 5, 9, 14, 30, 2, 7]], device=model.device)
+    with torch.no_grad():
+        for adapter_on in (True, False):
+            with model.disable_adapter() if not adapter_on else torch.no_grad():
+                expected = model(ids).logits
+                with float_weights(model):
+                    assert all("forward" in vars(w) for w in wrappers) is adapter_on  # off: peft's own
+                    got = model(ids).logits
+            assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2), (adapter_on, (got - expected).abs().max())
+        with float_weights(model):
+            with_adapter = model(ids).logits
+        with model.disable_adapter():
+            without = model(ids).logits
+    assert (with_adapter - without).abs().max() > 0.05  # the adapter really moved the logits
+    assert not any("forward" in vars(w) for w in wrappers)
+
+
 def test_generate_answers_the_same_with_and_without_copies(bundle, monkeypatch):
     config = GenerationConfig(prompt="What is the capital of Zorbland?", max_new_tokens=12)
     with_copies = generate_module.generate(bundle, config)

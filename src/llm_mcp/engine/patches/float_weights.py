@@ -4,8 +4,11 @@ for every token.
 bitsandbytes' 4-bit layer dequantizes its whole weight in each forward: amortized over a training batch, but paid
 again for every single generated token. Here each 4-bit layer's weight is dequantized once when generation starts,
 in its compute dtype, and the layer multiplies with that copy until generation ends; the copies are then freed.
-Done only where the copies fit comfortably in free memory; the answers are the same up to the rounding of the
-compute dtype's matmul (the same dequantized values are multiplied).
+Where peft's LoRA layer around a 4-bit layer runs one plain adapter (the usual case while generating: eval mode,
+so no dropout), its forward becomes the same arithmetic without peft's per-call bookkeeping: the copy's product
+plus lora_B(lora_A(x)) * scaling, in the adapter's dtype as peft computes it. Done only where the copies fit
+comfortably in free memory; the answers are the same up to the rounding of the matmuls (the same dequantized values
+and adapter weights are multiplied).
 """
 
 from __future__ import annotations
@@ -52,15 +55,44 @@ def float_weights(model: nn.Module) -> Iterator[int]:
     # a weight bitsandbytes repacked for its CPU kernel no longer dequantizes with dequantize_4bit
     layers = [m for m in four_bit_layers(model)
               if not getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    wrappers: list[nn.Module] = []
     try:
         for layer in layers:
             dtype = layer.compute_dtype or torch.float32
             weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
             layer.forward = _with_copy(layer, weight.reshape(layer.out_features, layer.in_features), dtype)
+        wrappers = [m for m in model.modules() if getattr(m, "base_layer", None) in set(layers) and _plain_lora(m)]
+        for wrapper in wrappers:
+            wrapper.forward = _lora_over(wrapper)
         yield len(layers)
     finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)  # the class's forward again, and the copy freed
+        for module in [*layers, *wrappers]:
+            module.__dict__.pop("forward", None)  # the class's forward again, and the copy freed
+
+
+def _plain_lora(wrapper: nn.Module) -> bool:
+    """Whether peft's LoRA layer runs exactly one plain adapter now: enabled, not merged, no variant (DoRA), no
+    bias on B, and its dropout inactive (eval mode)."""
+    active = list(getattr(wrapper, "active_adapters", []))
+    if wrapper.disable_adapters or wrapper.merged or len(active) != 1 or active[0] not in wrapper.lora_A:
+        return False
+    name = active[0]
+    return name not in wrapper.lora_variant and wrapper.lora_B[name].bias is None \
+        and not wrapper.lora_dropout[name].training
+
+
+def _lora_over(wrapper: nn.Module) -> Any:
+    name = wrapper.active_adapters[0]
+    base = wrapper.base_layer.forward  # the copy's product, set above
+    a, b, scaling = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight, wrapper.scaling[name]
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs:  # adapter_names and the like: peft's own forward
+            return type(wrapper).forward(wrapper, x, *args, **kwargs)
+        result = base(x)
+        return result + (F.linear(F.linear(x.to(a.dtype), a), b) * scaling).to(result.dtype)
+
+    return forward
 
 
 def _with_copy(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> Any:

@@ -107,6 +107,12 @@ _FLOAT_WEIGHTS = (
     *_used_by("bitsandbytes", "bitsandbytes.nn.Linear4bit", "forward", "compute_dtype", "weight", "bias"),
     *_used_by("bitsandbytes", "bitsandbytes.nn.Params4bit", "__new__", "quant_state"),
     Internal("bitsandbytes", "bitsandbytes.functional", "dequantize_4bit"),
+    # peft's LoRA layer over a 4-bit one: what decides that it runs one plain adapter, and what forward reads
+    *(Internal("peft", _LORA_LAYER, name) for name in ("merged", "disable_adapters", "active_adapters")),
+    *_used_by("peft", _LORA_LAYER, "__init__", "lora_A", "lora_B", "lora_dropout", "scaling", "lora_variant",
+              "base_layer"),
+    *_used_by("peft", "peft.tuners.lora.bnb.Linear4bit", "forward", "base_layer", "lora_A", "lora_B",
+              "lora_dropout", "scaling", "lora_variant"),
 )
 
 # engine choice (TrainingConfig flag / effective_config key, or float_weights while generating) -> the internals
