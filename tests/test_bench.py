@@ -95,3 +95,18 @@ def test_record_finds_the_checkout_from_the_working_directory_or_is_told(tmp_pat
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert "--record: no docs/benchmarks.md in" in err and "--docs FILE" in err
+
+
+def test_the_short_job_is_unlike_the_long_one():
+    """--dataset short: prompts of 3-180 words spread log-normally and completions of 1-8 words, with its own
+    learning rate carried to both the baseline and the engine (the data file holds the job)."""
+    from llm_mcp.dev.bench import DATASETS, make_dataset, make_short_dataset
+
+    rows = make_short_dataset(400, 256)
+    prompt_words = [len(r["prompt"].split()) for r in rows]
+    completion_words = [len(r["completion"].split()) for r in rows]
+    assert min(prompt_words) >= 3 and max(prompt_words) <= 180 and max(completion_words) <= 8
+    assert sorted(prompt_words)[200] < 40 < max(prompt_words)  # most short, a long tail
+    long_rows = make_dataset(400, 256)
+    assert sum(len(r["completion"]) for r in rows) < sum(len(r["completion"]) for r in long_rows) / 3
+    assert DATASETS["short"][1] == {"learning_rate": 2e-3} and DATASETS["long"][1] == {}

@@ -45,12 +45,34 @@ def make_dataset(rows: int, max_length: int, seed: int = 0) -> list[dict[str, st
     return out
 
 
+def make_short_dataset(rows: int, max_length: int, seed: int = 0) -> list[dict[str, str]]:
+    """Short-sequence rows unlike the long-tailed job's: prompts of 3-180 words in a log-normal spread and short
+    completions (1-8 words), as support-ticket or classification data looks."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(rows):
+        words = max(3, min(180, int(rng.lognormvariate(math.log(25), 0.9))))
+        prompt = [rng.choice(WORDS) for _ in range(words)]
+        answer = [rng.choice(WORDS) for _ in range(rng.randint(1, 8))]
+        out.append({"prompt": " ".join(prompt) + "?", "completion": " " + " ".join(answer) + "."})
+    return out
+
+
+# --dataset name -> (its rows, the job's own settings over JOB, default rows, default max_lengths, description)
+DATASETS: dict[str, tuple[Any, dict[str, Any], int, list[int], str]] = {
+    "long": (make_dataset, {}, 256, [256, 512], "long-tailed prompt/completion rows"),
+    "short": (make_short_dataset, {"learning_rate": 2e-3}, 400, [256],
+              "short-sequence rows (prompts of 3-180 words, log-normal; completions of 1-8 words), lr 2e-3"),
+}
+
+
 # -- one variant, in a child process ----------------------------------------------------------------------------
 def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, epochs: float,
                 options: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
     started = _PROCESS_START
     data = json.loads(Path(data_file).read_text())
     train_rows, eval_rows = data["train"], data["eval"]
+    job = {**JOB, **data.get("job", {})}
     output_dir = tempfile.mkdtemp(prefix=f"bench-{variant}-")
     first_step: list[float] = []
 
@@ -62,12 +84,12 @@ def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, e
 
     if variant == "baseline":
         result, tokenizer = _run_baseline(model_dir, train_rows, eval_rows, max_length, epochs, output_dir,
-                                          on_progress)
+                                          on_progress, job)
         choices: dict[str, Any] = {"padding_free": False, "packing": False, "use_gradient_checkpointing": True,
                                    "cpu_kernel_cache_capacity": int(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])}
     else:
         result, tokenizer, choices = _run_engine(variant, model_dir, train_rows, eval_rows, max_length, epochs,
-                                                 output_dir, on_progress, options or {})
+                                                 output_dir, on_progress, options or {}, job)
     tokens = sum(min(len(tokenizer(r["prompt"] + r["completion"]).input_ids) + 1, max_length)
                  for r in train_rows) * epochs
     name = name or _variant_name(variant, options or {})
@@ -78,7 +100,7 @@ def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, e
 
 
 def _run_baseline(model_dir: str, train_rows: list, eval_rows: list, max_length: int, epochs: float,
-                  output_dir: str, on_progress: Any) -> tuple[dict, Any]:
+                  output_dir: str, on_progress: Any, job: dict[str, Any]) -> tuple[dict, Any]:
     import datasets
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -105,12 +127,12 @@ def _run_baseline(model_dir: str, train_rows: list, eval_rows: list, max_length:
 
     reset_peak_memory()  # where the engine's train() resets it: the peak of the training, the model resident
 
-    args = SFTConfig(output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=JOB["batch_size"],
-                     per_device_eval_batch_size=JOB["batch_size"],
-                     gradient_accumulation_steps=JOB["gradient_accumulation_steps"],
-                     learning_rate=JOB["learning_rate"], warmup_steps=JOB["warmup_ratio"],
-                     weight_decay=JOB["weight_decay"], lr_scheduler_type=JOB["lr_scheduler_type"],
-                     max_grad_norm=JOB["max_grad_norm"], seed=JOB["seed"], max_length=max_length,
+    args = SFTConfig(output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=job["batch_size"],
+                     per_device_eval_batch_size=job["batch_size"],
+                     gradient_accumulation_steps=job["gradient_accumulation_steps"],
+                     learning_rate=job["learning_rate"], warmup_steps=job["warmup_ratio"],
+                     weight_decay=job["weight_decay"], lr_scheduler_type=job["lr_scheduler_type"],
+                     max_grad_norm=job["max_grad_norm"], seed=job["seed"], max_length=max_length,
                      optim="paged_adamw_32bit" if cuda else "adamw_torch", save_strategy="no", report_to=[],
                      logging_steps=10, disable_tqdm=True, use_cpu=not cuda, bf16=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
@@ -128,7 +150,8 @@ DERIVED_CHOICES = ("use_gradient_checkpointing", "bf16", "float32_compute", "use
 
 
 def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list, max_length: int, epochs: float,
-                output_dir: str, on_progress: Any, options: dict[str, Any]) -> tuple[dict, Any, dict]:
+                output_dir: str, on_progress: Any, options: dict[str, Any],
+                job: dict[str, Any]) -> tuple[dict, Any, dict]:
     from llm_mcp.config import ENGINE_FLAGS, LoadConfig, LoraSpec, RunOptions, TrainingConfig, UnslothLoadConfig
 
     if variant == "unsloth":
@@ -136,7 +159,7 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
 
         bundle = unsloth_backend.load_model(UnslothLoadConfig(model_name=model_dir, max_seq_length=max_length))
         unsloth_backend.attach_lora(bundle, LoraSpec(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=tuple(TARGETS),
-                                                     gradient_checkpointing=True, seed=JOB["seed"]))
+                                                     gradient_checkpointing=True, seed=job["seed"]))
     else:
         from llm_mcp.engine.load.model import load_model
 
@@ -144,7 +167,7 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
     from llm_mcp.engine.train.run import train
 
     config = TrainingConfig(output_dir=output_dir, num_train_epochs=epochs, max_steps=-1, logging_steps=10,
-                            save_steps=10**6, report_to="none", optim="paged_adamw_32bit", **{**JOB, **options})
+                            save_steps=10**6, report_to="none", optim="paged_adamw_32bit", **{**job, **options})
     answer = train(bundle, config, train_rows, eval_rows, RunOptions(), on_progress=on_progress,
                    should_stop=lambda: False, notes=[])
     if variant == "unsloth" and answer["engine"] != "unsloth":
@@ -268,11 +291,12 @@ def summarize(rounds: list[list[dict]]) -> list[dict]:
 
 def run_bench(quick: bool, record_to: Path | None, json_path: str | None, models: list[str] | None = None,
               lengths: list[int] | None = None, ablations: list[dict[str, Any]] | None = None,
-              repeats: int = 1, rows: int | None = None) -> int:
+              repeats: int = 1, rows: int | None = None, dataset: str = "long") -> int:
     work = Path(tempfile.mkdtemp(prefix="llm-mcp-bench-"))
     models = models or (["tiny-0.3M"] if quick else ["tiny-0.3M", "llama-3.5M", "llama-25M"])
-    lengths = lengths or ([128] if quick else [256, 512])
-    default_rows = 64 if quick else 256
+    make_rows, job, dataset_rows, dataset_lengths, described = DATASETS[dataset]
+    lengths = lengths or ([128] if quick else dataset_lengths)
+    default_rows = 64 if quick else dataset_rows
     rows, epochs = rows or default_rows, 1.0
     variants = [("baseline", sys.executable, None), ("qloraevolved", sys.executable, None)]
     variants += [("qloraevolved", sys.executable, options) for options in ablations or []]
@@ -281,9 +305,9 @@ def run_bench(quick: bool, record_to: Path | None, json_path: str | None, models
     results = []
     for model_dir in (make_model(work, name) for name in models):
         for max_length in lengths:
-            data = make_dataset(rows + rows // 8, max_length)
+            data = make_rows(rows + rows // 8, max_length)
             data_file = work / f"data-{max_length}.json"
-            data_file.write_text(json.dumps({"train": data[:rows], "eval": data[rows:]}))
+            data_file.write_text(json.dumps({"train": data[:rows], "eval": data[rows:], "job": job}))
             rounds = [[_child(i, v, py, model_dir, data_file, max_length, epochs, opts)
                        for i, (v, py, opts) in enumerate(variants)] for _ in range(repeats)]
             results.append({"model": model_dir.name, "max_length": max_length, "rows": rows,
@@ -294,17 +318,18 @@ def run_bench(quick: bool, record_to: Path | None, json_path: str | None, models
         Path(json_path).write_text(json.dumps(results, indent=2))
     if record_to is not None:
         command = "llm-mcp bench" + (" --quick" if quick else "") + " --record"
+        command += f" --dataset {dataset}" if dataset != "long" else ""
         if models != ["tiny-0.3M", "llama-3.5M", "llama-25M"] and not quick:
             command += f" --models {','.join(models)}"
-        if lengths != [256, 512] and not quick:
+        if lengths != dataset_lengths and not quick:
             command += f" --lengths {','.join(map(str, lengths))}"
         command += "".join(f" --ablate {','.join(f'{k}={v}' for k, v in o.items())}" for o in ablations or [])
         command += f" --repeats {repeats}" if repeats > 1 else ""
         command += f" --rows {rows}" if rows != default_rows else ""
         spread = (f" Each variant ran {repeats} times, the variants in turn; each figure is the median of its runs, "
                   f"each ratio the median (min-max) of the rounds' ratios." if repeats > 1 else "")
-        record(record_to, "llm-mcp bench", f"Command: `{command}`; machine: {describe_machine()}; NF4 + LoRA r=64, batch 8, "
-                                f"{epochs:g} epoch, long-tailed prompt/completion rows. Ratios are against the "
+        record(record_to, "llm-mcp bench", f"Command: `{command}`; machine: {describe_machine()}; NF4 + LoRA r=64, "
+                                f"batch 8, {epochs:g} epoch, {described}. Ratios are against the "
                                 f"baseline (TRL defaults + gradient checkpointing); tokens are real (non-padding) "
                                 f"tokens.{spread}\n\n{text}")
     return 0
@@ -361,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
                              "the working directory)")
     parser.add_argument("--json", default=None, help="write the results (or, with --variant, one run) as JSON")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {list(MODEL_SIZES)}")
-    parser.add_argument("--lengths", default=None, help="comma-separated max_length values (default 256,512)")
+    parser.add_argument("--lengths", default=None,
+                        help="comma-separated max_length values (default 256,512; 256 with --dataset short)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="long",
+                        help="the job's rows: long (long-tailed lengths up to max_length, the default) or short "
+                             "(prompts of 3-180 words, completions of 1-8 words, 400 rows, lr 2e-3)")
     parser.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="also run the engine with these training_config values (repeatable), e.g. "
                              "--ablate lean_lora_dropout=false (the engine flags: docs/engine-flags.md); "
@@ -374,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, metavar="N",
                         help="run every variant N times, in turn, and report medians with the ratios' spread")
     parser.add_argument("--rows", type=int, default=None, metavar="N",
-                        help="training rows per job (default 256; 64 with --quick); eval rows are N/8")
+                        help="training rows per job (default 256, 400 with --dataset short; 64 with --quick); eval "
+                             "rows are N/8")
     parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--name", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["baseline", "qloraevolved", "unsloth"], help=argparse.SUPPRESS)
@@ -409,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                      models=args.models.split(",") if args.models else None,
                      lengths=[int(n) for n in args.lengths.split(",")] if args.lengths else None,
                      ablations=[_parse_ablation(parser, text) for text in args.ablate], repeats=args.repeats,
-                     rows=args.rows)
+                     rows=args.rows, dataset=args.dataset)
 
 
 def _generate_bench(args: argparse.Namespace, record_to: Path | None) -> int:
