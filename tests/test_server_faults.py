@@ -326,10 +326,11 @@ def test_cancel_while_the_dataset_is_read_ends_the_job_at_once(mcp, tiny_model, 
                                         "training_config": {**FAST_TRAIN, "max_steps": 1000, "output_dir": "read"}})
     mcp.ok("qloraevolved_cancel_training", {"job_id": job["job_id"]})
     status = poll_job(mcp, job["job_id"], timeout=300)
-    # 200,000 rows are still being read or tokenized when the cancel arrives: the run stops there (step 0), or at
-    # the latest at the end of the step under way once reading is done (a fast machine), never runs on
-    assert status["state"] == "cancelled" and "stopped" in status["error"], status
-    assert status["step"] <= 1, status
+    # The cancel arrives before the run starts, while 200,000 rows are read or tokenized (it stops there, step 0),
+    # or at the latest at the end of the step under way once reading is done (a fast machine); it never runs on.
+    # Only a cancel that interrupted reading leaves an error, and that error says so.
+    assert status["state"] == "cancelled" and status["step"] <= 1, status
+    assert status["error"] is None or "stopped" in status["error"], status
     assert mcp.ok("qloraevolved_generate", {"model_id": "reader", "prompt": "Hi", "max_new_tokens": 2})["text"] is not None
     mcp.ok("qloraevolved_unload_model", {"model_id": "reader"})
 

@@ -66,12 +66,13 @@ def generate(bundle: Any, config: GenerationConfig) -> dict[str, Any]:
 
 
 def _float_copies(bundle: Any) -> Any:
-    """On CPU, the 4-bit layers multiply with float copies of their weights, dequantized once for the call rather
-    than once per generated token, where the copies fit in free memory. (On CUDA, bitsandbytes has a kernel for
-    one-token 4-bit matmuls.)"""
+    """On CPU, the transformers engine's 4-bit layers multiply with float copies of their weights, dequantized once
+    for the call rather than once per generated token, where the copies fit in free memory. (On CUDA, bitsandbytes
+    has a kernel for one-token 4-bit matmuls.)"""
     from llm_mcp import memory
 
-    if detect().has_cuda or not fits(bundle.model, memory.free_memory("cpu")) \
+    # Unsloth's engine runs its own fused LoRA and dequantization paths, which the copies would not reach
+    if bundle.engine != "transformers" or detect().has_cuda or not fits(bundle.model, memory.free_memory("cpu")) \
             or not may_apply("float_weights", ran="generated"):
         return contextlib.nullcontext()
     return float_weights(bundle.model)
