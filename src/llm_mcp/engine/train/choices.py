@@ -145,6 +145,7 @@ def read_facts(bundle: ModelBundle, config: TrainingConfig) -> Facts:
     hw = detect()
     base = bundle.model.get_base_model() if bundle.engine == "transformers" else None
     slowdown = bf16_slowdown(bundle.model) if config.auto_precision and not (config.bf16 or config.fp16) else None
+    emulated = is_emulated(slowdown)
     ample = bundle.engine == "transformers" and config.use_gradient_checkpointing \
         and config.auto_gradient_checkpointing and _memory_is_ample(bundle, config)
     return Facts(
@@ -160,9 +161,9 @@ def read_facts(bundle: ModelBundle, config: TrainingConfig) -> Facts:
         lora_dropout=float(next(iter(bundle.model.peft_config.values())).lora_dropout),
         memory_is_ample=ample, cpu_bf16_slowdown=slowdown,
         cpu_bf16_instructions=None if slowdown is None else cpu_bf16_instructions(),
-        cpu_bf16_emulated=is_emulated(slowdown),
-        cpu_bf16_emulation_basis=emulation_basis() if is_emulated(slowdown) else "",
-        compute_layers=len(bitsandbytes_compute_layers(bundle.model)) if is_emulated(slowdown) else 0,
+        cpu_bf16_emulated=emulated,
+        cpu_bf16_emulation_basis=emulation_basis() if emulated else "",
+        compute_layers=len(bitsandbytes_compute_layers(bundle.model)) if emulated else 0,
         missing_internals={patch: tuple(missing_internals(patch)) for patch in PATCH_INTERNALS},
     )
 
