@@ -367,3 +367,9 @@ def _lora_step(model, patches) -> tuple[float, dict[str, Any], int]:
         loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, \
         sum(kept.values())
+
+
+def merge_agrees(verified: dict) -> bool:
+    """The merged model answers the probe as the adapter model does, or parts from it only at a near-tie that
+    16-bit rounding flips (the adapter model's own token leads there by less than NEAR_TIE logits)."""
+    return verified["greedy_matches_adapter_model"] is True or verified.get("near_tie") is True

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import FAST_LOAD, FAST_TRAIN
+from conftest import FAST_LOAD, FAST_TRAIN, merge_agrees
 
 MODEL = "shipper"
 
@@ -112,7 +112,7 @@ def test_export_merged_loads_with_plain_transformers(mcp, trained, demo_rows, wo
     row = demo_rows[1]
     answer = mcp.ok("qloraevolved_export", {"model_id": MODEL, "format": "merged_16bit", "output_dir": "exp/merged",
                                             "probe_prompt": row["prompt"]})
-    assert answer["verified"]["greedy_matches_adapter_model"] is True
+    assert merge_agrees(answer["verified"])
     merged = workspace / "exp/merged"
     config = json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float16"
@@ -151,7 +151,7 @@ def test_export_gguf_with_modelfile_reads_back(mcp, trained, workspace, demo_row
                                             "gguf_quantization": "q8_0", "probe_prompt": demo_rows[2]["prompt"]})
     out = workspace / "exp/gguf"
     assert (out / "adapter/adapter_config.json").is_file() and (out / "merged/config.json").is_file()
-    assert answer["verified_merged"]["greedy_matches_adapter_model"] is True
+    assert merge_agrees(answer["verified_merged"])
     verified = answer["verified"]
     assert verified["architecture"] == "llama" and verified["has_tokenizer"] and verified["has_chat_template"]
     assert verified["tensor_count"] == 2 * 9 + 3 and "Q8_0" in verified["tensor_types"]
@@ -220,3 +220,22 @@ def test_export_gguf_k_quant_runs_in_llama_cpp_and_replaces_cleanly(mcp, trained
     assert again["quantization"] == "f16" and "verified_llama_cpp" not in again
     assert (out / "model-f16.gguf").is_file() and not (out / "model-q4_k_m.gguf").exists()
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_first_disagreement_tells_a_near_tie_from_a_real_difference(tiny_model):
+    """The check behind near_tie: a model agrees with its own greedy answer, and parts from an answer it ranks last
+    by far more than NEAR_TIE logits (a damaged merge would look like that, a 16-bit rounding flip would not)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_mcp.engine.export.probe import NEAR_TIE, first_disagreement, greedy_tokens, probes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    probe = probes(tokenizer, None)[-1]  # the raw probe: no chat template needed
+    own = greedy_tokens(model, tokenizer, probe, 8)
+    assert own["tokens"] and first_disagreement(model, own["prompt_ids"], own["tokens"]) is None
+    with torch.no_grad():
+        last = model(torch.tensor([own["prompt_ids"]])).logits[0, -1].argmin().item()
+    split = first_disagreement(model, own["prompt_ids"], [last] + own["tokens"][1:])
+    assert split["position"] == 0 and split["margin"] > NEAR_TIE

@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 
-from llm_mcp.engine.export.probe import Probe, greedy_tokens, is_empty, probes
+from llm_mcp.engine.export.probe import NEAR_TIE, Probe, greedy_tokens, is_empty, prefers_by, probes
 from llm_mcp.errors import ExportError
 
 log = logging.getLogger(__name__)
 
 COMPARED_TOKENS = 16  # greedy tokens compared between llama.cpp and transformers
 EXACT_QUANTS = ("f16", "q8_0")  # must give transformers' tokens; lower types report the agreement
-NEAR_TIE = 0.5  # logits: a divergence where the merged model's top choice leads by less is rounding, not damage
 K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
             "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
 INSTALL_HINT = "pip install 'llm-mcp-server[gguf]' (llama-cpp-python, which compiles llama.cpp from source)"
@@ -150,8 +149,9 @@ def verify_with_llama_cpp(path: Path, merged: Path, quant: str, probe_prompt: st
                    "merged_model_answer": expected["text"],
                    "prompt_tokens_match": got["prompt_ids"] == expected["prompt_ids"]})
     if not result["greedy_matches_merged_model"] and result["matching_tokens"] < len(got["tokens"]):
-        result["merged_model_margin_at_divergence"] = _margin(model, expected, got["tokens"],
-                                                              result["matching_tokens"])
+        at = result["matching_tokens"]
+        result["merged_model_margin_at_divergence"] = prefers_by(
+            model, expected["prompt_ids"] + expected["tokens"][:at], expected["tokens"][at], got["tokens"][at])
     del model
     _warn(result, quant, warnings)
     log.info("llama.cpp ran %s: %s/%s greedy tokens as the merged model", path.name, result["matching_tokens"],
@@ -165,18 +165,9 @@ def _answered_probe(model: Any, tokenizer: Any, probe_prompt: str | None,
         expected = greedy_tokens(model, tokenizer, probe, COMPARED_TOKENS)
         if not is_empty(expected["tokens"], expected["stops"]):
             return probe, expected
-        warnings.append(f"the merged model answers the probe {probe.label!r} with nothing (EOS first), which "
-                        f"proves nothing about the GGUF; compared a longer probe instead.")
+        warnings.append(f"the merged model answers the probe {probe.label!r} ({probe.kind}) with nothing (EOS "
+                        f"first), which proves nothing about the GGUF; tried the next probe instead.")
     return None, {}
-
-
-def _margin(model: Any, expected: dict[str, Any], got: list[int], at: int) -> float:
-    """How much the merged model prefers its own token over llama.cpp's at the first token where they part (logits,
-    on the shared prefix): a small margin is a near-tie that rounding flips, a large one a real difference."""
-    ids = torch.tensor([expected["prompt_ids"] + expected["tokens"][:at]])
-    with torch.no_grad():
-        logits = model(ids).logits[0, -1].float()
-    return round(float(logits[expected["tokens"][at]] - logits[got[at]]), 4)
 
 
 def _agreement(expected: list[int], got: list[int], stops: list[int], got_stopped: bool) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from llm_mcp import output_lock
 from llm_mcp.config import ExportConfig
 from llm_mcp.disk import disk_full_as_error, require_free
 from llm_mcp.engine.durable import fsync_tree, move_into_place
-from llm_mcp.engine.export.probe import DEFAULT_PROBE, probes
+from llm_mcp.engine.export.probe import DEFAULT_PROBE, NEAR_TIE, Probe, first_disagreement, greedy_tokens, probes
 from llm_mcp.engine.load.model import ModelBundle
 from llm_mcp.errors import InvalidArgument
 
@@ -368,7 +368,7 @@ class _ShardWriter:
 
 def verify_merged(bundle: ModelBundle, merged: Path, probe_prompt: str | None, warnings: list[str]) -> dict[str, Any]:
     """Load the merged folder with plain transformers and compare its greedy answer with the adapter model's, on the
-    probe rendered with the chat template; an empty answer is never counted as agreement (a longer probe follows)."""
+    probe rendered with the chat template; an empty answer is never counted as agreement (the next probe follows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm_mcp.engine.infer.generate import generate
@@ -383,20 +383,40 @@ def verify_merged(bundle: ModelBundle, merged: Path, probe_prompt: str | None, w
             expected = generate(bundle, config)
             if expected["text"].strip():
                 break
-            warnings.append(f"the adapter model answers the probe {probe.label!r} with nothing (EOS first), which "
-                            f"proves nothing about the merge; compared a longer probe instead.")
+            warnings.append(f"the adapter model answers the probe {probe.label!r} ({probe.kind}) with nothing (EOS "
+                            f"first), which proves nothing about the merge; tried the next probe instead.")
         else:
             warnings.append("every probe got an empty answer from the adapter model, so the merged model's answer "
                             "was not compared; check it with the generate tool.")
             return {"loads_with_transformers": True, "greedy_matches_adapter_model": None, "probe_answer": "",
                     "adapter_model_answer": "", "eos_token": tokenizer.eos_token, "compared": False}
         got = generate(merged_bundle, config)
+        match = got["text"] == expected["text"]
+        parted = None if match else _where_answers_part(bundle, reloaded, tokenizer, probe)
     finally:
         del reloaded
-    match = got["text"] == expected["text"]
+    result = {"loads_with_transformers": True, "greedy_matches_adapter_model": match, "probe_answer": got["text"],
+              "adapter_model_answer": expected["text"], "eos_token": tokenizer.eos_token, "probe": probe.describe(),
+              "near_tie": None if match else parted["near_tie"]}
     if not match:
-        warnings.append("the merged model's greedy answer to the probe differs from the adapter model's (rounding "
-                        "to 16-bit can flip a near-tie); compare them with the generate tool before shipping.")
-    return {"loads_with_transformers": True, "greedy_matches_adapter_model": match, "probe_answer": got["text"],
-            "adapter_model_answer": expected["text"], "eos_token": tokenizer.eos_token, "probe": probe.describe(),
-            "stops_at_eos": got["finish_reason"] == "eos"}
+        result["adapter_model_margin_at_divergence"] = parted["margin"]
+        if parted["near_tie"]:
+            warnings.append(f"the merged model's greedy answer to the probe parts from the adapter model's at token "
+                            f"{parted['position']}, where the adapter model prefers its own token by only "
+                            f"{parted['margin']} logits: a near-tie that rounding to 16-bit flips, not a broken merge.")
+        else:
+            warnings.append(f"the merged model's greedy answer to the probe parts from the adapter model's at token "
+                            f"{parted['position']}, where the adapter model prefers its own token by "
+                            f"{parted['margin']} logits, more than rounding explains: compare them with the generate "
+                            f"tool before shipping.")
+    return {**result, "stops_at_eos": got["finish_reason"] == "eos"}
+
+
+def _where_answers_part(bundle: ModelBundle, merged: Any, tokenizer: Any, probe: Probe) -> dict[str, Any]:
+    """Where the merged model's greedy answer parts from the adapter model's, and how firmly the adapter model holds
+    to its own token there (the merged answer teacher-forced through the adapter model)."""
+    answer = greedy_tokens(merged, tokenizer, probe, PROBE_TOKENS)
+    split = first_disagreement(bundle.model, answer["prompt_ids"], answer["tokens"])
+    if split is None:  # the adapter model's forward agrees token for token: its generate path rounds otherwise
+        return {"position": len(answer["tokens"]), "margin": 0.0, "near_tie": True}
+    return {**split, "near_tie": split["margin"] < NEAR_TIE}
