@@ -203,6 +203,25 @@ def worker_pids(model_id: str, *, any_parent: bool = False) -> list[int]:
     return pids
 
 
+def rank_pids() -> dict[int, int]:
+    """pid -> RANK of the live processes training as ranks of a run across processes (llm_mcp.engine.train.rank,
+    not the launcher that started them), whoever their parent is; zombies left out."""
+    ranks = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            env = dict(v.decode(errors="replace").partition("=")[::2]
+                       for v in (proc / "environ").read_bytes().split(b"\0") if b"=" in v)
+        except (OSError, ValueError):  # the process ended while we looked
+            continue
+        if "llm_mcp.engine.train.rank" in args and "torch.distributed.run" not in args and state != "Z":
+            ranks[int(proc.name)] = int(env.get("RANK", "-1"))
+    return ranks
+
+
 def unsloth_python() -> str:
     """The interpreter of the Unsloth environment; skips the test where there is none (fails in CI, which sets
     LLM_MCP_REQUIRE_UNSLOTH)."""

@@ -37,6 +37,22 @@ def test_estimate_reports_each_part_and_advice(mcp, huge_config):
     assert nf4["weights_bytes"] < 0.35 * answer["weights_bytes"]
 
 
+def test_estimate_per_device_across_processes(mcp, huge_config):
+    """num_processes: DDP keeps every byte on each device; FSDP shards weights, adapters, gradients and optimizer
+    state (activations stay each process's); on CPU the processes share one memory, which needed_here_bytes sums."""
+    args = {"model_name": str(huge_config), "quant_type": "nf4"}
+    one = mcp.ok("estimate_memory", args)
+    ddp = mcp.ok("estimate_memory", {**args, "num_processes": 4})
+    fsdp = mcp.ok("estimate_memory", {**args, "num_processes": 4, "distributed_strategy": "fsdp"})
+    assert ddp["total_bytes"] == one["total_bytes"] and ddp["num_processes"] == 4
+    for part in ("weights_bytes", "lora_bytes", "gradients_bytes", "optimizer_bytes"):
+        assert fsdp[part] == -(-one[part] // 4), part
+    assert fsdp["activations_bytes"] == one["activations_bytes"] and fsdp["distributed_strategy"] == "fsdp"
+    on_gpus = one["device"] == "cuda"
+    assert ddp["needed_here_bytes"] == (ddp["total_bytes"] if on_gpus else 4 * ddp["total_bytes"])
+    assert "num_processes" in mcp.error("estimate_memory", {**args, "num_processes": 0})
+
+
 def test_advice_names_the_cheapest_change(mcp, tiny_model):
     """When a run does not fit, the advice names a concrete change that would make it fit."""
     from llm_mcp import memory

@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="a folder outside the workspace that datasets and models may be read from (repeatable)")
     serve.add_argument("--allow-remote-code", action="store_true",
                        help="let a tool call ask for trust_remote_code=true (runs code shipped with a model)")
+    serve.add_argument("--ray-address", default=os.environ.get("LLM_MCP_RAY_ADDRESS"), metavar="ADDRESS",
+                       help="train runs with num_processes > 1 on this Ray cluster as Ray Train workers ('auto', "
+                            "'host:port' or 'ray://host:port'; needs the [ray] extra); default: local processes "
+                            "through torch's launcher")
     serve.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--max-dataset-bytes", type=_positive_int, default=None, metavar="BYTES",
                        help="refuse dataset files larger than this (default 2 GiB)")
@@ -141,7 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(workspace=args.workspace, worker_python=args.worker_python,
                           unsloth_python=args.unsloth_python, allow_read=args.allow_read,
                           allow_remote_code=args.allow_remote_code, max_dataset_bytes=args.max_dataset_bytes,
-                          max_dataset_rows=args.max_dataset_rows)
+                          max_dataset_rows=args.max_dataset_rows, ray_address=args.ray_address)
     closed = threading.Event()
     server = create_server(config, token=args.token, closed=closed)
     if args.transport == "stdio":

@@ -57,6 +57,12 @@ DeviceMap = Annotated[str, Field(pattern=r"^(auto|cpu|balanced|balanced_low_0|se
 MAX_TOKEN_CHARS = 512
 MAX_ID_CHARS = 128  # model_id and job_id
 SaveLimit = Annotated[int, Field(ge=1, le=1000, description="Checkpoints kept in output_dir; older ones are deleted.")]
+NumProcesses = Annotated[int, Field(ge=1, le=1024, description=(
+    "Training processes (ranks), one per device: 1 trains in the model's own process; more run through torch's "
+    "launcher on this machine, or as Ray Train workers when the server has --ray-address. The global batch is "
+    "batch_size x gradient_accumulation_steps x num_processes."))]
+DistributedStrategy = Literal["auto", "ddp", "fsdp"]
+RAY_ADDRESS_ENV = "LLM_MCP_RAY_ADDRESS"  # the server's --ray-address, as its model workers see it
 CHAT_TEMPLATE_NAMES: tuple[str, ...] = ("chatml", "gemma", "llama3", "mistral", "phi3", "qwen2.5")
 ChatTemplate = Annotated[str | None, Field(max_length=100_000, description=(
     "Chat template for chat rows and messages: null = the tokenizer's own (ChatML, with a warning, when it has "
@@ -142,6 +148,10 @@ class TrainingConfig:
     warmup_steps: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
     bf16: bool | None = None
     fp16: bool | None = None
+    # Training across processes (both families): auto = DDP where a full copy of the 4-bit model fits each device,
+    # FSDP2 where it does not.
+    num_processes: NumProcesses = 1
+    distributed_strategy: DistributedStrategy = "auto"
     # Engine flags: choices that make training faster or leaner without changing what is learned. Each is one
     # _engine_flag entry here (its default and what it does, which the docs, bench --ablate and the train answer
     # read through ENGINE_FLAGS) plus its implementation in the engine (engine/train/choices.py decides it).
@@ -259,6 +269,8 @@ class UnslothTrainingConfig:
     lora_alpha: LoraAlpha = 16
     lora_dropout: LoraDropout = 0.0
     target_modules: tuple[str, ...] | None = None
+    num_processes: NumProcesses = 1
+    distributed_strategy: DistributedStrategy = "auto"
 
     def __post_init__(self) -> None:
         self.to_training_config()  # cross-field checks live there
@@ -273,7 +285,8 @@ class UnslothTrainingConfig:
             max_grad_norm=self.max_grad_norm, logging_steps=self.logging_steps, save_steps=self.save_steps,
             save_total_limit=self.save_total_limit, report_to=self.report_to,
             use_gradient_checkpointing=bool(self.use_gradient_checkpointing), use_flash_attention_2=False,
-            seed=self.seed, bf16=self.bf16, fp16=self.fp16,
+            seed=self.seed, bf16=self.bf16, fp16=self.fp16, num_processes=self.num_processes,
+            distributed_strategy=self.distributed_strategy,
         )
 
     def lora(self) -> LoraSpec:
@@ -353,6 +366,7 @@ class ServerConfig:
     allow_remote_code: bool = False  # whether a tool call may ask for trust_remote_code=true
     max_dataset_bytes: int | None = None  # a dataset file larger than this is refused (None: data/'s default)
     max_dataset_rows: int | None = None  # a dataset with more rows than this is refused (None: data/'s default)
+    ray_address: str | None = None  # runs with num_processes > 1 go to this Ray cluster (None: local processes)
 
 
 def check_chat_template(value: str | None) -> None:

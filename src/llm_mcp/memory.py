@@ -145,6 +145,10 @@ class MemoryEstimate:
     free_bytes: int | None
     fits: bool | None
     advice: str | None
+    num_processes: int = 1
+    distributed_strategy: str = "ddp"
+    # every process's bytes together where they share this machine's memory (CPU); one device's on GPUs
+    needed_here_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -156,7 +160,10 @@ class MemoryEstimate:
 def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_rank: int, batch_size: int,
              max_length: int, use_gradient_checkpointing: bool, optim: str = "adamw_torch",
              target_modules: tuple[str, ...] | None = None, device: str | None = None,
-             free_bytes: int | None = None, with_advice: bool = True) -> MemoryEstimate:
+             free_bytes: int | None = None, with_advice: bool = True, num_processes: int = 1,
+             distributed_strategy: str = "ddp") -> MemoryEstimate:
+    """One device's bytes (per process, when num_processes > 1: DDP keeps a full copy on each device, FSDP shards
+    weights, adapters, gradients and optimizer state across them; activations are each process's own)."""
     device = device or detect_device()
     dtype_bytes = _DTYPE_BYTES[compute_dtype]
     linear_params = sum(i * o for _, i, o in shape.linear_layers()) * shape.layers
@@ -190,17 +197,21 @@ def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_ran
         activations = per_layer_full * shape.layers
     activations += logits_bytes(tokens, shape.vocab, shape.hidden, device=device, compute_dtype=compute_dtype)
     runtime = RUNTIME_BYTES["cuda" if device == "cuda" else "cpu"]
+    if distributed_strategy == "fsdp" and num_processes > 1:
+        weights, lora, gradients, optimizer = (-(-b // num_processes) for b in (weights, lora, gradients, optimizer))
     total = weights + lora + gradients + optimizer + activations + runtime
+    needed_here = total * num_processes if device != "cuda" else total  # CPU processes share one memory
     free = free_bytes if free_bytes is not None else free_memory(device)
-    fits = None if free is None else total <= free
+    fits = None if free is None else needed_here <= free
     advice = None
     if fits is False and with_advice:
         advice = _cheapest_fix(shape, free, quant_type=quant_type, compute_dtype=compute_dtype, lora_rank=lora_rank,
                                batch_size=batch_size, max_length=max_length, optim=optim,
                                use_gradient_checkpointing=use_gradient_checkpointing, target_modules=target_modules,
-                               device=device)
+                               device=device, num_processes=num_processes,
+                               distributed_strategy=distributed_strategy)
     return MemoryEstimate(weights, lora, gradients, optimizer, activations, runtime, total, device, free, fits,
-                          advice)
+                          advice, num_processes, distributed_strategy, needed_here)
 
 
 def lora_targets(shape: ModelShape, target_modules: tuple[str, ...] | None) -> set[str]:

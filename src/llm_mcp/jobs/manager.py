@@ -45,6 +45,7 @@ class _LiveJob:
     finished: Future = field(default_factory=Future)
     waiters: list[_Waiter] = field(default_factory=list)
     rates: deque = field(default_factory=lambda: deque(maxlen=20))  # (time, step) for speed and ETA
+    ranks: tuple[dict[str, Any], ...] | None = None  # a run across processes: each rank's liveness, latest seen
 
 
 class JobManager:
@@ -101,6 +102,8 @@ class JobManager:
         if live is None:
             return
         live.rates.append((time.monotonic(), event.step))
+        if event.ranks is not None:
+            live.ranks = event.ranks
         for waiter in list(live.waiters):
             waiter.loop.call_soon_threadsafe(waiter.queue.put_nowait, event)
 
@@ -215,7 +218,8 @@ class JobManager:
         losses = [p for p in points if p["loss"] is not None]
         evals = [p for p in points if p["eval_loss"] is not None]
         speed = self._steps_per_second(record.job_id)
-        batch = record.config.get("batch_size", 1) * record.config.get("gradient_accumulation_steps", 1)
+        batch = record.config.get("batch_size", 1) * record.config.get("gradient_accumulation_steps", 1) \
+            * record.config.get("num_processes", 1)
         remaining = max(0, record.total_steps - record.step)
         answer: dict[str, Any] = {
             "status": "success",
@@ -239,6 +243,9 @@ class JobManager:
             "error": record.error,
             "log_tail": _tail(record.log_path),
         }
+        live = self._live.get(record.job_id)
+        if live is not None and live.ranks is not None:
+            answer["ranks"] = list(live.ranks)
         if record.result is not None:
             answer["result"] = {k: record.result[k] for k in ("status", "metrics", "output_dir", "engine_choices",
                                                               "warnings") if k in record.result}

@@ -12,7 +12,7 @@ from pathlib import Path
 from mcp.server.mcpserver import MCPServer
 
 from llm_mcp import __version__
-from llm_mcp.config import ServerConfig
+from llm_mcp.config import RAY_ADDRESS_ENV, ServerConfig
 from llm_mcp.jobs import ends
 from llm_mcp.jobs.manager import JobManager
 from llm_mcp.jobs.store import JobStore
@@ -58,7 +58,8 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
         limits = _dataset_limits(config)
         os.environ.update(limits)  # inspect_dataset without a model reads in this process
         pool = WorkerPool(python=config.worker_python, cwd=workspace, log_dir=state_dir / "logs",
-                          env={**config.worker_env, ends.STATE_DIR_ENV: str(state_dir), **limits},
+                          env={**config.worker_env, ends.STATE_DIR_ENV: str(state_dir), **limits,
+                               **({RAY_ADDRESS_ENV: config.ray_address} if config.ray_address else {})},
                           family_python={"unsloth": config.unsloth_python or ""})
         jobs = JobManager(store)
         try:

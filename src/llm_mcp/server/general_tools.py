@@ -9,8 +9,8 @@ from llm_mcp import memory
 from mcp.server.mcpserver import Context
 
 from llm_mcp.config import (
-    MAX_ID_CHARS, BatchSize, ComputeDtype, DatasetFormat, LoadConfig, LoraRank, MaxLength, Optimizer, QuantType,
-    TrainingConfig,
+    MAX_ID_CHARS, BatchSize, ComputeDtype, DatasetFormat, DistributedStrategy, LoadConfig, LoraRank, MaxLength,
+    NumProcesses, Optimizer, QuantType, TrainingConfig,
 )
 from llm_mcp.server.common import DatasetArg, agent_tool, service_of
 
@@ -27,16 +27,24 @@ async def estimate_memory(
     optim: Optimizer = TrainingConfig.optim,
     target_modules: Annotated[list[str] | None, Field(description="LoRA targets; default the 7 projections.")]
     = None,
+    num_processes: NumProcesses = TrainingConfig.num_processes,
+    distributed_strategy: Annotated[DistributedStrategy, Field(description=(
+        "How num_processes > 1 holds the model: ddp (auto) keeps a full copy on each device; fsdp shards weights, "
+        "adapters, gradients and optimizer state across the devices."))] = TrainingConfig.distributed_strategy,
     ctx: Context = None,
 ) -> dict[str, Any]:
     """Estimate the memory a LoRA fine-tuning run needs before loading anything: bytes for weights, LoRA
     parameters, gradients, optimizer state, activations and the runtime, the device's free memory, whether it
-    fits, and if not the cheapest change that would make it fit. Reads only config.json (no weights)."""
+    fits, and if not the cheapest change that would make it fit. Reads only config.json (no weights). With
+    num_processes > 1 the bytes are one device's (one process's); needed_here_bytes adds up the processes that
+    share this machine's memory on CPU."""
     shape = memory.read_shape(service_of(ctx).sandbox.model_source("model_name", model_name))
     result = memory.estimate(shape, quant_type=quant_type, compute_dtype=compute_dtype, lora_rank=lora_rank,
                              batch_size=batch_size, max_length=max_length,
                              use_gradient_checkpointing=use_gradient_checkpointing, optim=optim,
-                             target_modules=tuple(target_modules) if target_modules else None)
+                             target_modules=tuple(target_modules) if target_modules else None,
+                             num_processes=num_processes,
+                             distributed_strategy="fsdp" if distributed_strategy == "fsdp" else "ddp")
     return {"status": "success", **result.to_dict(), "model_shape": shape.__dict__}
 
 

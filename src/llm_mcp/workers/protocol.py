@@ -103,6 +103,7 @@ class Progress:
     epoch: float | None = None
     eval_loss: float | None = None
     checkpoint: str | None = None  # set when a checkpoint was just saved
+    ranks: tuple[dict[str, Any], ...] | None = None  # a run across processes: each rank's pid and whether it lives
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class ModelBundle:
     model_weight_bytes: int = 0  # every parameter and buffer as stored
     attention: str | None = None  # attn_implementation the model was loaded with (eager | sdpa | flash_attention_2)
     target_parameters: list[str] = field(default_factory=list)  # fused 3-D expert weights adapted by LoRA
+    load_config: Any = None  # what the model was loaded from: the ranks of a run across processes load the same
 
     @property
     def has_lora(self) -> bool:

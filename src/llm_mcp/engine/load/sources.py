@@ -173,6 +173,7 @@ def load_qlora(config: Any) -> Any:
     bundle = engine_model.load_model(dataclasses.replace(config, model_name=source.model_dir),
                                      adapter_dir=source.adapter_dir)
     bundle.warnings[:0] = source.notes
+    bundle.load_config = config
     return bundle
 
 

@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llm_mcp import disk
 from llm_mcp.engine.durable import fsync_dir, fsync_tree, write_json
+from llm_mcp.engine.train import ranks
 from llm_mcp.errors import EngineError, InvalidArgument
 
 SEAL = ".complete"  # written last into a checkpoint: its files and their sizes
@@ -200,6 +201,9 @@ class CheckpointSeal(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
+        ranks.barrier()  # across processes, every rank has written its part (its RNG state) before rank 0 seals
+        if not ranks.is_main():
+            return
         out = Path(args.output_dir)
         folder = out / checkpoint_name(state.global_step)
         seal(folder, state.global_step)
@@ -250,6 +254,8 @@ class CheckpointSpace(TrainerCallback):
         self.writing: Path | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not ranks.is_main():
+            return
         saves = _saves_left(state.global_step, state.max_steps, state.save_steps)
         at_once = min(saves, self.keep + 1) if self.keep else saves  # a new one is sealed before rotation
         needed = at_once * self.sizes.checkpoint + self.sizes.final
@@ -264,11 +270,13 @@ class CheckpointSpace(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if not control.should_save:
             return
-        folder = self.out / checkpoint_name(state.global_step)
-        if folder.exists():  # a superseded run's checkpoint of this step: the trainer would overwrite it in place
-            shutil.rmtree(folder)
-        disk.require_free(self.out, self.sizes.checkpoint + self.sizes.final, doing=f"saving {folder.name}")
-        self.writing = folder
+        if ranks.is_main():  # rank 0 writes the checkpoints
+            folder = self.out / checkpoint_name(state.global_step)
+            if folder.exists():  # a superseded run's checkpoint of this step: the trainer would overwrite it in place
+                shutil.rmtree(folder)
+            disk.require_free(self.out, self.sizes.checkpoint + self.sizes.final, doing=f"saving {folder.name}")
+            self.writing = folder
+        ranks.barrier()  # across processes, no rank writes its part into a folder still being removed
 
     def on_save(self, args, state, control, **kwargs):
         if self.writing is not None and self.writing.is_dir():

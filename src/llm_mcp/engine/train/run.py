@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp import output_lock
-from llm_mcp.config import RunOptions, TrainingConfig
+from llm_mcp.config import RAY_ADDRESS_ENV, RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
 from llm_mcp.disk import disk_full_as_error, require_free
 from llm_mcp.engine.train.checkpoints import (CheckpointSeal, CheckpointSpace, ResumePoint, SaveSizes, resolve_resume,
@@ -28,6 +28,7 @@ from llm_mcp.engine.train.choices import EngineChoices, decide, read_facts
 from llm_mcp.engine.device import detect, peak_memory_bytes, reset_peak_memory
 from llm_mcp.engine.durable import fsync_tree, move_into_place
 from llm_mcp.engine.patches.float32_compute import float32_compute, trainable_tensors_kept
+from llm_mcp.engine.train import ranks
 from llm_mcp.engine.train.lora_shape import check_resume_fits
 from llm_mcp.engine.load.model import ModelBundle
 from llm_mcp.engine.patches.apply import applied, set_attention
@@ -40,7 +41,10 @@ SPEC_METRICS = ("train_runtime", "train_samples_per_second", "train_steps_per_se
 
 def prepare(bundle: ModelBundle, config: TrainingConfig) -> dict[str, Any]:
     """Apply what must happen to the model before training (its attention) and report what this machine cannot
-    do."""
+    do; a spread over processes this machine (or engine) cannot give is refused now, not at train time."""
+    from llm_mcp.engine.train import distributed
+
+    distributed.plan(config, engine=bundle.engine, ray_address=os.environ.get(RAY_ADDRESS_ENV))
     choices = decide(config, read_facts(bundle, config))
     set_attention(bundle, choices.attn_implementation)
     return {"warnings": list(choices.warnings)}
@@ -51,12 +55,21 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
           cpu_threads: Callable[[], int | None] | None = None, holder: str | None = None) -> dict[str, Any]:
     """cpu_threads, when given, is read at every step: the CPU threads to use now (None: all), as the server
     shares the cores among the trainings running at the same time. holder names this run in output_dir's lock
-    (e.g. "model m-1, job j-2"), which it holds from before anything there is read or deleted to the end."""
-    share = None if cpu_threads is None or detect().has_cuda else CoreShare(cpu_threads)
+    (e.g. "model m-1, job j-2"), which it holds from before anything there is read or deleted to the end.
+    num_processes > 1 runs across processes (distributed.py), each rank through run_training."""
+    from llm_mcp.engine.train import distributed
+
+    spread = distributed.plan(config, engine=bundle.engine, ray_address=os.environ.get(RAY_ADDRESS_ENV))
+    share = None if cpu_threads is None or detect().has_cuda or spread.world_size > 1 else CoreShare(cpu_threads)
     try:
         with output_lock.claim(config.output_dir, holder or "a training run", doing="training"):
-            answer = _train(bundle, config, train_source, eval_source, options, on_progress=on_progress,
-                            should_stop=should_stop, notes=notes, extra_callbacks=[share] if share else [])
+            if spread.world_size > 1:
+                return distributed.train(bundle, config, train_source, eval_source, options,
+                                         on_progress=on_progress, should_stop=should_stop, notes=notes,
+                                         run_plan=spread)
+            answer = run_training(bundle, config, train_source, eval_source, options, on_progress=on_progress,
+                                  should_stop=should_stop, notes=notes, extra_callbacks=[share] if share else [])
+            answer["effective_config"].update(distributed.SINGLE.effective(config))
     finally:
         if share is not None:
             share.restore()
@@ -65,9 +78,21 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
     return answer
 
 
-def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_source: Any, options: RunOptions, *,
-           on_progress: ProgressFn, should_stop: Callable[[], bool], notes: list[str],
-           extra_callbacks: list[Any]) -> dict[str, Any]:
+def ready_output_dir(bundle: ModelBundle, config: TrainingConfig, options: RunOptions) -> tuple[str | None, list[str]]:
+    """The checkpoint to resume from (None: a fresh run) once output_dir is fit for the run: an earlier run's
+    results replaced only when asked, torn checkpoints removed (and named in the warnings returned)."""
+    out = Path(config.output_dir)
+    point = _resume_point(out, options.resume_from_checkpoint, bundle)
+    _guard_output_dir(out, point.path, options.overwrite_output_dir)
+    point.remove_torn()
+    return point.path, point.warnings()
+
+
+def run_training(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_source: Any,
+                 options: RunOptions, *, on_progress: ProgressFn, should_stop: Callable[[], bool], notes: list[str],
+                 extra_callbacks: list[Any] = ()) -> dict[str, Any]:
+    """One process's training: the whole run, or one rank's part of a run across processes (rank 0 writes the
+    checkpoints and the final adapter; every rank trains)."""
     from trl import SFTConfig, SFTTrainer
 
     reset_peak_memory()  # this run's peak, not an earlier run's in the same worker
@@ -76,11 +101,8 @@ def _train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_
     set_attention(bundle, choices.attn_implementation)
     warnings += choices.warnings
     out = Path(config.output_dir)
-    point = _resume_point(out, options.resume_from_checkpoint, bundle)
-    resume = point.path
-    _guard_output_dir(out, resume, options.overwrite_output_dir)
-    warnings += point.warnings()
-    point.remove_torn()
+    resume, torn = ready_output_dir(bundle, config, options)
+    warnings += torn
     sizes = save_sizes(bundle.model, bundle.tokenizer, choices.optim)
     require_free(out, sizes.checkpoint + sizes.final, doing="training (room for a checkpoint and the final adapter)")
 
@@ -181,8 +203,12 @@ def _run_saving_safely(trainer: Any, resume: str | None, config: TrainingConfig,
 
 def _save_final(trainer: Any, tokenizer: Any, final: Path, sizes: SaveSizes) -> None:
     """The final adapter and tokenizer, written beside `final`, fsynced and renamed into place: a failure leaves
-    an earlier run's final folder as it was, or none."""
-    tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
+    an earlier run's final folder as it was, or none. Every rank of a run across processes takes part in the
+    trainer's save (sharded weights are gathered); rank 0 writes."""
+    tmp = final.parent / (f"{final.name}.tmp-{os.getpid()}" if ranks.world_size() == 1 else f"{final.name}.tmp-ranks")
+    if not ranks.is_main():
+        trainer.save_model(str(tmp))
+        return
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with disk_full_as_error(final, doing="saving the final adapter", needed=sizes.final):
