@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llm_mcp.dev.bench import MODEL_SIZES, make_model, record
+from llm_mcp.dev.bench import MODEL_SIZES, benchmarks_file, make_model, record
 
 LENGTHS = [434, 420, 300, 200, 120, 80, 434, 300]
 
@@ -61,7 +61,7 @@ def main() -> int:
              f"| {args.model} | {eager:.2f} | {compiled:.2f} | {eager / compiled:.2f} | {compile_s:.1f} |")
     print(table)
     if args.record:
-        record("torch_compile=true, steady state",
+        record(benchmarks_file(None), "torch_compile=true, steady state",
                f"Command: `.venv/bin/python benchmarks/compile_step.py --model {args.model} --record`; CPU, "
                f"{torch.get_num_threads()} threads.\n\n{table}")
     return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mcp import Client
 
-from llm_mcp.dev.bench import record
+from llm_mcp.dev.bench import benchmarks_file, record
 
 MIB = 1024 * 1024
 
@@ -82,7 +82,7 @@ def main() -> int:
     text = table(results)
     print(text)
     if args.record:
-        record("estimate_memory against measured peaks",
+        record(benchmarks_file(None), "estimate_memory against measured peaks",
                f"Command: `.venv/bin/python benchmarks/memory_estimate.py --record`; device {results[0]['device']} "
                f"(peak = the worker's resident high-water mark during training, so the ~0.6 GB runtime of torch + "
                f"transformers + peft + trl is in both columns); compute float32, LoRA r=16, adamw_torch, 4 training steps on rows that fill "

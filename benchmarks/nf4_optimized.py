@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llm_mcp.dev.bench import record
+from llm_mcp.dev.bench import benchmarks_file, record
 
 
 def main() -> int:
@@ -37,7 +37,7 @@ def main() -> int:
     table = "\n".join(rows)
     print(table)
     if args.record:
-        record("nf4_optimized vs nf4 on a model with outlier weights",
+        record(benchmarks_file(None), "nf4_optimized vs nf4 on a model with outlier weights",
                f"Command: `.venv/bin/python benchmarks/nf4_optimized.py --budget {args.budget} --record` (tiny "
                f"Llama from `llm_mcp.dev.tiny.make_outlier_model`: outliers x60 in two linear layers; 8 prompts; "
                f"CPU).\n\n{table}")

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llm_mcp.dev.bench import record
+from llm_mcp.dev.bench import benchmarks_file, record
 
 CATEGORIES = {  # aten op name fragments -> what they are, for a readable summary
     "dropout masks": ("bernoulli", "uniform", "dropout"),
@@ -105,13 +105,18 @@ def profile(variant: str, model_dir: Path, rows: list[dict], max_length: int) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3.5M")
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=None, help="default 512, 256 with --dataset short")
+    parser.add_argument("--dataset", choices=["long", "short"], default="long",
+                        help="the rows of llm-mcp bench --dataset (short: prompts of 3-180 words, 1-8 word answers)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    from llm_mcp.dev.bench import make_dataset, make_model
+    from llm_mcp.dev.bench import DATASETS, make_model
+
+    make_rows, _, dataset_rows, lengths, _ = DATASETS[args.dataset]
+    args.max_length = args.max_length or lengths[-1]
 
     model_dir = make_model(Path(tempfile.mkdtemp(prefix="llm-mcp-profile-")), args.model)
-    rows = make_dataset(256, args.max_length)
+    rows = make_rows(dataset_rows, args.max_length)
     results = [profile(v, model_dir, rows, args.max_length) for v in ("baseline", "qloraevolved")]
     kinds = sorted({k for r in results for k in r["by_kind_s"]}, key=lambda k: -results[0]["by_kind_s"].get(k, 0))
     lines = ["| variant | step s | batch (rows x length) | real tokens | " + " | ".join(kinds) + " |",
@@ -126,9 +131,9 @@ def main() -> int:
     if args.record:
         tops = "\n".join(f"- {r['variant']} top ops: " + ", ".join(f"`{k}` {v} s" for k, v in r["top_ops"])
                          for r in results)
-        record("Profile of one training step",
+        record(benchmarks_file(None), "Profile of one training step",
                f"Command: `.venv/bin/python benchmarks/profile_step.py --model {args.model} --max-length "
-               f"{args.max_length} --record`; CPU, 2 cores; NF4 + LoRA r=64, batch 8; seconds of self CPU time by "
+               f"{args.max_length} --dataset {args.dataset} --record`; CPU, 2 cores; NF4 + LoRA r=64, batch 8; seconds of self CPU time by "
                f"kind of op (torch.profiler; the profiler's own overhead included).\n\n{table}\n\n{tops}")
     return 0
 

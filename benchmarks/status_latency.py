@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mcp import Client, StdioServerParameters
 
-from llm_mcp.dev.bench import record
+from llm_mcp.dev.bench import benchmarks_file, record
 from llm_mcp.dev.tiny import demo_records, make_tiny_model
 
 
@@ -79,7 +79,8 @@ def main() -> int:
     if args.record:
         machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}"
         command = f".venv/bin/python benchmarks/status_latency.py --calls {args.calls} --record"
-        record("Status latency during training", f"Command: `{command}`; transport stdio; machine: {machine}, no "
+        record(benchmarks_file(None), "Status latency during training",
+               f"Command: `{command}`; transport stdio; machine: {machine}, no "
                                                   f"GPU; the model trains in its worker process meanwhile.\n\n{text}")
     return 0
 

@@ -135,3 +135,23 @@ def test_bad_spread_is_refused_naming_the_parameter(mcp, loaded, demo_rows):
     assert "num_processes" in mcp.error("qloraevolved_train", {"model_id": MODEL, "train_dataset": demo_rows,
                                                                "training_config": {"num_processes": 0}})
     assert mcp.ok("qloraevolved_generate", {"model_id": MODEL, "prompt": "x", "max_new_tokens": 2})
+
+
+def test_plan_refuses_what_cannot_run_and_reports_the_spread():
+    """distributed.plan: one process is the worker's own run; the Unsloth engine and FSDP are refused naming the
+    parameter; a Ray address takes the spread to the cluster (its size is checked there)."""
+    from llm_mcp.config import TrainingConfig
+    from llm_mcp.engine.train import distributed
+    from llm_mcp.errors import InvalidArgument
+
+    assert distributed.plan(TrainingConfig(), engine="unsloth", ray_address=None) is distributed.SINGLE
+    with pytest.raises(InvalidArgument, match="num_processes=2 .*unsloth"):
+        distributed.plan(TrainingConfig(num_processes=2), engine="unsloth", ray_address=None)
+    with pytest.raises(InvalidArgument, match="distributed_strategy='fsdp'"):
+        distributed.plan(TrainingConfig(num_processes=2, distributed_strategy="fsdp"), engine="transformers",
+                         ray_address=None)
+    on_ray = distributed.plan(TrainingConfig(num_processes=64, batch_size=2, gradient_accumulation_steps=3),
+                              engine="transformers", ray_address="127.0.0.1:6379")
+    assert (on_ray.launcher, on_ray.world_size, on_ray.strategy) == ("ray", 64, "ddp")
+    assert on_ray.effective(TrainingConfig(batch_size=2, gradient_accumulation_steps=3), "run-1")[
+        "global_batch_size"] == 2 * 3 * 64

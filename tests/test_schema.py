@@ -36,6 +36,28 @@ def test_tool_list_has_the_spec_tools(mcp):
     assert all(tools[name].description for name in QLORA_TOOLS)
 
 
+def test_every_tool_has_a_title_and_behaviour_hints(mcp):
+    """Clients auto-approve read-only tools and warn before destructive ones from the annotations: every tool has a
+    title and all four hints; the status, listing, generation, evaluation and inspection tools are read-only;
+    unload, cancel and export (overwrite) are marked destructive."""
+    tools = mcp.tools()
+    for name, tool in tools.items():
+        hints = tool.annotations
+        assert tool.title and hints is not None and hints.title == tool.title, name
+        assert None not in (hints.read_only_hint, hints.destructive_hint, hints.idempotent_hint,
+                            hints.open_world_hint), name
+    read_only = {"list_models", "training_status", "list_jobs", "generate", "evaluate"}
+    for family in ("qloraevolved", "unsloth"):
+        for base in read_only:
+            assert tools[f"{family}_{base}"].annotations.read_only_hint is True, base
+        for base in ("unload_model", "cancel_training", "export"):
+            hints = tools[f"{family}_{base}"].annotations
+            assert hints.destructive_hint is True and hints.read_only_hint is False, base
+        assert tools[f"{family}_train"].annotations.read_only_hint is False
+    assert tools["estimate_memory"].annotations.read_only_hint is True
+    assert tools["inspect_dataset"].annotations.read_only_hint is True
+
+
 @pytest.mark.parametrize(("tool", "defaults", "required"), [
     ("qloraevolved_load_model", LOAD_DEFAULTS, ["model_name"]),
     ("qloraevolved_prepare_for_training", PREPARE_DEFAULTS, ["model_id"]),
@@ -77,3 +99,15 @@ def test_server_process_never_imports_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
                          cwd=tmp_path)
     assert out.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_families_option_lists_only_the_named_family(workspace, tiny_model):
+    """--families qloraevolved: no unsloth_* tool is listed (a smaller tool list in every agent's context); the
+    family-neutral tools stay."""
+    from conftest import McpSession, server_config
+    from llm_mcp.server.app import create_server
+
+    with McpSession(create_server(server_config(workspace, tiny_model, families=("qloraevolved",)))) as session:
+        names = set(session.tools())
+    assert QLORA_TOOLS <= names and {"estimate_memory", "inspect_dataset"} <= names
+    assert not [n for n in names if n.startswith("unsloth_")]

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="train runs with num_processes > 1 on this Ray cluster as Ray Train workers ('auto', "
                             "'host:port' or 'ray://host:port'; needs the [ray] extra); default: local processes "
                             "through torch's launcher")
+    serve.add_argument("--families", type=_families, default=os.environ.get("LLM_MCP_FAMILIES", ",".join(FAMILIES)),
+                       metavar="F[,F]", help="the tool families to list: qloraevolved, unsloth or both (default); "
+                                             "one family keeps the tool list, and so every agent's context, smaller")
     serve.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--max-dataset-bytes", type=_positive_int, default=None, metavar="BYTES",
                        help="refuse dataset files larger than this (default 2 GiB)")
@@ -90,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(make_tiny_model(args.dir, seed=args.seed))
     return 0
+
+
+FAMILIES = ("qloraevolved", "unsloth")
+
+
+def _families(value: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not names or set(names) - set(FAMILIES):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected one or both of {', '.join(FAMILIES)}, comma-separated")
+    return names
 
 
 def _positive_int(value: str) -> int:
@@ -145,7 +158,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(workspace=args.workspace, worker_python=args.worker_python,
                           unsloth_python=args.unsloth_python, allow_read=args.allow_read,
                           allow_remote_code=args.allow_remote_code, max_dataset_bytes=args.max_dataset_bytes,
-                          max_dataset_rows=args.max_dataset_rows, ray_address=args.ray_address)
+                          max_dataset_rows=args.max_dataset_rows, ray_address=args.ray_address,
+                          families=args.families)
     closed = threading.Event()
     server = create_server(config, token=args.token, closed=closed)
     if args.transport == "stdio":

@@ -367,6 +367,8 @@ class ServerConfig:
     max_dataset_bytes: int | None = None  # a dataset file larger than this is refused (None: data/'s default)
     max_dataset_rows: int | None = None  # a dataset with more rows than this is refused (None: data/'s default)
     ray_address: str | None = None  # runs with num_processes > 1 go to this Ray cluster (None: local processes)
+    families: tuple[str, ...] = ("qloraevolved", "unsloth")  # the tool families listed (estimate_memory and
+    # inspect_dataset always are)
 
 
 def check_chat_template(value: str | None) -> None:

@@ -161,9 +161,9 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
         unsloth_backend.attach_lora(bundle, LoraSpec(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=tuple(TARGETS),
                                                      gradient_checkpointing=True, seed=job["seed"]))
     else:
-        from llm_mcp.engine.load.model import load_model
+        from llm_mcp.engine.load.sources import load_qlora  # as the server loads (--ablate num_processes=2 repeats it)
 
-        bundle = load_model(LoadConfig(model_name=model_dir, max_length=max_length, lora_rank=64))
+        bundle = load_qlora(LoadConfig(model_name=model_dir, max_length=max_length, lora_rank=64))
     from llm_mcp.engine.train.run import train
 
     config = TrainingConfig(output_dir=output_dir, num_train_epochs=epochs, max_steps=-1, logging_steps=10,

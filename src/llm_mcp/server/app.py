@@ -76,7 +76,9 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
 
     auth = {"token_verifier": StaticTokenVerifier(token), "auth": auth_settings()} if token else {}
     server = MCPServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, **auth)
-    qlora_tools.register(server)
-    unsloth_tools.register(server)
+    if "qloraevolved" in config.families:
+        qlora_tools.register(server)
+    if "unsloth" in config.families:
+        unsloth_tools.register(server)
     general_tools.register(server)
     return server

@@ -12,19 +12,25 @@ from llm_mcp.config import (
     MAX_ID_CHARS, BatchSize, ComputeDtype, DatasetFormat, DistributedStrategy, LoadConfig, LoraRank, MaxLength,
     NumProcesses, Optimizer, QuantType, TrainingConfig,
 )
+from llm_mcp.server.annotations import add_tool
 from llm_mcp.server.common import DatasetArg, agent_tool, service_of
 
 
 @agent_tool
 async def estimate_memory(
     model_name: Annotated[str, Field(description="Local model folder or hub id; only its config.json is read.")],
-    quant_type: QuantType = LoadConfig.quant_type,
+    quant_type: Annotated[QuantType, Field(description="How the linear layers' weights are stored, as at load.")] \
+    = LoadConfig.quant_type,
     lora_rank: LoraRank = LoadConfig.lora_rank,
     batch_size: BatchSize = TrainingConfig.batch_size,
     max_length: MaxLength = LoadConfig.max_length,
-    use_gradient_checkpointing: bool = TrainingConfig.use_gradient_checkpointing,
-    compute_dtype: ComputeDtype = LoadConfig.compute_dtype,
-    optim: Optimizer = TrainingConfig.optim,
+    use_gradient_checkpointing: Annotated[bool, Field(description="Recompute activations in the backward pass: "
+                                                                  "far less activation memory, slower steps.")] \
+    = TrainingConfig.use_gradient_checkpointing,
+    compute_dtype: Annotated[ComputeDtype, Field(description="Dtype of compute and of unquantized weights.")] \
+    = LoadConfig.compute_dtype,
+    optim: Annotated[Optimizer, Field(description="Optimizer: its state is 8 bytes per trainable value (32-bit "
+                                                  "Adam) or 2 (8-bit).")] = TrainingConfig.optim,
     target_modules: Annotated[list[str] | None, Field(description="LoRA targets; default the 7 projections.")]
     = None,
     num_processes: NumProcesses = TrainingConfig.num_processes,
@@ -68,5 +74,5 @@ async def inspect_dataset(
 
 
 def register(server: Any) -> None:
-    server.add_tool(estimate_memory)
-    server.add_tool(inspect_dataset)
+    add_tool(server, estimate_memory)
+    add_tool(server, inspect_dataset)

@@ -18,6 +18,7 @@ from llm_mcp.config import (
     Optimizer, QuantType, ReportTo, SaveLimit, Seed, Steps,
     TrainingConfig, WarmupRatio, WeightDecay, validated,
 )
+from llm_mcp.server.annotations import add_tool
 from llm_mcp.server.common import DatasetArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
 from llm_mcp.server.service import QLORA
 
@@ -110,7 +111,8 @@ async def qloraevolved_prepare_for_training(
     weight_decay: WeightDecay = TrainingConfig.weight_decay,
     optim: Annotated[Optimizer, Field(description="Optimizer; paged/8-bit ones need bitsandbytes (paged falls back "
                                                   "to non-paged without CUDA).")] = TrainingConfig.optim,
-    lr_scheduler_type: LrScheduler = TrainingConfig.lr_scheduler_type,
+    lr_scheduler_type: Annotated[LrScheduler, Field(description="How the learning rate changes over the run after "
+                                                                "warm-up.")] = TrainingConfig.lr_scheduler_type,
     max_grad_norm: MaxGradNorm = TrainingConfig.max_grad_norm,
     logging_steps: Annotated[int, Field(ge=1, le=10_000_000, description="Log loss every N optimizer steps.")]
     = TrainingConfig.logging_steps,
@@ -142,6 +144,11 @@ async def qloraevolved_prepare_for_training(
             "warnings": result["warnings"]}
 
 
+# a train argument that overrides one setting of prepare_for_training for this run
+OVERRIDE = Field(description="This run's value of the prepare_for_training setting of the same name (null: the "
+                             "prepared value).")
+
+
 @agent_tool
 async def qloraevolved_train(
     model_id: ModelId,
@@ -159,25 +166,25 @@ async def qloraevolved_train(
     = False,
     overwrite_output_dir: Annotated[bool, Field(description="Allow writing into an output_dir that holds an "
                                                             "earlier run's results.")] = False,
-    learning_rate: LearningRate | None = None,
-    batch_size: BatchSize | None = None,
-    gradient_accumulation_steps: GradAccum | None = None,
-    num_train_epochs: Epochs | None = None,
-    max_steps: MaxSteps | None = None,
-    warmup_ratio: WarmupRatio | None = None,
-    weight_decay: WeightDecay | None = None,
-    optim: Optimizer | None = None,
-    lr_scheduler_type: LrScheduler | None = None,
-    max_grad_norm: MaxGradNorm | None = None,
-    logging_steps: Steps | None = None,
-    save_steps: Steps | None = None,
-    save_total_limit: SaveLimit | None = None,
-    output_dir: str | None = None,
-    report_to: ReportTo | None = None,
-    use_gradient_checkpointing: bool | None = None,
-    use_flash_attention_2: bool | None = None,
-    use_cpu_offload: bool | None = None,
-    seed: Seed | None = None,
+    learning_rate: Annotated[LearningRate | None, OVERRIDE] = None,
+    batch_size: Annotated[BatchSize | None, OVERRIDE] = None,
+    gradient_accumulation_steps: Annotated[GradAccum | None, OVERRIDE] = None,
+    num_train_epochs: Annotated[Epochs | None, OVERRIDE] = None,
+    max_steps: Annotated[MaxSteps | None, OVERRIDE] = None,
+    warmup_ratio: Annotated[WarmupRatio | None, OVERRIDE] = None,
+    weight_decay: Annotated[WeightDecay | None, OVERRIDE] = None,
+    optim: Annotated[Optimizer | None, OVERRIDE] = None,
+    lr_scheduler_type: Annotated[LrScheduler | None, OVERRIDE] = None,
+    max_grad_norm: Annotated[MaxGradNorm | None, OVERRIDE] = None,
+    logging_steps: Annotated[Steps | None, OVERRIDE] = None,
+    save_steps: Annotated[Steps | None, OVERRIDE] = None,
+    save_total_limit: Annotated[SaveLimit | None, OVERRIDE] = None,
+    output_dir: Annotated[str | None, OVERRIDE] = None,
+    report_to: Annotated[ReportTo | None, OVERRIDE] = None,
+    use_gradient_checkpointing: Annotated[bool | None, OVERRIDE] = None,
+    use_flash_attention_2: Annotated[bool | None, OVERRIDE] = None,
+    use_cpu_offload: Annotated[bool | None, OVERRIDE] = None,
+    seed: Annotated[Seed | None, OVERRIDE] = None,
     wait_seconds: WaitSeconds = 45,
     ctx: Context = None,
 ) -> dict[str, Any]:
@@ -212,6 +219,6 @@ async def qloraevolved_list_models(ctx: Context = None) -> dict[str, Any]:
 def register(server: Any) -> None:
     for tool in (qloraevolved_load_model, qloraevolved_prepare_for_training, qloraevolved_train,
                  qloraevolved_list_models):
-        server.add_tool(tool)
+        add_tool(server, tool)
     for fn, name, description in shared_tools(QLORA):
-        server.add_tool(fn, name=name, description=description)
+        add_tool(server, fn, name=name, description=description)

@@ -15,6 +15,7 @@ from llm_mcp.config import (
     validated,
 )
 from llm_mcp.errors import InvalidArgument
+from llm_mcp.server.annotations import add_tool
 from llm_mcp.server.common import DatasetArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
 from llm_mcp.server.service import UNSLOTH
 
@@ -136,6 +137,6 @@ def _asdict(settings: UnslothTrainingConfig) -> dict[str, Any]:
 
 def register(server: Any) -> None:
     for tool in (unsloth_load_model, unsloth_prepare_for_training, unsloth_train, unsloth_list_models):
-        server.add_tool(tool)
+        add_tool(server, tool)
     for fn, name, description in shared_tools(UNSLOTH):
-        server.add_tool(fn, name=name, description=description)
+        add_tool(server, fn, name=name, description=description)
