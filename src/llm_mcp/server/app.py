@@ -16,7 +16,7 @@ from llm_mcp.config import RAY_ADDRESS_ENV, ServerConfig
 from llm_mcp.jobs import ends
 from llm_mcp.jobs.manager import JobManager
 from llm_mcp.jobs.store import JobStore
-from llm_mcp.server import general_tools, qlora_tools, unsloth_tools
+from llm_mcp.server import general_tools, prompts, qlora_tools, resources, unsloth_tools
 from llm_mcp.server.http_auth import StaticTokenVerifier, auth_settings
 from llm_mcp.server.sandbox import Sandbox
 from llm_mcp.server.service import ModelService
@@ -49,6 +49,8 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
     workspace = Path(config.workspace).expanduser().resolve()
     state_dir = Path(config.state_dir).expanduser().resolve() if config.state_dir else workspace / ".llm-mcp"
 
+    running: dict[str, ModelService] = {}  # the live service, for resources read without a request context
+
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[ModelService]:
         store = JobStore(state_dir / "jobs.sqlite")
@@ -62,9 +64,11 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
                                **({RAY_ADDRESS_ENV: config.ray_address} if config.ray_address else {})},
                           family_python={"unsloth": config.unsloth_python or ""})
         jobs = JobManager(store)
-        try:
-            yield ModelService(pool, jobs, Sandbox.create(str(workspace), config.allow_read),
+        service = ModelService(pool, jobs, Sandbox.create(str(workspace), config.allow_read),
                                allow_remote_code=config.allow_remote_code)
+        running["service"] = service
+        try:
+            yield service
         finally:
             jobs.shutting_down = True
             try:
@@ -81,4 +85,6 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
     if "unsloth" in config.families:
         unsloth_tools.register(server)
     general_tools.register(server)
+    resources.register(server, lambda: running["service"])
+    prompts.register(server, "qloraevolved" if "qloraevolved" in config.families else "unsloth")
     return server
