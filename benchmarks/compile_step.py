@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from llm_mcp.dev.bench import MODEL_SIZES, benchmarks_file, make_model, record
+from llm_mcp.dev.bench_data import MODEL_SIZES, make_model
+from llm_mcp.dev.bench_records import benchmarks_file, record
 
 LENGTHS = [434, 420, 300, 200, 120, 80, 434, 300]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from llm_mcp.config import LoadConfig, RunOptions, TrainingConfig
-from llm_mcp.dev.bench import make_dataset, make_model
+from llm_mcp.dev.bench_data import make_dataset, make_model
 from llm_mcp.engine.device import peak_memory_bytes
 from llm_mcp.engine.load.model import load_model
 from llm_mcp.engine.train.run import train

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mcp import Client
 
-from llm_mcp.dev.bench import benchmarks_file, record
+from llm_mcp.dev.bench_records import benchmarks_file, record
 
 MIB = 1024 * 1024
 

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llm_mcp.dev.bench import benchmarks_file, record
+from llm_mcp.dev.bench_records import benchmarks_file, record
 
 
 def main() -> int:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llm_mcp.dev.bench import benchmarks_file, record
+from llm_mcp.dev.bench_records import benchmarks_file, record
 
 CATEGORIES = {  # aten op name fragments -> what they are, for a readable summary
     "dropout masks": ("bernoulli", "uniform", "dropout"),
@@ -110,7 +110,7 @@ def main() -> int:
                         help="the rows of llm-mcp bench --dataset (short: prompts of 3-180 words, 1-8 word answers)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    from llm_mcp.dev.bench import DATASETS, make_model
+    from llm_mcp.dev.bench_data import DATASETS, make_model
 
     make_rows, _, dataset_rows, lengths, _ = DATASETS[args.dataset]
     args.max_length = args.max_length or lengths[-1]

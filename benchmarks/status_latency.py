@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mcp import Client, StdioServerParameters
 
-from llm_mcp.dev.bench import benchmarks_file, record
+from llm_mcp.dev.bench_records import benchmarks_file, record
 from llm_mcp.dev.tiny import demo_records, make_tiny_model
 
 

@@ -100,7 +100,7 @@ def test_record_finds_the_checkout_from_the_working_directory_or_is_told(tmp_pat
 def test_the_short_job_is_unlike_the_long_one():
     """--dataset short: prompts of 3-180 words spread log-normally and completions of 1-8 words, with its own
     learning rate carried to both the baseline and the engine (the data file holds the job)."""
-    from llm_mcp.dev.bench import DATASETS, make_dataset, make_short_dataset
+    from llm_mcp.dev.bench_data import DATASETS, make_dataset, make_short_dataset
 
     rows = make_short_dataset(400, 256)
     prompt_words = [len(r["prompt"].split()) for r in rows]

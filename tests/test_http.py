@@ -63,6 +63,44 @@ def test_http_client_with_token_lists_tools_and_calls_list_models(http_server):
     assert not result.is_error and result.structured_content == {"status": "success", "models": {}}
 
 
+def test_http_streams_are_resumable(http_server):
+    """An SSE answer (protocol 2025-11-25 on) opens with a priming event (an id, no data) and says when to
+    reconnect (`retry`), so a client that loses the stream reconnects with Last-Event-ID (the server keeps the
+    events: server/event_store.py)."""
+    from llm_mcp.server.event_store import RETRY_MS
+
+    url, _, _ = http_server
+    newer = {**INITIALIZE, "params": {**INITIALIZE["params"], "protocolVersion": "2025-11-25"}}  # primes streams
+    answer = httpx2.post(url, json=newer, headers={**MCP_HEADERS, "Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+    assert f"retry: {RETRY_MS}" in answer.text and "\nid: " in "\n" + answer.text, answer.text[:300]
+
+
+def test_event_store_replays_what_a_stream_missed_within_its_bounds():
+    import anyio
+
+    from llm_mcp.server.event_store import BoundedEventStore
+
+    async def run() -> tuple[list[str], list[str], object]:
+        store = BoundedEventStore(per_stream=3, streams=2)
+        ids = [await store.store_event("a", None)]  # the priming event
+        for n in range(4):
+            ids.append(await store.store_event("a", {"jsonrpc": "2.0", "method": f"m{n}"}))
+        await store.store_event("b", {"jsonrpc": "2.0", "method": "other"})
+        seen: list[str] = []
+
+        async def send(event) -> None:
+            seen.append(event.message["method"])
+
+        stream = await store.replay_events_after(ids[2], send)  # after m1: m2, m3 (m0 fell out of the bound)
+        await store.store_event("c", None)  # a third stream: the least recently written ("a") is forgotten
+        gone = await store.replay_events_after(ids[3], send)
+        return seen, [stream], gone
+
+    seen, streams, gone = anyio.run(run)
+    assert seen == ["m2", "m3"] and streams == ["a"] and gone is None
+
+
 def test_http_bad_host_header_is_rejected_even_with_the_token(http_server):
     """DNS-rebinding protection stays on: a foreign Host (or Origin) is refused although the token is right."""
     url, _, _ = http_server

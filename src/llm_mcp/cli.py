@@ -201,9 +201,12 @@ async def _serve_http(server: Any, args: argparse.Namespace) -> None:
     (a token sent as ?token=... must never reach a log)."""
     import uvicorn
 
+    from llm_mcp.server.event_store import RETRY_MS, BoundedEventStore
     from llm_mcp.server.http_auth import QueryStringRedactor, transport_security
 
-    app = server.streamable_http_app(transport_security=transport_security(args.host, args.port), host=args.host)
+    # resumable streams: a client that reconnects with Last-Event-ID gets the events it missed
+    app = server.streamable_http_app(transport_security=transport_security(args.host, args.port), host=args.host,
+                                     event_store=BoundedEventStore(), retry_interval=RETRY_MS)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     logging.getLogger("uvicorn.access").addFilter(QueryStringRedactor())  # after Config, which resets logging
     print(f"llm-mcp: serving MCP over streamable HTTP at http://{args.host}:{args.port}/mcp", file=sys.stderr,

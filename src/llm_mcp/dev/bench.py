@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
-import random
 import subprocess
 import sys
 import tempfile
@@ -24,48 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llm_mcp.dev.bench_data import DATASETS, MODEL_SIZES, make_model
+from llm_mcp.dev.bench_records import benchmarks_file, describe_machine, find_checkout, record
+
 _PROCESS_START = time.monotonic()  # time to first step counts imports too, the same for every variant
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The job every variant runs: the qloraevolved spec's hyper-parameters (paged optimizer -> its CPU twin).
 JOB = {"learning_rate": 2e-4, "batch_size": 8, "gradient_accumulation_steps": 1, "warmup_ratio": 0.03,
        "weight_decay": 0.01, "lr_scheduler_type": "cosine", "max_grad_norm": 0.3, "seed": 42}
-WORDS = ("the a model data learns answer question support ticket customer order refund shipping account password "
-         "reset please thanks help issue error update install version server request time days week").split()
-
-
-def make_dataset(rows: int, max_length: int, seed: int = 0) -> list[dict[str, str]]:
-    """Prompt/completion rows with a long-tailed length distribution: most short, a few near max_length."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(rows):
-        words = min(int(rng.lognormvariate(math.log(max_length / 12), 0.9)) + 4, max_length)  # ~1-2 tokens/word
-        split = max(2, words // 3)
-        text = [rng.choice(WORDS) for _ in range(words)]
-        out.append({"prompt": " ".join(text[:split]) + "?", "completion": " " + " ".join(text[split:]) + "."})
-    return out
-
-
-def make_short_dataset(rows: int, max_length: int, seed: int = 0) -> list[dict[str, str]]:
-    """Short-sequence rows unlike the long-tailed job's: prompts of 3-180 words in a log-normal spread and short
-    completions (1-8 words), as support-ticket or classification data looks."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(rows):
-        words = max(3, min(180, int(rng.lognormvariate(math.log(25), 0.9))))
-        prompt = [rng.choice(WORDS) for _ in range(words)]
-        answer = [rng.choice(WORDS) for _ in range(rng.randint(1, 8))]
-        out.append({"prompt": " ".join(prompt) + "?", "completion": " " + " ".join(answer) + "."})
-    return out
-
-
-# --dataset name -> (its rows, the job's own settings over JOB, default rows, default max_lengths, description)
-DATASETS: dict[str, tuple[Any, dict[str, Any], int, list[int], str]] = {
-    "long": (make_dataset, {}, 256, [256, 512], "long-tailed prompt/completion rows"),
-    "short": (make_short_dataset, {"learning_rate": 2e-3}, 400, [256],
-              "short-sequence rows (prompts of 3-180 words, log-normal; completions of 1-8 words), lr 2e-3"),
-}
-
-
 # -- one variant, in a child process ----------------------------------------------------------------------------
 def run_variant(variant: str, model_dir: str, data_file: str, max_length: int, epochs: float,
                 options: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
@@ -179,16 +142,6 @@ def _run_engine(variant: str, model_dir: str, train_rows: list, eval_rows: list,
 
 
 # -- the orchestrating run -------------------------------------------------------------------------------------
-def find_checkout(start: Path | None = None) -> Path | None:
-    """The llm-mcp-server checkout holding the working directory (pyproject.toml beside docs/benchmarks.md), if
-    any: an installed package does not know where its source lives."""
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").is_file() and (folder / "docs" / "benchmarks.md").is_file():
-            return folder
-    return None
-
-
 def _unsloth_python() -> str | None:
     checkout = find_checkout()
     python = os.environ.get("LLM_MCP_UNSLOTH_PYTHON") or (
@@ -222,42 +175,6 @@ def _child(index: int, variant: str, python: str, model_dir: Path, data_file: Pa
     if done.returncode != 0:
         return {"variant": variant, "error": done.stderr.strip().splitlines()[-1][:300] if done.stderr else "failed"}
     return json.loads(out.read_text())
-
-
-# name -> make_sized_model's arguments (None: the built-in tiny model). The sweep's models run on 2 CPU cores; the
-# -shape models have a real model's dimensions and Llama 3's 128k vocabulary with random weights, for throughput and
-# memory on a GPU (what they learn is noise).
-MODEL_SIZES: dict[str, dict[str, Any] | None] = {
-    "tiny-0.3M": None,
-    "llama-3.5M": {"hidden": 256, "layers": 4},
-    "llama-25M": {"hidden": 512, "layers": 8},
-    "llama-100M": {"hidden": 768, "layers": 12},
-    "llama-3.2-1B-shape": {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192,
-                           "vocab": 128256, "tie_word_embeddings": True, "max_positions": 8192},
-    "llama-3.1-8B-shape": {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 8, "intermediate": 14336,
-                           "vocab": 128256, "max_positions": 8192},
-    "smollm2-135m": {"real": "smollm2-135m-instruct"},  # real weights: fetched once (real_models.py), then cached
-}
-
-
-def make_model(work: Path, name: str) -> Path:
-    """Write the benchmark model `name` (a MODEL_SIZES key) under `work`; its folder."""
-    from llm_mcp.dev.tiny import make_sized_model, make_tiny_model
-
-    shape = MODEL_SIZES[name]
-    if shape and "real" in shape:
-        from llm_mcp.dev.real_models import default_cache, fetch_model
-
-        return fetch_model(shape["real"], default_cache() / shape["real"])
-    return make_tiny_model(work / name) if shape is None else make_sized_model(work / name, **shape)
-
-
-def describe_machine() -> str:
-    """The machine a table was measured on: architecture, cores and GPU (nvidia-smi's name; no torch import)."""
-    from llm_mcp.memory import nvidia_smi_query
-
-    gpus = nvidia_smi_query("name")
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {', '.join(gpus) if gpus else 'no GPU'}"
 
 
 MEASURES = ("tokens_per_second", "peak_memory_bytes", "eval_loss")  # reported as ratios to the baseline
@@ -333,24 +250,6 @@ def run_bench(quick: bool, record_to: Path | None, json_path: str | None, models
                                 f"baseline (TRL defaults + gradient checkpointing); tokens are real (non-padding) "
                                 f"tokens.{spread}\n\n{text}")
     return 0
-
-
-def benchmarks_file(named: str | None) -> Path:
-    """The file --record appends to: --docs FILE, else LLM_MCP_BENCHMARKS_FILE, else the docs/benchmarks.md of
-    the checkout holding the working directory. ValueError says how to name one where none is found."""
-    if named or os.environ.get("LLM_MCP_BENCHMARKS_FILE"):
-        return Path(named or os.environ["LLM_MCP_BENCHMARKS_FILE"])
-    checkout = find_checkout()
-    if checkout is None:
-        raise ValueError(f"no docs/benchmarks.md in {Path.cwd()} or a folder above it (run from the repository's "
-                         "checkout, or name the file with --docs FILE)")
-    return checkout / "docs" / "benchmarks.md"
-
-
-def record(path: Path, title: str, body: str) -> None:
-    """Append a dated section to the benchmarks file (every benchmark's --record)."""
-    with open(path, "a") as f:
-        f.write(f"\n## {title} ({time.strftime('%Y-%m-%d')})\n\n{body}\n")
 
 
 def _table(results: list[dict]) -> str:

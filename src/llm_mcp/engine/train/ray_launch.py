@@ -26,8 +26,8 @@ def _ray() -> Any:
         import ray
         import ray.train.torch  # noqa: F401  Ray Train, part of ray[train]
     except ImportError:
-        raise InvalidArgument("--ray-address", os.environ.get(RAY_ADDRESS_ENV), "a server without "
-                              f"--ray-address, or Ray installed in the model worker's environment ({INSTALL})") from None
+        raise InvalidArgument("--ray-address", os.environ.get(RAY_ADDRESS_ENV), "a server without --ray-address, "
+                              f"or Ray installed in the model worker's environment ({INSTALL})") from None
     return ray
 
 

@@ -241,8 +241,8 @@ def _run_guarded(trainer: Any, resume: str | None, config: TrainingConfig, bundl
         ) from None
 
 
-def _answer(bundle: ModelBundle, config: TrainingConfig, trainer: Any, metrics: dict[str, float], final: Path, data: PreparedDataset,
-            choices: EngineChoices, warnings: list[str], callback: ProgressCallback,
+def _answer(bundle: ModelBundle, config: TrainingConfig, trainer: Any, metrics: dict[str, float], final: Path,
+            data: PreparedDataset, choices: EngineChoices, warnings: list[str], callback: ProgressCallback,
             resume: str | None) -> dict[str, Any]:
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history
               if "loss" in h and h["step"] > callback.start_step]
