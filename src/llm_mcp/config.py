@@ -24,7 +24,8 @@ LrScheduler = Literal[
     "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
 ]
 ReportTo = Literal["tensorboard", "none"]
-DatasetFormat = Literal["auto", "text", "alpaca", "prompt_completion", "messages"]
+DatasetFormat = Literal["auto", "text", "alpaca", "prompt_completion", "messages", "preference"]
+TrainingMethod = Literal["sft", "dpo"]
 
 FOUR_BIT_QUANT_TYPES: tuple[str, ...] = ("nf4", "nf4_optimized", "int4")
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -152,6 +153,12 @@ class TrainingConfig:
     # FSDP2 where it does not.
     num_processes: NumProcesses = 1
     distributed_strategy: DistributedStrategy = "auto"
+    # What is trained: sft (supervised, on answers) or dpo (preference pairs {prompt, chosen, rejected}; the
+    # reference model is the base without the adapter). beta and loss_type are TRL's DPO settings, by its names.
+    method: TrainingMethod = "sft"
+    beta: Annotated[float, Field(gt=0, le=100, description="DPO: how far the model may move from the reference "
+                                                            "(higher: closer to it).")] = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     # Engine flags: choices that make training faster or leaner without changing what is learned. Each is one
     # _engine_flag entry here (its default and what it does, which the docs, bench --ablate and the train answer
     # read through ENGINE_FLAGS) plus its implementation in the engine (engine/train/choices.py decides it).

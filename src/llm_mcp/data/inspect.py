@@ -19,7 +19,7 @@ from typing import Any
 from llm_mcp.data.chat_templates import choice_of, end_of_turn_token, summary, trained_runs
 from llm_mcp.data.datasets import CheckedRow, CheckedRows, Tally, chosen_format, read_source, to_training_rows
 from llm_mcp.data.readers import MiB, Prefix, ReadProgress, TooLargeToSample
-from llm_mcp.data.rows import row_format
+from llm_mcp.data.rows import PREFERENCE, row_format
 from llm_mcp.errors import DatasetError
 
 TRAIN_START, TRAIN_END = "[[TRAIN]]", "[[/TRAIN]]"  # marks the trained part of a rendered example
@@ -47,7 +47,8 @@ def inspect_dataset(source: Any, *, dataset_format: str, tokenizer: Any = None, 
         "rows": survey.rows,
         "usable_rows": survey.usable_count,
         "columns": rows.columns,
-        "loss_on": "answers only" if rows.fmt != "text" else "all tokens",
+        "loss_on": ("preference pairs (chosen over rejected; method='dpo')" if rows.fmt == PREFERENCE
+                    else "answers only" if rows.fmt != "text" else "all tokens"),
     }
     notes = []
     if not source_rows.progress.complete:
@@ -55,8 +56,11 @@ def inspect_dataset(source: Any, *, dataset_format: str, tokenizer: Any = None, 
         notes.append(_sample_note(source_rows.progress))
     if not survey.usable:
         return {**answer, "examples": [], "problems": problems, **_note(notes)}
-    if tokenizer is None:
+    if tokenizer is None or rows.fmt == PREFERENCE:  # pairs: shown as they are, lengths of prompt + longer answer
         answer["examples"] = [_plain(r) for r in survey.usable[:_EXAMPLES]]
+        if tokenizer is not None:
+            answer["length_tokens"] = _stats([_count(tokenizer, _pair_text(r)) for r in survey.usable])
+            return {**answer, "problems": problems, **_note(notes)}
         answer["length_chars"] = _stats([len(_plain(r)) for r in survey.usable])
         notes.append("Pass model_id to render with the model's chat template and count tokens"
                      f"{', reading every row in its worker' if 'sampled' in answer else ''}.")
@@ -262,7 +266,18 @@ def _count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def _flat(value: Any) -> str:
+    return value if isinstance(value, str) else "\n".join(f"{m['role']}: {m['content']}" for m in value)
+
+
+def _pair_text(row: dict[str, Any]) -> str:
+    return _flat(row["prompt"]) + max(_flat(row["chosen"]), _flat(row["rejected"]), key=len)
+
+
 def _plain(row: dict[str, Any]) -> str:
+    if "chosen" in row:  # a preference pair: the chosen answer is trained toward, the rejected one away from
+        return (f"{_flat(row['prompt'])}{TRAIN_START}chosen: {_flat(row['chosen'])}{TRAIN_END} "
+                f"{TRAIN_START}rejected: {_flat(row['rejected'])}{TRAIN_END}")
     if "text" in row:
         return row["text"]
     if "messages" in row:

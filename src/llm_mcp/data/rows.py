@@ -13,14 +13,16 @@ from typing import Any
 
 FORMATS_HELP = (
     "rows with 'text'; or 'instruction' + 'output' (+ optional 'input', Alpaca); or 'prompt' + 'completion'; "
-    "or 'messages' (a list of {role, content}); or ShareGPT 'conversations' (a list of {from, value})"
+    "or 'messages' (a list of {role, content}); or ShareGPT 'conversations' (a list of {from, value}); or "
+    "preference pairs 'prompt' + 'chosen' + 'rejected' (method='dpo')"
 )
+PREFERENCE = "preference"  # {prompt, chosen, rejected}: what preference methods (dpo) train on
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system turn
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "model": "assistant", "tool": "tool"}
 _NEEDED = {"text": {"text"}, "alpaca": {"instruction", "output"}, "prompt_completion": {"prompt", "completion"},
-           "messages": {"messages"}, "sharegpt": {"conversations"}}
+           "messages": {"messages"}, "sharegpt": {"conversations"}, PREFERENCE: {"prompt", "chosen", "rejected"}}
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ EMPTY = Converted(None)
 
 def detect_format(columns: list[str]) -> str | None:
     cols = set(columns)
+    if {"prompt", "chosen", "rejected"} <= cols:
+        return PREFERENCE
     if "messages" in cols:
         return "messages"
     if "conversations" in cols:
@@ -68,6 +72,8 @@ def convert_row(row: dict[str, Any], fmt: str) -> Converted:
         return _alpaca(row)
     if fmt == "sharegpt":
         return _sharegpt(row)
+    if fmt == PREFERENCE:
+        return _preference(row)
     return _chat(row.get("messages"), "messages")
 
 
@@ -102,6 +108,29 @@ def _prompt_completion(row: dict[str, Any]) -> Converted:
         return Converted({"prompt": prompt, "completion": completion})
     return Converted(None, f"prompt is a {_json_type(prompt)} and completion a {_json_type(completion)}; both "
                            f"strings, or both lists of messages, are allowed")
+
+
+def _preference(row: dict[str, Any]) -> Converted:
+    """A preference pair: the prompt, and the answer preferred (chosen) over the other (rejected); all strings,
+    or all lists of messages (chosen and rejected the assistant turns)."""
+    prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+    if _blank(prompt) or _blank(chosen) or _blank(rejected):
+        return EMPTY
+    if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
+        if chosen.strip() == rejected.strip():
+            return Converted(None, "chosen and rejected are the same answer; a pair must prefer one over another")
+        return Converted({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if all(isinstance(v, list) for v in (prompt, chosen, rejected)):
+        for name, turns in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            for i, m in enumerate(turns):
+                if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                        not isinstance(m.get("role"), str) or ROLE_ALIASES.get(m["role"], m["role"]) not in ROLES:
+                    return _wrong_type(f"{name}[{i}]", m, "an object with a known 'role' and string 'content'")
+        if chosen == rejected:
+            return Converted(None, "chosen and rejected are the same answer; a pair must prefer one over another")
+        return Converted({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return Converted(None, f"prompt, chosen and rejected are a {_json_type(prompt)}, a {_json_type(chosen)} and a "
+                           f"{_json_type(rejected)}; all strings, or all lists of messages, are allowed")
 
 
 def _alpaca(row: dict[str, Any]) -> Converted:

@@ -154,9 +154,12 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
         eval_dataset: DatasetArg,
         dataset_format: Annotated[DatasetFormat, Field(description="Row format; 'auto' detects it.")] = "auto",
         batch_size: BatchSize = 4,
+        use_adapter: Annotated[bool, Field(description="false: evaluate the base model without the adapter, for "
+                                                       "before/after comparisons.")] = True,
         ctx: Context = None,
     ) -> dict[str, Any]:
-        return await service_of(ctx).evaluate(family, model_id, eval_dataset, dataset_format, batch_size)
+        return await service_of(ctx).evaluate(family, model_id, eval_dataset, dataset_format, batch_size,
+                                              use_adapter=use_adapter)
 
     @agent_tool
     async def export(

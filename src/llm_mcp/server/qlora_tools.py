@@ -15,7 +15,7 @@ from pydantic import Field
 from llm_mcp.config import (
     MAX_ID_CHARS, BatchSize, ChatTemplate, ComputeDtype, DatasetFormat, DeviceMap, Epochs, GradAccum, LearningRate,
     LoadConfig, LoraAlpha, LoraDropout, LoraRank, LrScheduler, MaxGradNorm, MaxLength, MaxSteps, Nf4OptimizedBudget,
-    Optimizer, QuantType, ReportTo, SaveLimit, Seed, Steps,
+    Optimizer, QuantType, ReportTo, SaveLimit, Seed, Steps, TrainingMethod,
     TrainingConfig, WarmupRatio, WeightDecay, validated,
 )
 from llm_mcp.server.annotations import add_tool
@@ -185,6 +185,9 @@ async def qloraevolved_train(
     use_flash_attention_2: Annotated[bool | None, OVERRIDE] = None,
     use_cpu_offload: Annotated[bool | None, OVERRIDE] = None,
     seed: Annotated[Seed | None, OVERRIDE] = None,
+    method: Annotated[TrainingMethod | None, Field(description=(
+        "What is trained: 'sft' (supervised, on answers; the default) or 'dpo' (preference pairs {prompt, chosen, "
+        "rejected}, the base without the adapter as reference; beta and loss_type in training_config)."))] = None,
     wait_seconds: WaitSeconds = 45,
     ctx: Context = None,
 ) -> dict[str, Any]:

@@ -236,11 +236,11 @@ class ModelService:
         return {"status": "success", "model_id": model_id, **answer}
 
     async def evaluate(self, family: Family, model_id: str, dataset: DatasetSource, dataset_format: str,
-                       batch_size: int) -> dict[str, Any]:
+                       batch_size: int, *, use_adapter: bool = True) -> dict[str, Any]:
         loaded = self._get(family, model_id)
         dataset = self.sandbox.dataset("eval_dataset", dataset)
-        return {**await loaded.worker.request(Evaluate(new_request_id(), dataset, dataset_format, batch_size),
-                                                queue=True),
+        command = Evaluate(new_request_id(), dataset, dataset_format, batch_size, use_adapter)
+        return {**await loaded.worker.request(command, queue=True),
                 "model_id": model_id}
 
     async def export(self, family: Family, model_id: str, config: ExportConfig,

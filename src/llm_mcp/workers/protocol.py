@@ -52,6 +52,7 @@ class Evaluate:
     dataset: DatasetSource
     dataset_format: str = "auto"
     batch_size: int = 4
+    use_adapter: bool = True  # false: the base model without the adapter
 
 
 @dataclass(frozen=True)

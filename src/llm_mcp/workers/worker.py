@@ -93,11 +93,11 @@ def handle(cmd: Command, state: WorkerState, channel: _Channel, controls: "_Cont
             from llm_mcp.engine.infer.generate import generate
 
             return generate(state.bundle, config)
-        case Evaluate(dataset=dataset, dataset_format=fmt, batch_size=batch_size):
+        case Evaluate(dataset=dataset, dataset_format=fmt, batch_size=batch_size, use_adapter=use_adapter):
             from llm_mcp.engine.infer.evaluate import evaluate
 
             return evaluate(state.bundle, dataset, dataset_format=fmt, batch_size=batch_size,
-                            should_stop=controls.should_stop)
+                            should_stop=controls.should_stop, use_adapter=use_adapter)
         case Export(config=config, probe_prompt=probe):
             from llm_mcp.engine.export.merge import export
 

@@ -1,5 +1,6 @@
 """Eval loss and perplexity of a loaded model on a dataset, computed exactly as training computes its eval loss:
-the same dataset preparation (answer-only loss, EOS) and TRL's SFTTrainer.evaluate."""
+the same dataset preparation (answer-only loss, EOS) and TRL's SFTTrainer.evaluate; on preference pairs, the
+preference accuracy (preference.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from llm_mcp.data.datasets import prepare as prepare_dataset
+from llm_mcp.data.rows import PREFERENCE
+from llm_mcp.engine.infer.preference import preference_accuracy
 from llm_mcp.engine.device import detect
 from llm_mcp.engine.patches.float32_compute import bf16_slowdown, float32_compute, is_emulated, trainable_tensors_kept
 from llm_mcp.engine.load.model import ModelBundle
@@ -18,12 +21,34 @@ from llm_mcp.engine.patches.guard import may_apply
 
 
 def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_size: int,
-             should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    from trl import SFTConfig, SFTTrainer
-
+             should_stop: Callable[[], bool] | None = None, use_adapter: bool = True) -> dict[str, Any]:
+    """use_adapter=false evaluates the base model (the adapter disabled for the call)."""
     data = prepare_dataset(source, dataset_format=dataset_format,
                            chat_template=getattr(bundle.tokenizer, "chat_template", None), param="eval_dataset",
                            tokenizer=bundle.tokenizer, should_stop=should_stop)
+    model = bundle.model
+    without_adapter = model.disable_adapter() if not use_adapter and hasattr(model, "disable_adapter") \
+        else contextlib.nullcontext()
+    was_training = model.training
+    try:
+        with without_adapter:
+            if data.source_format == PREFERENCE:
+                model.eval()
+                started = time.perf_counter()
+                result = preference_accuracy(model, bundle.tokenizer, list(data.dataset), should_stop=should_stop)
+                return {"status": "success", **result, "rows": len(data.dataset), "dataset_format": PREFERENCE,
+                        "used_adapter": use_adapter and hasattr(model, "disable_adapter"),
+                        "eval_runtime": round(time.perf_counter() - started, 3), "warnings": data.warnings}
+            answer = _eval_loss(bundle, data, batch_size)
+    finally:
+        model.train(was_training)
+    answer["used_adapter"] = use_adapter and hasattr(model, "disable_adapter")
+    return answer
+
+
+def _eval_loss(bundle: ModelBundle, data: Any, batch_size: int) -> dict[str, Any]:
+    from trl import SFTConfig, SFTTrainer
+
     hw = detect()
     with tempfile.TemporaryDirectory(prefix="llm-mcp-eval-") as scratch:  # evaluate() writes nothing we keep
         args = SFTConfig(

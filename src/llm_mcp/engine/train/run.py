@@ -1,4 +1,5 @@
-"""TrainingConfig + EngineChoices -> TRL SFTConfig + SFTTrainer on a loaded ModelBundle, and the run's answer.
+"""TrainingConfig + EngineChoices -> a TRL trainer (the method's: methods.py) on a loaded ModelBundle, and the run's
+answer.
 
 TRL does the work (tokenizing, masking prompts, EOS, batching, checkpoints, TensorBoard); this module builds its
 config from ours and the engine's choices (choices.py), runs it with the chosen patches applied
@@ -20,6 +21,7 @@ from typing import Any
 from llm_mcp import output_lock
 from llm_mcp.config import RAY_ADDRESS_ENV, RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
+from llm_mcp.data.rows import PREFERENCE
 from llm_mcp.disk import disk_full_as_error, require_free
 from llm_mcp.engine.train.checkpoints import (CheckpointSeal, CheckpointSpace, ResumePoint, SaveSizes, resolve_resume,
                                               save_sizes)
@@ -28,7 +30,7 @@ from llm_mcp.engine.train.choices import EngineChoices, decide, read_facts
 from llm_mcp.engine.device import detect, peak_memory_bytes, reset_peak_memory
 from llm_mcp.engine.durable import fsync_tree, move_into_place
 from llm_mcp.engine.patches.float32_compute import float32_compute, trainable_tensors_kept
-from llm_mcp.engine.train import ranks
+from llm_mcp.engine.train import methods, ranks
 from llm_mcp.engine.train.lora_shape import check_resume_fits
 from llm_mcp.engine.load.model import ModelBundle
 from llm_mcp.engine.patches.apply import applied, set_attention
@@ -93,11 +95,9 @@ def run_training(bundle: ModelBundle, config: TrainingConfig, train_source: Any,
                  extra_callbacks: list[Any] = ()) -> dict[str, Any]:
     """One process's training: the whole run, or one rank's part of a run across processes (rank 0 writes the
     checkpoints and the final adapter; every rank trains)."""
-    from trl import SFTConfig, SFTTrainer
-
     reset_peak_memory()  # this run's peak, not an earlier run's in the same worker
     warnings = list(notes) + list(bundle.warnings)
-    choices = decide(config, read_facts(bundle, config))
+    choices = methods.adjusted(config.method, decide(config, read_facts(bundle, config)))
     set_attention(bundle, choices.attn_implementation)
     warnings += choices.warnings
     out = Path(config.output_dir)
@@ -114,8 +114,11 @@ def run_training(bundle: ModelBundle, config: TrainingConfig, train_source: Any,
         eval_source, dataset_format=options.dataset_format, chat_template=template, param="eval_dataset",
         tokenizer=bundle.tokenizer, should_stop=should_stop, skip_invalid_rows=options.skip_invalid_rows)
     warnings += train_data.warnings + (eval_data.warnings if eval_data else [])
+    methods.check_data(config.method, train_data.source_format, "train_dataset")
+    if eval_data is not None:
+        methods.check_data(config.method, eval_data.source_format, "eval_dataset")
 
-    args = SFTConfig(
+    common = dict(
         output_dir=str(out), learning_rate=config.learning_rate, per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
         num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
@@ -126,13 +129,8 @@ def run_training(bundle: ModelBundle, config: TrainingConfig, train_source: Any,
         # save_total_limit is applied by CheckpointSeal, among complete checkpoints only
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=None,
         report_to=list(choices.report_to),
-        **_checkpointing_args(SFTConfig, choices.use_gradient_checkpointing),
-        packing=choices.packing,
-        train_sampling_strategy="group_by_length" if choices.group_by_length else "random",
         bf16=choices.bf16, fp16=choices.fp16, use_cpu=choices.use_cpu, seed=config.seed,
-        use_liger_kernel=choices.use_liger_kernel,
-        data_seed=config.seed, max_length=bundle.max_length,
-        assistant_only_loss=train_data.assistant_only_loss,
+        use_liger_kernel=choices.use_liger_kernel, data_seed=config.seed,
         eval_strategy="steps" if (eval_data and options.eval_steps) else "no", eval_steps=options.eval_steps,
         disable_tqdm=True, dataloader_pin_memory=False,
     )
@@ -140,23 +138,28 @@ def run_training(bundle: ModelBundle, config: TrainingConfig, train_source: Any,
     space = CheckpointSpace(out, sizes, config.save_total_limit, warnings)
     # float32_compute keeps the adapters' float32 values: building the trainer rounds them to bf16 (TRL's QLoRA cast)
     with trainable_tensors_kept(bundle.model) if choices.float32_compute else nullcontext():
-        trainer = SFTTrainer(
-            model=bundle.model, args=args, train_dataset=train_data.dataset,
-            eval_dataset=eval_data.dataset if eval_data else None, processing_class=bundle.tokenizer,
+        trainer = methods.build_trainer(
+            config.method, config, choices, common,
+            checkpointing=lambda cls: _checkpointing_args(cls, choices.use_gradient_checkpointing),
+            model=bundle.model, tokenizer=bundle.tokenizer, train_data=train_data, eval_data=eval_data,
+            max_length=bundle.max_length,
             # the seal before the progress report (no checkpoint reported unsealed), the space check after the
             # stop callback (which asks for a save at the step's end)
-            callbacks=[CheckpointSeal(config.save_total_limit), callback, space, *extra_callbacks],
-        )
+            callbacks=[CheckpointSeal(config.save_total_limit), callback, space, *extra_callbacks])
     if choices.padding_free:
         _make_padding_free(trainer)
     choices, changed = _engine_changes(trainer, choices)
     warnings += changed
-    with applied(bundle.model, choices):  # undone when training ends: generation and export run on peft's model
-        result = _run_saving_safely(trainer, resume, config, bundle, space)
-    metrics = {k: float(result.metrics[k]) for k in SPEC_METRICS if k in result.metrics}
-    if eval_data is not None and not callback.stopped:  # a stopped run saves and ends quickly
-        with float32_compute(bundle.model) if choices.float32_compute else nullcontext():  # as it trained
-            metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+    try:
+        with applied(bundle.model, choices):  # undone when training ends: generation and export run on peft's model
+            result = _run_saving_safely(trainer, resume, config, bundle, space)
+        metrics = {k: float(result.metrics[k]) for k in SPEC_METRICS if k in result.metrics}
+        metrics.update(methods.method_metrics(config.method, trainer.state.log_history))
+        if eval_data is not None and not callback.stopped:  # a stopped run saves and ends quickly
+            with float32_compute(bundle.model) if choices.float32_compute else nullcontext():  # as it trained
+                metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+    finally:
+        methods.finish(config.method, bundle.model)  # the model keeps its one adapter, whatever happened
     final = out / "final"
     _save_final(trainer, bundle.tokenizer, final, sizes)
     answer = _answer(bundle, config, trainer, metrics, final, train_data, choices, warnings, callback, resume)
@@ -258,10 +261,16 @@ def _answer(bundle: ModelBundle, config: TrainingConfig, trainer: Any, metrics: 
         "loss_history": [{"step": s, "loss": round(v, 5)} for s, v in losses[-50:]],
         "resumed_from": resume,
         "dataset": {"rows": len(data.dataset), "format": data.source_format,
-                    "loss_on": "answers only" if data.source_format != "text" else "all tokens"},
+                    "loss_on": _loss_on(data.source_format)},
         "effective_config": {**asdict(config), **choices.effective()},
         "warnings": warnings,
     }
+
+
+def _loss_on(source_format: str) -> str:
+    if source_format == PREFERENCE:
+        return "preference pairs (chosen over rejected)"
+    return "answers only" if source_format != "text" else "all tokens"
 
 
 def _checkpoints(out: Path) -> list[Path]:
