@@ -388,6 +388,26 @@ def _lora_step(model, patches) -> tuple[float, dict[str, Any], int]:
         sum(kept.values())
 
 
+# A run across two processes, the tiny model's fast settings with 2 examples per rank (a global batch of 4).
+TWO_RANKS = {**FAST_TRAIN, "batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1, "num_processes": 2}
+
+
+def cancel_after_two_steps(mcp: McpSession, model_id: str, rows: list[dict[str, Any]], workspace: Path,
+                           output_dir: str) -> Path:
+    """Start a long two-process run, cancel it once it has trained two steps, and check that it ended cancelled
+    with exactly one sealed checkpoint; that checkpoint's folder."""
+    job = mcp.ok("qloraevolved_train", {
+        "model_id": model_id, "train_dataset": rows * 4, "wait_seconds": 0,
+        "training_config": {**TWO_RANKS, "max_steps": 400, "save_steps": 1000, "output_dir": output_dir}})["job_id"]
+    wait_for_step(mcp, job, 2)
+    mcp.ok("qloraevolved_cancel_training", {"job_id": job})
+    ended = poll_job(mcp, job)
+    assert ended["state"] == "cancelled", ended
+    checkpoints = list((workspace / output_dir).glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / ".complete").is_file()
+    return checkpoints[0]
+
+
 def merge_agrees(verified: dict) -> bool:
     """The merged model answers the probe as the adapter model does, or parts from it only at a near-tie that
     16-bit rounding flips (the adapter model's own token leads there by less than NEAR_TIE logits)."""

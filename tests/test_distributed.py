@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
-from conftest import FAST_LOAD, FAST_TRAIN, HW, job_status, poll_job, rank_pids, wait_for, wait_for_step
+from conftest import (FAST_LOAD, HW, TWO_RANKS as TWO, cancel_after_two_steps, job_status, poll_job, rank_pids,
+                      wait_for, wait_for_step)
 
 MODEL = "spread"
-TWO = {**FAST_TRAIN, "batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1, "num_processes": 2}
 pytestmark = pytest.mark.skipif(HW.has_cuda, reason="the gloo path on CPU; GPUs take nccl (benchmarks/gpu_check.sh)")
 
 
@@ -76,16 +75,8 @@ def test_loss_matches_one_process_at_the_same_global_batch(mcp, tiny_model, demo
 
 def test_cancel_stops_every_rank_with_a_checkpoint_and_resume_takes_another_count(mcp, loaded, demo_rows,
                                                                                    workspace):
-    job = mcp.ok("qloraevolved_train", {
-        "model_id": MODEL, "train_dataset": demo_rows * 4, "wait_seconds": 0,
-        "training_config": {**TWO, "max_steps": 400, "save_steps": 1000, "output_dir": "dist-cancel"}})["job_id"]
-    wait_for_step(mcp, job, 2)
-    mcp.ok("qloraevolved_cancel_training", {"job_id": job})
-    ended = poll_job(mcp, job)
-    assert ended["state"] == "cancelled", ended
-    checkpoints = list((workspace / "dist-cancel").glob("checkpoint-*"))
-    assert len(checkpoints) == 1 and (checkpoints[0] / ".complete").is_file()
-    stopped_at = int(checkpoints[0].name.split("-")[1])
+    checkpoint = cancel_after_two_steps(mcp, MODEL, demo_rows, workspace, "dist-cancel")
+    stopped_at = int(checkpoint.name.split("-")[1])
     assert 2 <= stopped_at < 400
     wait_for(lambda: not rank_pids(), "every rank to end after the cancel", timeout=30)
     resumed = mcp.ok("qloraevolved_train", {
@@ -93,7 +84,7 @@ def test_cancel_stops_every_rank_with_a_checkpoint_and_resume_takes_another_coun
         "training_config": {**TWO, "num_processes": 1, "max_steps": stopped_at + 2, "save_steps": 1000,
                             "output_dir": "dist-cancel"}})
     assert resumed["status"] == "success" and resumed["global_step"] == stopped_at + 2
-    assert resumed["resumed_from"].endswith(checkpoints[0].name)
+    assert resumed["resumed_from"].endswith(checkpoint.name)
 
 
 def test_a_killed_rank_fails_the_job_naming_it_and_leaves_no_process(mcp, loaded, demo_rows):
@@ -113,9 +104,7 @@ def test_a_killed_rank_fails_the_job_naming_it_and_leaves_no_process(mcp, loaded
     ended = poll_job(mcp, job)
     assert ended["state"] == "failed", ended
     assert "rank 1" in ended["error"] and "SIGKILL" in ended["error"], ended["error"]
-    started = time.monotonic()
     wait_for(lambda: not rank_pids(), "the other rank to end", timeout=30)
-    assert time.monotonic() - started < 30
     # the server and the model's worker go on
     answer = mcp.ok("qloraevolved_generate", {"model_id": MODEL, "prompt": demo_rows[0]["prompt"],
                                               "max_new_tokens": 4})

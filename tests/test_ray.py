@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_LOAD, FAST_TRAIN, HW, McpSession, free_port, server_config
+from conftest import FAST_LOAD, HW, TWO_RANKS as TWO, McpSession, cancel_after_two_steps, free_port, server_config
 from llm_mcp.server.app import create_server
 
-TWO = {**FAST_TRAIN, "batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1, "num_processes": 2}
 RAY = Path(sys.executable).parent / "ray"
 pytestmark = pytest.mark.skipif(HW.has_cuda, reason="the CPU cluster path; GPU clusters take nccl")
 
@@ -61,19 +60,9 @@ def test_two_ray_train_workers_train_like_the_local_launcher(ray_address, worksp
 
 
 def test_cancel_stops_every_ray_worker_with_a_checkpoint(ray_address, workspace, tiny_model, demo_rows):
-    from conftest import poll_job, wait_for_step
-
     with McpSession(create_server(server_config(workspace, tiny_model, ray_address=ray_address))) as mcp:
         mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "ray-stop", **FAST_LOAD})
-        job = mcp.ok("qloraevolved_train", {
-            "model_id": "ray-stop", "train_dataset": demo_rows * 4, "wait_seconds": 0,
-            "training_config": {**TWO, "max_steps": 400, "save_steps": 1000, "output_dir": "ray-cancel"}})["job_id"]
-        wait_for_step(mcp, job, 2)
-        mcp.ok("qloraevolved_cancel_training", {"job_id": job})
-        ended = poll_job(mcp, job)
-        assert ended["state"] == "cancelled", ended
-        checkpoints = list((workspace / "ray-cancel").glob("checkpoint-*"))
-        assert len(checkpoints) == 1 and (checkpoints[0] / ".complete").is_file()
+        cancel_after_two_steps(mcp, "ray-stop", demo_rows, workspace, "ray-cancel")
         assert (workspace / "ray-cancel" / "final" / "adapter_model.safetensors").is_file()
 
 

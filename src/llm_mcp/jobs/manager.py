@@ -241,7 +241,7 @@ class JobManager:
             "output_dir": record.output_dir,
             "cancel_requested": record.cancel_requested,
             "error": record.error,
-            "log_tail": _tail(record.log_path),
+            "log_tail": log_tail(record.log_path),
         }
         live = self._live.get(record.job_id)
         if live is not None and live.ranks is not None:
@@ -259,7 +259,8 @@ class JobManager:
         return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
 
 
-def _tail(path: str | None) -> list[str]:
+def log_tail(path: str | None) -> list[str]:
+    """The last lines of a job's worker log (cut to 300 characters each)."""
     if not path or not Path(path).is_file():
         return []
     with open(path, "rb") as f:

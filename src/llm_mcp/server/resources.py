@@ -10,6 +10,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
 from llm_mcp.errors import InvalidArgument, LlmMcpError
+from llm_mcp.jobs.manager import log_tail
 from llm_mcp.server.service import ModelService
 
 JOBS = "llm-mcp://jobs"
@@ -49,18 +50,13 @@ def register(server: Any, service_now: Callable[[], ModelService]) -> None:
     @server.resource(JOBS + "/{job_id}/log", name="job-log", title="A training job's worker log",
                      mime_type="text/plain", description="The last lines of the model worker's log for this job.")
     def job_log(job_id: str, ctx: Context) -> str:
-        service = ctx.request_context.lifespan_context
-        return "\n".join(service.jobs.status(_job(service, job_id))["log_tail"])
+        return "\n".join(log_tail(_job(ctx.request_context.lifespan_context, job_id).log_path))
 
     @server.resource(JOBS + "/{job_id}/loss.png", name="job-loss-curve", title="A training job's loss curve",
                      mime_type="image/png", description="The job's training (and eval) loss by step, as a PNG.")
     def job_loss(job_id: str, ctx: Context) -> bytes:
-        from llm_mcp.jobs.plot import loss_curve_png
-
         service = ctx.request_context.lifespan_context
-        record = _job(service, job_id)
-        return loss_curve_png(service.jobs.store.points(record.job_id),
-                              title=f"{record.model_id} · {record.job_id} · {record.state}")
+        return service.loss_plot_of(_job(service, job_id))
 
     @server.resource(MODELS, name="models", title="Loaded models", mime_type="application/json",
                      description="Every loaded model of both families: family, model name, device and state.")

@@ -271,9 +271,12 @@ class ModelService:
         return self.jobs.status(self.jobs.find(family=family.prefix, model_id=model_id, job_id=job_id))
 
     def loss_plot(self, family: Family, model_id: str | None, job_id: str | None) -> bytes:
+        return self.loss_plot_of(self.jobs.find(family=family.prefix, model_id=model_id, job_id=job_id))
+
+    def loss_plot_of(self, record: Any) -> bytes:
+        """A job's loss curve as a PNG (the status tool's include_plot and the job's loss.png resource)."""
         from llm_mcp.jobs.plot import loss_curve_png
 
-        record = self.jobs.find(family=family.prefix, model_id=model_id, job_id=job_id)
         return loss_curve_png(self.jobs.store.points(record.job_id),
                               title=f"{record.model_id} · {record.job_id} · {record.state}")
 

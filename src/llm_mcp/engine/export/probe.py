@@ -88,13 +88,7 @@ def is_empty(tokens: list[int], stops: list[int]) -> bool:
 def prefers_by(model: Any, prefix_ids: list[int], mine: int, theirs: int) -> float:
     """How much the model prefers token `mine` over `theirs` after prefix_ids (logits): where two answers part, a
     small preference is a near-tie that rounding flips, a large one a real difference."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(torch.tensor([prefix_ids])).logits[0, -1].float()
-    finally:
-        model.train(was_training)
+    logits = _logits(model, prefix_ids)[-1]
     return round(float(logits[mine] - logits[theirs]), 4)
 
 
@@ -103,15 +97,20 @@ def first_disagreement(model: Any, prompt_ids: list[int], tokens: list[int]) -> 
     choose otherwise, and by how many logits it prefers its own token there; None where it agrees throughout."""
     if not tokens:
         return None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt_ids + tokens])).logits[0, len(prompt_ids) - 1:-1].float()
-    finally:
-        model.train(was_training)
+    logits = _logits(model, prompt_ids + tokens)[len(prompt_ids) - 1:-1]
     own = logits.argmax(-1).tolist()
     for k, (mine, theirs) in enumerate(zip(own, tokens)):
         if mine != theirs:
             return {"position": k, "margin": round(float(logits[k, mine] - logits[k, theirs]), 4)}
     return None
+
+
+def _logits(model: Any, ids: list[int]) -> torch.Tensor:
+    """The model's float logits at every position of one sequence, in eval mode (its mode restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].float()
+    finally:
+        model.train(was_training)

@@ -27,6 +27,7 @@ def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_siz
                            chat_template=getattr(bundle.tokenizer, "chat_template", None), param="eval_dataset",
                            tokenizer=bundle.tokenizer, should_stop=should_stop)
     model = bundle.model
+    used_adapter = use_adapter and hasattr(model, "disable_adapter")  # false: the base model answers
     without_adapter = model.disable_adapter() if not use_adapter and hasattr(model, "disable_adapter") \
         else contextlib.nullcontext()
     was_training = model.training
@@ -37,12 +38,12 @@ def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_siz
                 started = time.perf_counter()
                 result = preference_accuracy(model, bundle.tokenizer, list(data.dataset), should_stop=should_stop)
                 return {"status": "success", **result, "rows": len(data.dataset), "dataset_format": PREFERENCE,
-                        "used_adapter": use_adapter and hasattr(model, "disable_adapter"),
+                        "used_adapter": used_adapter,
                         "eval_runtime": round(time.perf_counter() - started, 3), "warnings": data.warnings}
             answer = _eval_loss(bundle, data, batch_size)
     finally:
         model.train(was_training)
-    answer["used_adapter"] = use_adapter and hasattr(model, "disable_adapter")
+    answer["used_adapter"] = used_adapter
     return answer
 
 
