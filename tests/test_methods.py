@@ -21,7 +21,7 @@ def test_dpo_raises_the_preference_for_chosen_answers_on_held_out_pairs(mcp, tin
     trained = mcp.ok("qloraevolved_train", {"model_id": MODEL, "train_dataset": TRAIN, "wait_seconds": -1,
                                             "training_config": {**DPO, "output_dir": "dpo-run"}})
     assert trained["status"] == "success" and trained["effective_config"]["method"] == "dpo"
-    assert trained["dataset"]["loss_on"] == "preference pairs (chosen over rejected)"
+    assert trained["dataset"]["loss_on"].startswith("preference pairs (chosen over rejected")
     assert trained["loss"]["last"] < trained["loss"]["first"]  # 0.693 = log 2 at the start: no preference yet
     assert trained["metrics"]["rewards/accuracies"] > 0.5 and trained["metrics"]["rewards/margins"] > 0
     after = mcp.ok("qloraevolved_evaluate", {"model_id": MODEL, "eval_dataset": HELD_OUT})
@@ -49,8 +49,8 @@ def test_data_that_does_not_fit_the_method_is_refused(mcp, tiny_model, demo_rows
                                             "training_config": {**DPO, "output_dir": "dpo-bad-3"}})
     assert "row 3" in text and "chosen and rejected are the same answer" in text
     text = mcp.error("qloraevolved_train", {"model_id": "picky", "train_dataset": TRAIN,
-                                            "training_config": {**DPO, "method": "grpo"}})
-    assert "method" in text and "dpo" in text
+                                            "training_config": {**DPO, "method": "ppo"}})
+    assert "method" in text and "dpo" in text and "grpo" in text
     assert mcp.ok("qloraevolved_generate", {"model_id": "picky", "prompt": "x", "max_new_tokens": 2})
 
 

@@ -2,7 +2,7 @@
 
 The spec's defaults live here and nowhere else: tool signatures reuse them (`= LoadConfig.lora_rank`) and
 the typed aliases below carry each bound and description into both the MCP schema and config validation.
-Leaf module: imports nothing from the package but errors, and never torch.
+Leaf module: imports nothing from the package but errors and rewards (GRPO's declared rewards), and never torch.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 from llm_mcp.errors import InvalidArgument
+from llm_mcp.rewards import HELP as REWARDS_HELP, parse_rewards
 
 QuantType = Literal["nf4", "nf4_optimized", "int4", "fp8", "int8", "none"]
 ComputeDtype = Literal["float16", "bfloat16", "float32"]
@@ -24,8 +25,33 @@ LrScheduler = Literal[
     "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
 ]
 ReportTo = Literal["tensorboard", "none"]
-DatasetFormat = Literal["auto", "text", "alpaca", "prompt_completion", "messages", "preference"]
-TrainingMethod = Literal["sft", "dpo"]
+DatasetFormat = Literal["auto", "text", "alpaca", "prompt_completion", "messages", "preference", "unpaired",
+                        "prompt_answer"]
+TrainingMethod = Literal["sft", "dpo", "orpo", "kto", "grpo"]
+# Each method's settings, by TRL's names, with TRL's defaults (beta and loss_type: null = the method's default).
+METHOD_LOSS_TYPES: dict[str, tuple[str, ...]] = {
+    "sft": (), "orpo": (), "dpo": ("sigmoid", "ipo", "hinge", "robust"), "kto": ("kto", "apo_zero_unpaired"),
+    "grpo": ("dapo", "grpo", "dr_grpo", "bnpo")}
+METHOD_BETA: dict[str, float | None] = {"sft": None, "dpo": 0.1, "orpo": 0.1, "kto": 0.1, "grpo": 0.0}
+LossType = Literal["sigmoid", "ipo", "hinge", "robust", "kto", "apo_zero_unpaired", "dapo", "grpo", "dr_grpo", "bnpo"]
+Beta = Annotated[float | None, Field(ge=0, le=100, description=(
+    "dpo/kto: how far the model may move from the reference (higher: closer); orpo: the weight of the odds-ratio "
+    "term; grpo: the KL coefficient (0: no reference pass). null: TRL's default (0.1; grpo 0.0)."))]
+MethodLossType = Annotated[LossType | None, Field(description=(
+    "The method's loss by TRL's names; null: its default. dpo: sigmoid (default), ipo, hinge, robust; kto: kto "
+    "(default), apo_zero_unpaired; grpo: dapo (default), grpo, dr_grpo, bnpo."))]
+UnpairedWeight = Annotated[float, Field(gt=0, le=100, description="kto: weight of the desirable (label true) or "
+                                                                  "undesirable (label false) examples' losses.")]
+NumGenerations = Annotated[int, Field(ge=2, le=256, description=(
+    "grpo: completions sampled per prompt; batch_size x gradient_accumulation_steps x num_processes must be a "
+    "multiple of it."))]
+MaxCompletionLength = Annotated[int, Field(ge=1, le=32768, description="grpo: most tokens generated per completion.")]
+SamplingTemperature = Annotated[float, Field(gt=0, le=5, description="grpo: sampling temperature of the completions.")]
+Rewards = Annotated[tuple[dict[str, Any], ...] | None, Field(max_length=16, description=(
+    "grpo (required there): " + REWARDS_HELP + ". Options: exact_match/contains against the row's answer "
+    "(ignore_case, ignore_whitespace, ignore_punctuation); regex (pattern, full_match, ignore_case); numeric_match "
+    "(the last number equals the answer's within tolerance); json_valid; json_schema (schema); length (min, max, "
+    "unit: tokens|words|chars); format (one_line, ends_with_eos, starts_with, ends_with). Declared, never code."))]
 
 FOUR_BIT_QUANT_TYPES: tuple[str, ...] = ("nf4", "nf4_optimized", "int4")
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -153,12 +179,18 @@ class TrainingConfig:
     # FSDP2 where it does not.
     num_processes: NumProcesses = 1
     distributed_strategy: DistributedStrategy = "auto"
-    # What is trained: sft (supervised, on answers) or dpo (preference pairs {prompt, chosen, rejected}; the
-    # reference model is the base without the adapter). beta and loss_type are TRL's DPO settings, by its names.
+    # What is trained (both families): sft (supervised, on answers); dpo, orpo (preference pairs {prompt, chosen,
+    # rejected}); kto (unpaired {prompt, completion, label}); grpo (prompts with an answer, rewards declared). The
+    # method's settings by TRL's names and defaults; a reference model is the base without the adapter.
     method: TrainingMethod = "sft"
-    beta: Annotated[float, Field(gt=0, le=100, description="DPO: how far the model may move from the reference "
-                                                            "(higher: closer to it).")] = 0.1
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    beta: Beta = None
+    loss_type: MethodLossType = None
+    desirable_weight: UnpairedWeight = 1.0
+    undesirable_weight: UnpairedWeight = 1.0
+    num_generations: NumGenerations = 8
+    max_completion_length: MaxCompletionLength = 512
+    temperature: SamplingTemperature = 1.0
+    rewards: Rewards = None
     # Engine flags: choices that make training faster or leaner without changing what is learned. Each is one
     # _engine_flag entry here (its default and what it does, which the docs, bench --ablate and the train answer
     # read through ENGINE_FLAGS) plus its implementation in the engine (engine/train/choices.py decides it).
@@ -193,11 +225,59 @@ class TrainingConfig:
             raise InvalidArgument("max_steps", 0, "-1 (train for num_train_epochs) or an integer >= 1")
         if not self.output_dir.strip():
             raise InvalidArgument("output_dir", self.output_dir, "a folder path inside the workspace")
+        check_method_settings(self)
+
+    def method_settings(self) -> dict[str, Any]:
+        """The method's own settings as they run (nulls resolved to the method's defaults)."""
+        m = self.method
+        out: dict[str, Any] = {}
+        if METHOD_BETA[m] is not None:
+            out["beta"] = METHOD_BETA[m] if self.beta is None else self.beta
+        if METHOD_LOSS_TYPES[m]:
+            out["loss_type"] = self.loss_type or METHOD_LOSS_TYPES[m][0]
+        if m == "kto":
+            out.update(desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
+        if m == "grpo":
+            out.update(num_generations=self.num_generations, max_completion_length=self.max_completion_length,
+                       temperature=self.temperature,
+                       rewards=[r.as_dict() for r in parse_rewards(self.rewards or [], "rewards")])
+        return out
 
     def spec_dict(self) -> dict[str, Any]:
         """The `config` object of the spec's prepare response (seed is ours, kept last)."""
         values = asdict(self)
         return {k: values[k] for k in _QLORA_PREPARE_KEYS}
+
+
+METHOD_FIELDS = ("method", "beta", "loss_type", "desirable_weight", "undesirable_weight", "num_generations",
+                 "max_completion_length", "temperature", "rewards")
+
+
+def check_method_settings(c: Any) -> None:
+    """The method's settings fit it: its loss types, a positive beta where it is a strength, rewards for grpo
+    only, grpo's generations dividing the global batch, kto's batch of at least two (its KL estimate)."""
+    m = c.method
+    if c.loss_type is not None and c.loss_type not in METHOD_LOSS_TYPES[m]:
+        allowed = METHOD_LOSS_TYPES[m]
+        raise InvalidArgument("loss_type", c.loss_type, (f"one of {', '.join(allowed)} for method={m!r}" if allowed
+                                                         else f"null: method={m!r} has no loss_type"))
+    if c.beta is not None and m in ("dpo", "orpo", "kto") and c.beta <= 0:
+        raise InvalidArgument("beta", c.beta, f"a number > 0 for method={m!r} (or null for its default 0.1)")
+    if m == "grpo":
+        if not c.rewards:
+            raise InvalidArgument("rewards", c.rewards, f"{REWARDS_HELP}: method='grpo' learns from them")
+        parse_rewards(c.rewards, "rewards")
+        batch = c.batch_size * c.gradient_accumulation_steps * c.num_processes
+        if batch % c.num_generations:
+            fits = [n for n in range(2, batch + 1) if batch % n == 0]
+            raise InvalidArgument("num_generations", c.num_generations, (
+                f"a divisor of the global batch {batch} (batch_size x gradient_accumulation_steps x num_processes): "
+                f"{', '.join(map(str, fits)) or 'none; raise batch_size or gradient_accumulation_steps'}"))
+    elif c.rewards:
+        raise InvalidArgument("rewards", list(c.rewards), f"null for method={m!r} (rewards are for method='grpo')")
+    if m == "kto" and c.batch_size < 2:
+        raise InvalidArgument("batch_size", c.batch_size, "2 or more for method='kto' (its KL term pairs each "
+                                                          "example with another of the same batch)")
 
 
 # training_config flag -> (default, what it does): every engine flag, in TrainingConfig's order
@@ -278,6 +358,15 @@ class UnslothTrainingConfig:
     target_modules: tuple[str, ...] | None = None
     num_processes: NumProcesses = 1
     distributed_strategy: DistributedStrategy = "auto"
+    method: TrainingMethod = "sft"  # and its settings: as TrainingConfig's
+    beta: Beta = None
+    loss_type: MethodLossType = None
+    desirable_weight: UnpairedWeight = 1.0
+    undesirable_weight: UnpairedWeight = 1.0
+    num_generations: NumGenerations = 8
+    max_completion_length: MaxCompletionLength = 512
+    temperature: SamplingTemperature = 1.0
+    rewards: Rewards = None
 
     def __post_init__(self) -> None:
         self.to_training_config()  # cross-field checks live there
@@ -294,6 +383,7 @@ class UnslothTrainingConfig:
             use_gradient_checkpointing=bool(self.use_gradient_checkpointing), use_flash_attention_2=False,
             seed=self.seed, bf16=self.bf16, fp16=self.fp16, num_processes=self.num_processes,
             distributed_strategy=self.distributed_strategy,
+            **{name: getattr(self, name) for name in METHOD_FIELDS},
         )
 
     def lora(self) -> LoraSpec:

@@ -19,7 +19,7 @@ from typing import Any
 from llm_mcp.data.chat_templates import choice_of, end_of_turn_token, summary, trained_runs
 from llm_mcp.data.datasets import CheckedRow, CheckedRows, Tally, chosen_format, read_source, to_training_rows
 from llm_mcp.data.readers import MiB, Prefix, ReadProgress, TooLargeToSample
-from llm_mcp.data.rows import PREFERENCE, row_format
+from llm_mcp.data.rows import PREFERENCE, PROMPT_ANSWER, UNPAIRED, loss_on, row_format
 from llm_mcp.errors import DatasetError
 
 TRAIN_START, TRAIN_END = "[[TRAIN]]", "[[/TRAIN]]"  # marks the trained part of a rendered example
@@ -47,8 +47,7 @@ def inspect_dataset(source: Any, *, dataset_format: str, tokenizer: Any = None, 
         "rows": survey.rows,
         "usable_rows": survey.usable_count,
         "columns": rows.columns,
-        "loss_on": ("preference pairs (chosen over rejected; method='dpo')" if rows.fmt == PREFERENCE
-                    else "answers only" if rows.fmt != "text" else "all tokens"),
+        "loss_on": loss_on(rows.fmt),
     }
     notes = []
     if not source_rows.progress.complete:
@@ -56,7 +55,9 @@ def inspect_dataset(source: Any, *, dataset_format: str, tokenizer: Any = None, 
         notes.append(_sample_note(source_rows.progress))
     if not survey.usable:
         return {**answer, "examples": [], "problems": problems, **_note(notes)}
-    if tokenizer is None or rows.fmt == PREFERENCE:  # pairs: shown as they are, lengths of prompt + longer answer
+    problems += _method_problems(rows.fmt, survey.usable)
+    if tokenizer is None or rows.fmt in (PREFERENCE, UNPAIRED, PROMPT_ANSWER):  # shown as they are; lengths of the
+        # prompt + the longer answer
         answer["examples"] = [_plain(r) for r in survey.usable[:_EXAMPLES]]
         if tokenizer is not None:
             answer["length_tokens"] = _stats([_count(tokenizer, _pair_text(r)) for r in survey.usable])
@@ -271,13 +272,31 @@ def _flat(value: Any) -> str:
 
 
 def _pair_text(row: dict[str, Any]) -> str:
-    return _flat(row["prompt"]) + max(_flat(row["chosen"]), _flat(row["rejected"]), key=len)
+    if "chosen" in row:
+        return _flat(row["prompt"]) + max(_flat(row["chosen"]), _flat(row["rejected"]), key=len)
+    return _flat(row["prompt"]) + _flat(row.get("completion") or row.get("answer") or "")
+
+
+def _method_problems(fmt: str, usable: list[dict[str, Any]]) -> list[str]:
+    """What a preference method would make of these rows: kto needs both kinds of label to learn a contrast."""
+    if fmt != UNPAIRED or not usable:
+        return []
+    labels = {r["label"] for r in usable}
+    if len(labels) == 1:
+        return [f"every row is labelled {str(labels.pop()).lower()}; kto learns from desirable (true) and "
+                f"undesirable (false) completions, so add some of the other kind."]
+    return []
 
 
 def _plain(row: dict[str, Any]) -> str:
     if "chosen" in row:  # a preference pair: the chosen answer is trained toward, the rejected one away from
         return (f"{_flat(row['prompt'])}{TRAIN_START}chosen: {_flat(row['chosen'])}{TRAIN_END} "
                 f"{TRAIN_START}rejected: {_flat(row['rejected'])}{TRAIN_END}")
+    if "label" in row:  # kto: toward a desirable completion, away from an undesirable one
+        return (f"{_flat(row['prompt'])}{TRAIN_START}{'desirable' if row['label'] else 'undesirable'}: "
+                f"{_flat(row['completion'])}{TRAIN_END}")
+    if "answer" in row:  # grpo: the model writes the completion; the answer is what the rewards compare it with
+        return f"{_flat(row['prompt'])}{TRAIN_START}(generated; reference answer: {row['answer']}){TRAIN_END}"
     if "text" in row:
         return row["text"]
     if "messages" in row:

@@ -1,4 +1,5 @@
-"""One raw row -> TRL's columns ({'text'} | {'prompt','completion'} | {'messages'}), or why it cannot be.
+"""One raw row -> TRL's columns ({'text'} | {'prompt','completion'} | {'messages'}; for the preference methods
+{'prompt','chosen','rejected'} | {'prompt','completion','label'}; for grpo {'prompt','answer'}), or why it cannot be.
 
 Two kinds of unusable row: empty fields (None, blank strings, empty lists), which training skips and counts as it
 always has; and invalid rows (wrong types, unknown roles, chat turns out of order, no assistant turn, a row of
@@ -14,15 +15,20 @@ from typing import Any
 FORMATS_HELP = (
     "rows with 'text'; or 'instruction' + 'output' (+ optional 'input', Alpaca); or 'prompt' + 'completion'; "
     "or 'messages' (a list of {role, content}); or ShareGPT 'conversations' (a list of {from, value}); or "
-    "preference pairs 'prompt' + 'chosen' + 'rejected' (method='dpo')"
+    "preference pairs 'prompt' + 'chosen' + 'rejected' (method='dpo' or 'orpo'); or unpaired 'prompt' + "
+    "'completion' + a boolean 'label' (method='kto'); or 'prompt' (or 'messages') + a reference 'answer' "
+    "(method='grpo')"
 )
-PREFERENCE = "preference"  # {prompt, chosen, rejected}: what preference methods (dpo) train on
+PREFERENCE = "preference"  # {prompt, chosen, rejected}: what dpo and orpo train on
+UNPAIRED = "unpaired"  # {prompt, completion, label}: kto's good (true) and bad (false) answers
+PROMPT_ANSWER = "prompt_answer"  # {prompt or messages, answer}: grpo's prompts, the answer its rewards compare with
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system turn
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "model": "assistant", "tool": "tool"}
 _NEEDED = {"text": {"text"}, "alpaca": {"instruction", "output"}, "prompt_completion": {"prompt", "completion"},
-           "messages": {"messages"}, "sharegpt": {"conversations"}, PREFERENCE: {"prompt", "chosen", "rejected"}}
+           "messages": {"messages"}, "sharegpt": {"conversations"}, PREFERENCE: {"prompt", "chosen", "rejected"},
+           UNPAIRED: {"prompt", "completion", "label"}, PROMPT_ANSWER: {"answer"}}
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,10 @@ def detect_format(columns: list[str]) -> str | None:
     cols = set(columns)
     if {"prompt", "chosen", "rejected"} <= cols:
         return PREFERENCE
+    if {"prompt", "completion", "label"} <= cols:
+        return UNPAIRED
+    if "answer" in cols and ("prompt" in cols or "messages" in cols) and "completion" not in cols:
+        return PROMPT_ANSWER
     if "messages" in cols:
         return "messages"
     if "conversations" in cols:
@@ -53,8 +63,19 @@ def detect_format(columns: list[str]) -> str | None:
     return None
 
 
+def loss_on(fmt: str) -> str:
+    """What a run learns from rows of this format (inspect_dataset and the train answer say it)."""
+    return {PREFERENCE: "preference pairs (chosen over rejected; method='dpo' or 'orpo')",
+            UNPAIRED: "unpaired completions (label true toward, false away from; method='kto')",
+            PROMPT_ANSWER: "the model's own completions, scored by the declared rewards (method='grpo')",
+            "text": "all tokens"}.get(fmt, "answers only")
+
+
 def has_columns(columns: list[str], fmt: str) -> bool:
-    return _NEEDED[fmt] <= set(columns)
+    cols = set(columns)
+    if fmt == PROMPT_ANSWER:
+        return "answer" in cols and ("prompt" in cols or "messages" in cols)
+    return _NEEDED[fmt] <= cols
 
 
 def row_format(row: dict[str, Any]) -> str | None:
@@ -74,6 +95,10 @@ def convert_row(row: dict[str, Any], fmt: str) -> Converted:
         return _sharegpt(row)
     if fmt == PREFERENCE:
         return _preference(row)
+    if fmt == UNPAIRED:
+        return _unpaired(row)
+    if fmt == PROMPT_ANSWER:
+        return _prompt_answer(row)
     return _chat(row.get("messages"), "messages")
 
 
@@ -131,6 +156,50 @@ def _preference(row: dict[str, Any]) -> Converted:
         return Converted({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return Converted(None, f"prompt, chosen and rejected are a {_json_type(prompt)}, a {_json_type(chosen)} and a "
                            f"{_json_type(rejected)}; all strings, or all lists of messages, are allowed")
+
+
+def _unpaired(row: dict[str, Any]) -> Converted:
+    """An unpaired example: a prompt, an answer, and whether that answer is desirable (label true) or not."""
+    label = row.get("label")
+    converted = _prompt_completion(row)
+    if converted.row is None:
+        return converted
+    if not isinstance(label, bool):
+        return _wrong_type("label", label, "true (a desirable completion) or false (an undesirable one)")
+    if "messages" in converted.row:  # conversational: back to prompt turns and the completion turn(s)
+        turns, cut = converted.row["messages"], len(row["prompt"])
+        return Converted({"prompt": turns[:cut], "completion": turns[cut:], "label": label})
+    return Converted({**converted.row, "label": label})
+
+
+def _prompt_answer(row: dict[str, Any]) -> Converted:
+    """A prompt to generate from (a string, or chat turns up to the last user turn) and the reference answer the
+    rewards compare completions with (any JSON scalar, kept as text)."""
+    answer = row.get("answer")
+    if _blank(answer):
+        return EMPTY
+    if isinstance(answer, (dict, list)):
+        return _wrong_type("answer", answer, "a string or a number")
+    answer = answer if isinstance(answer, str) else json_scalar(answer)
+    prompt = row.get("prompt") if row.get("prompt") is not None else row.get("messages")
+    field = "prompt" if row.get("prompt") is not None else "messages"
+    if _blank(prompt):
+        return EMPTY
+    if isinstance(prompt, str):
+        return Converted({"prompt": prompt, "answer": answer})
+    if not isinstance(prompt, list):
+        return _wrong_type(field, prompt, "a string or a list of {role, content}")
+    turns = list(prompt)
+    while turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant":
+        turns.pop()  # an answer turn already written: grpo generates its own
+    checked = _chat(turns + [{"role": "assistant", "content": "."}], field)
+    if checked.row is None:
+        return checked
+    return Converted({"prompt": checked.row["messages"][:-1], "answer": answer})
+
+
+def json_scalar(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def _alpaca(row: dict[str, Any]) -> Converted:
@@ -202,6 +271,10 @@ def shape_problem(converted: dict[str, Any], first: dict[str, Any], first_where:
     """Why a usable row cannot go to TRL with the first usable row (at first_where), or None: TRL takes one shape
     of row per dataset, and prompt/completion rows come as strings or as lists of messages (-> 'messages')."""
     if set(converted) == set(first):
+        if "prompt" in first and isinstance(converted["prompt"], list) != isinstance(first["prompt"], list):
+            return (f"has a {'conversational' if isinstance(converted['prompt'], list) else 'plain-text'} prompt "
+                    f"where the first usable row ({first_where}) has a "
+                    f"{'conversational' if isinstance(first['prompt'], list) else 'plain-text'} one; use one shape")
         return None
     if "messages" in converted and "prompt" in first:
         return (f"is a conversational prompt/completion row among plain-text ones; use one shape (the first usable "

@@ -95,7 +95,8 @@ class JobManager:
         try:
             self.store.record_progress(job_id, step=event.step, total_steps=event.total_steps, loss=event.loss,
                                        learning_rate=event.learning_rate, epoch=event.epoch,
-                                       eval_loss=event.eval_loss, checkpoint=event.checkpoint)
+                                       eval_loss=event.eval_loss, checkpoint=event.checkpoint,
+                                       metrics=event.metrics)
         except Exception:
             log.exception("could not record progress of job %s", job_id)
         live = self._live.get(job_id)
@@ -243,6 +244,10 @@ class JobManager:
             "error": record.error,
             "log_tail": log_tail(record.log_path),
         }
+        methods = [{"step": p["step"], **p["metrics"]} for p in points if p["metrics"]]
+        if methods:  # the method's own metrics (dpo's reward margins, grpo's mean reward ...), as logged
+            answer["method_metrics"] = {k: v for k, v in methods[-1].items() if k != "step"}
+            answer["recent_method_metrics"] = methods[-50:]
         live = self._live.get(record.job_id)
         if live is not None and live.ranks is not None:
             answer["ranks"] = list(live.ranks)

@@ -1,4 +1,5 @@
-"""Render a job's loss curve (train and eval loss against step, learning rate on a second axis) as a PNG.
+"""Render a job's loss curve (train and eval loss against step, learning rate on a second axis) as a PNG; below it,
+for the preference and RL methods, the method's own curve (grpo's mean reward, the others' reward margin).
 
 matplotlib with the headless Agg backend, imported only when a plot is asked for.
 """
@@ -15,8 +16,9 @@ def loss_curve_png(points: list[dict[str, Any]], *, title: str) -> bytes:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.add_subplot()
+    method = _method_curve(points)
+    fig = Figure(figsize=(7, 6.5 if method else 4), dpi=100)
+    ax = fig.add_subplot(2, 1, 1) if method else fig.add_subplot()
     train = [(p["step"], p["loss"]) for p in points if p["loss"] is not None]
     evals = [(p["step"], p["eval_loss"]) for p in points if p["eval_loss"] is not None]
     if train:
@@ -39,6 +41,23 @@ def loss_curve_png(points: list[dict[str, Any]], *, title: str) -> bytes:
         ax.legend(handles, labels, loc="upper right")
     else:
         ax.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=ax.transAxes)
+    if method:
+        name, curve = method
+        ax_m = fig.add_subplot(2, 1, 2, sharex=ax)
+        ax_m.plot(*zip(*curve), ".-", color="tab:green", label=name)
+        ax_m.set_xlabel("step")
+        ax_m.set_ylabel(name)
+        ax_m.grid(alpha=0.3)
+        ax_m.legend(loc="lower right")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     return buffer.getvalue()
+
+
+def _method_curve(points: list[dict[str, Any]]) -> tuple[str, list[tuple[int, float]]] | None:
+    """The method's headline metric against step: grpo's mean reward, or the reward margin of dpo, orpo, kto."""
+    for name in ("reward", "rewards/margins"):
+        curve = [(p["step"], p["metrics"][name]) for p in points if (p.get("metrics") or {}).get(name) is not None]
+        if curve:
+            return ("mean reward" if name == "reward" else "reward margin"), curve
+    return None

@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS job_points (
     at REAL NOT NULL,
     loss REAL,
     eval_loss REAL,
-    learning_rate REAL
+    learning_rate REAL,
+    metrics TEXT
 );
 CREATE INDEX IF NOT EXISTS job_points_by_job ON job_points (job_id, step);
 """
@@ -159,6 +160,8 @@ class JobStore:
         for name, kind in _ADDED_COLUMNS:
             if name not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        if "metrics" not in {r["name"] for r in self._db.execute("PRAGMA table_info(job_points)")}:
+            self._db.execute("ALTER TABLE job_points ADD COLUMN metrics TEXT")
 
     def close(self) -> None:
         """Close the database; ends it still could not take go to job-end files, read at the next start."""
@@ -251,10 +254,10 @@ class JobStore:
 
     def record_progress(self, job_id: str, *, step: int, total_steps: int, loss: float | None,
                         learning_rate: float | None, epoch: float | None, eval_loss: float | None,
-                        checkpoint: str | None) -> None:
+                        checkpoint: str | None, metrics: dict[str, float] | None = None) -> None:
         try:
             self._write_progress(job_id, step=step, total_steps=total_steps, loss=loss, learning_rate=learning_rate,
-                                 epoch=epoch, eval_loss=eval_loss, checkpoint=checkpoint)
+                                 epoch=epoch, eval_loss=eval_loss, checkpoint=checkpoint, metrics=metrics)
         except sqlite3.Error as exc:  # a full disk loses progress points, never the job
             if not is_disk_full(exc):
                 raise
@@ -264,7 +267,7 @@ class JobStore:
 
     def _write_progress(self, job_id: str, *, step: int, total_steps: int, loss: float | None,
                         learning_rate: float | None, epoch: float | None, eval_loss: float | None,
-                        checkpoint: str | None) -> None:
+                        checkpoint: str | None, metrics: dict[str, float] | None) -> None:
         with self._lock:
             self._db.execute(
                 "UPDATE jobs SET step = ?, total_steps = ?, loss = COALESCE(?, loss), "
@@ -273,8 +276,10 @@ class JobStore:
                 (step, total_steps, loss, learning_rate, epoch, checkpoint, job_id))
             if loss is not None or eval_loss is not None:
                 self._db.execute(
-                    "INSERT INTO job_points (job_id, step, at, loss, eval_loss, learning_rate) VALUES (?, ?, ?, ?, ?, ?)",
-                    (job_id, step, time.time(), loss, eval_loss, learning_rate))
+                    "INSERT INTO job_points (job_id, step, at, loss, eval_loss, learning_rate, metrics) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, step, time.time(), loss, eval_loss, learning_rate,
+                     json.dumps(metrics) if metrics else None))
 
     def request_cancel(self, job_id: str) -> None:
         try:
@@ -305,9 +310,9 @@ class JobStore:
 
     def points(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
-            rows = self._db.execute("SELECT step, at, loss, eval_loss, learning_rate FROM job_points "
+            rows = self._db.execute("SELECT step, at, loss, eval_loss, learning_rate, metrics FROM job_points "
                                     "WHERE job_id = ? ORDER BY step, at", (job_id,)).fetchall()
-        return [dict(r) for r in rows]
+        return [{**dict(r), "metrics": json.loads(r["metrics"]) if r["metrics"] else None} for r in rows]
 
     def recover_after_restart(self) -> int:
         """Jobs left queued or running by a server that is gone: the end their worker recorded in a job-end file

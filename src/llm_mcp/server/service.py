@@ -18,8 +18,8 @@ from typing import Any
 
 from llm_mcp import memory, output_lock
 from llm_mcp.config import (
-    MAX_ID_CHARS, ExportConfig, GenerationConfig, LoadConfig, RunOptions, TrainingConfig, UnslothLoadConfig,
-    UnslothTrainingConfig,
+    MAX_ID_CHARS, METHOD_FIELDS, ExportConfig, GenerationConfig, LoadConfig, RunOptions, TrainingConfig,
+    UnslothLoadConfig, UnslothTrainingConfig,
     validated,
 )
 from llm_mcp.errors import InvalidArgument, ModelIdTaken, TrainingFailed, WorkerBusy
@@ -195,6 +195,9 @@ class ModelService:
             notes.append(f"{model_id} was not prepared; prepared now with {family.tool('prepare_for_training')}'s "
                          f"defaults (and the overrides given).")
             notes += (await self.prepare(family, model_id, settings)).get("warnings", [])
+            # the method and its settings are this call's; later calls start from sft as a prepare would
+            defaults = dataclasses.asdict(family.training_config())
+            loaded.training_config = dataclasses.replace(settings, **{k: defaults[k] for k in METHOD_FIELDS})
         config = engine_training_config(settings)
         # A folder another live run or export holds is refused here, before a job exists (the worker's claim is
         # the authoritative check)
@@ -308,7 +311,11 @@ class ModelService:
         option_keys = {f.name for f in dataclasses.fields(RunOptions)}
         run_values = {k: v for k, v in overrides.items() if k in option_keys}
         train_values = {k: v for k, v in overrides.items() if k not in option_keys}
-        settings = validated(type(base), {**dataclasses.asdict(base), **train_values}, where="training_config")
+        values = dataclasses.asdict(base)
+        if train_values.get("method", base.method) != base.method:  # another method: not the old one's settings
+            defaults = dataclasses.asdict(family.training_config())
+            values.update({k: defaults[k] for k in METHOD_FIELDS})
+        settings = validated(type(base), {**values, **train_values}, where="training_config")
         options = validated(RunOptions, run_values, where="training_config")
         if isinstance(base, UnslothTrainingConfig) and loaded.training_config is not None \
                 and _lora_shape(settings.lora()) != _lora_shape(base.lora()):

@@ -105,6 +105,7 @@ class Progress:
     eval_loss: float | None = None
     checkpoint: str | None = None  # set when a checkpoint was just saved
     ranks: tuple[dict[str, Any], ...] | None = None  # a run across processes: each rank's pid and whether it lives
+    metrics: dict[str, float] | None = None  # the method's own metrics at a logging step (dpo's margins, grpo's reward)
 
 
 @dataclass(frozen=True)

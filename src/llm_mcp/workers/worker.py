@@ -120,7 +120,8 @@ def _train(cmd: Train, state: WorkerState, channel: _Channel, controls: "_Contro
         seen["step"] = step
         seen["checkpoint"] = logs.get("checkpoint") or seen["checkpoint"]
         channel.send(Progress(cmd.request_id, step, total, logs.get("loss"), logs.get("learning_rate"),
-                              logs.get("epoch"), logs.get("eval_loss"), logs.get("checkpoint"), logs.get("ranks")))
+                              logs.get("epoch"), logs.get("eval_loss"), logs.get("checkpoint"), logs.get("ranks"),
+                              logs.get("method_metrics")))
 
     state_dir = os.environ.get(ends.STATE_DIR_ENV)
     try:

@@ -17,8 +17,10 @@ _PROGRESS_EVERY_S = 0.5
 class ProgressCallback(TrainerCallback):
     """Forward step/total/loss to the server (throttled) and stop cleanly, with a checkpoint, when asked."""
 
-    def __init__(self, on_progress: ProgressFn, should_stop: Callable[[], bool], *, release_memory: bool) -> None:
+    def __init__(self, on_progress: ProgressFn, should_stop: Callable[[], bool], *, release_memory: bool,
+                 method_metrics: Callable[[dict], dict[str, float]] | None = None) -> None:
         self.on_progress = on_progress
+        self.method_metrics = method_metrics  # picks the method's own metrics out of a log entry
         self.should_stop = should_stop
         self.release_memory = release_memory
         self.latest: dict[str, float] = {}
@@ -32,6 +34,9 @@ class ProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.latest = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+            picked = self.method_metrics(logs) if self.method_metrics else None
+            if picked:
+                self.latest["method_metrics"] = picked
             self._send(state, force=True)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):

@@ -21,7 +21,7 @@ from typing import Any
 from llm_mcp import output_lock
 from llm_mcp.config import RAY_ADDRESS_ENV, RunOptions, TrainingConfig
 from llm_mcp.data.datasets import PreparedDataset, prepare as prepare_dataset
-from llm_mcp.data.rows import PREFERENCE
+from llm_mcp.data.rows import loss_on
 from llm_mcp.disk import disk_full_as_error, require_free
 from llm_mcp.engine.train.checkpoints import (CheckpointSeal, CheckpointSpace, ResumePoint, SaveSizes, resolve_resume,
                                               save_sizes)
@@ -134,7 +134,8 @@ def run_training(bundle: ModelBundle, config: TrainingConfig, train_source: Any,
         eval_strategy="steps" if (eval_data and options.eval_steps) else "no", eval_steps=options.eval_steps,
         disable_tqdm=True, dataloader_pin_memory=False,
     )
-    callback = ProgressCallback(on_progress, should_stop, release_memory=choices.release_memory)
+    callback = ProgressCallback(on_progress, should_stop, release_memory=choices.release_memory,
+                                method_metrics=lambda logs: methods.logged_metrics(config.method, logs))
     space = CheckpointSpace(out, sizes, config.save_total_limit, warnings)
     # float32_compute keeps the adapters' float32 values: building the trainer rounds them to bf16 (TRL's QLoRA cast)
     with trainable_tensors_kept(bundle.model) if choices.float32_compute else nullcontext():
@@ -157,7 +158,9 @@ def run_training(bundle: ModelBundle, config: TrainingConfig, train_source: Any,
         metrics.update(methods.method_metrics(config.method, trainer.state.log_history))
         if eval_data is not None and not callback.stopped:  # a stopped run saves and ends quickly
             with float32_compute(bundle.model) if choices.float32_compute else nullcontext():  # as it trained
-                metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+                evaluated = trainer.evaluate()
+                if "eval_loss" in evaluated:  # grpo's evaluation samples and scores, it has no loss to report
+                    metrics["eval_loss"] = float(evaluated["eval_loss"])
     finally:
         methods.finish(config.method, bundle.model)  # the model keeps its one adapter, whatever happened
     final = out / "final"
@@ -261,16 +264,10 @@ def _answer(bundle: ModelBundle, config: TrainingConfig, trainer: Any, metrics: 
         "loss_history": [{"step": s, "loss": round(v, 5)} for s, v in losses[-50:]],
         "resumed_from": resume,
         "dataset": {"rows": len(data.dataset), "format": data.source_format,
-                    "loss_on": _loss_on(data.source_format)},
-        "effective_config": {**asdict(config), **choices.effective()},
+                    "loss_on": loss_on(data.source_format)},
+        "effective_config": {**asdict(config), **config.method_settings(), **choices.effective()},
         "warnings": warnings,
     }
-
-
-def _loss_on(source_format: str) -> str:
-    if source_format == PREFERENCE:
-        return "preference pairs (chosen over rejected)"
-    return "answers only" if source_format != "text" else "all tokens"
 
 
 def _checkpoints(out: Path) -> list[Path]:
