@@ -53,6 +53,27 @@ def test_estimate_per_device_across_processes(mcp, huge_config):
     assert "num_processes" in mcp.error("estimate_memory", {**args, "num_processes": 0})
 
 
+def test_estimate_accounts_for_the_method(mcp, huge_config):
+    """dpo: two sequences per pair and the frozen reference adapter (never a second base); orpo: two sequences, no
+    reference; grpo: prompt + completion tokens per completion and the sampling KV cache, which grows with the
+    completions sampled at once."""
+    args = {"model_name": str(huge_config), "quant_type": "nf4", "batch_size": 2, "max_length": 512}
+    sft = mcp.ok("estimate_memory", args)
+    dpo = mcp.ok("estimate_memory", {**args, "method": "dpo"})
+    orpo = mcp.ok("estimate_memory", {**args, "method": "orpo"})
+    assert sft["method"] == "sft" and sft["reference_bytes"] == 0 == sft["generation_bytes"]
+    assert dpo["reference_bytes"] == sft["lora_bytes"] and dpo["weights_bytes"] == sft["weights_bytes"]
+    assert dpo["activations_bytes"] > sft["activations_bytes"] and orpo["reference_bytes"] == 0
+    assert orpo["activations_bytes"] == dpo["activations_bytes"]
+    grpo = mcp.ok("estimate_memory", {**args, "method": "grpo", "max_completion_length": 256,
+                                      "gradient_accumulation_steps": 1})
+    more = mcp.ok("estimate_memory", {**args, "method": "grpo", "max_completion_length": 256,
+                                      "gradient_accumulation_steps": 8})
+    assert 0 < grpo["generation_bytes"] < more["generation_bytes"] == 8 * grpo["generation_bytes"]
+    assert grpo["total_bytes"] > sft["total_bytes"]
+    assert "method" in mcp.error("estimate_memory", {**args, "method": "ppo"})
+
+
 def test_advice_names_the_cheapest_change(mcp, tiny_model):
     """When a run does not fit, the advice names a concrete change that would make it fit."""
     from llm_mcp import memory

@@ -114,3 +114,12 @@ def test_bad_method_settings_and_rows_are_refused_with_the_model_kept(mcp, tiny_
     assert "method" in text and "'kto'" in text
     assert "strict" in mcp.ok("qloraevolved_list_models")["models"]
     assert mcp.ok("qloraevolved_generate", {"model_id": "strict", "prompt": "x", "max_new_tokens": 2})
+
+
+def test_evaluate_reads_unpaired_rows_and_reference_answers(mcp, tiny_model):
+    _load(mcp, tiny_model)
+    unpaired = mcp.ok("qloraevolved_evaluate", {"model_id": MODEL, "eval_dataset": KTO_ROWS})
+    assert unpaired["dataset_format"] == "unpaired" and unpaired["desirable_rows"] == 10 and unpaired["rows"] == 20
+    assert unpaired["eval_loss"] > 0 and unpaired["undesirable_eval_loss"] > 0
+    answers = mcp.ok("qloraevolved_evaluate", {"model_id": MODEL, "eval_dataset": GRPO_ROWS})
+    assert answers["dataset_format"] == "prompt_answer" and answers["eval_loss"] > 0 and answers["rows"] == 4

@@ -116,3 +116,28 @@ def test_fallback_engine_says_so(mcp, tiny_model, demo_rows):
                                                       "training_config": {"learing_rate": 1e-3}})
     assert "learing_rate" in text
     mcp.ok("unsloth_unload_model", {"model_id": loaded["model_id"]})
+
+
+def test_real_unsloth_trains_every_method(umcp, tiny_model):
+    """dpo, orpo, kto and grpo through unsloth_train under Unsloth (its patched TRL trainers): each ends with its
+    own metrics, and the model keeps one adapter to generate with."""
+    from test_methods import TRAIN
+    from test_methods_more import CAPITAL, GRPO_ROWS, KTO_ROWS
+
+    model = umcp.ok("unsloth_load_model", {"model_name": str(tiny_model), "max_seq_length": 128})["model_id"]
+    base = {**MEMORISE, "batch_size": 4, "max_steps": 3, "logging_steps": 1, "learning_rate": 1e-3}
+    runs = {"dpo": (TRAIN, {}, "rewards/margins"), "orpo": (TRAIN, {}, "log_odds_ratio"),
+            "kto": (KTO_ROWS, {}, "kl"),
+            "grpo": (GRPO_ROWS, {"num_generations": 4, "max_completion_length": 3, "rewards": CAPITAL},
+                     "rewards/regex/mean")}
+    for method, (rows, settings, metric) in runs.items():
+        trained = umcp.ok("unsloth_train", {"model_id": model, "train_dataset": rows, "method": method,
+                                            "wait_seconds": -1,
+                                            "training_config": {**base, **settings, "output_dir": f"u-{method}"}})
+        assert trained["status"] == "success" and trained["engine"] == "unsloth", (method, trained)
+        assert trained["effective_config"]["method"] == method and metric in trained["metrics"], method
+        if not HW.has_cuda:  # Unsloth's CPU mode patches SFTTrainer only, and the answer says so
+            assert any(f"method={method!r} ran TRL's" in w for w in trained["warnings"]), trained["warnings"]
+    assert umcp.ok("unsloth_generate", {"model_id": model, "prompt": "Is a cat real?",
+                                        "max_new_tokens": 4})["completion_tokens"] >= 1
+    umcp.ok("unsloth_unload_model", {"model_id": model})

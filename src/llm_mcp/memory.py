@@ -149,6 +149,9 @@ class MemoryEstimate:
     distributed_strategy: str = "ddp"
     # every process's bytes together where they share this machine's memory (CPU); one device's on GPUs
     needed_here_bytes: int | None = None
+    method: str = "sft"
+    reference_bytes: int = 0  # dpo/kto: the frozen copy of the adapter their reference runs through
+    generation_bytes: int = 0  # grpo: the KV cache of sampling its generation batch
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -161,9 +164,15 @@ def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_ran
              max_length: int, use_gradient_checkpointing: bool, optim: str = "adamw_torch",
              target_modules: tuple[str, ...] | None = None, device: str | None = None,
              free_bytes: int | None = None, with_advice: bool = True, num_processes: int = 1,
-             distributed_strategy: str = "ddp") -> MemoryEstimate:
+             distributed_strategy: str = "ddp", method: str = "sft", max_completion_length: int = 512,
+             gradient_accumulation_steps: int = 1) -> MemoryEstimate:
     """One device's bytes (per process, when num_processes > 1: DDP keeps a full copy on each device, FSDP shards
-    weights, adapters, gradients and optimizer state across them; activations are each process's own)."""
+    weights, adapters, gradients and optimizer state across them; activations are each process's own).
+
+    The method: dpo and orpo run each pair's two answers in one batch, kto each completion with a mismatched one
+    (twice the tokens); dpo and kto add the frozen reference adapter (the base is shared, never copied); grpo's
+    batch_size counts completions of up to max_length + max_completion_length tokens, and sampling holds the KV
+    cache of batch_size x gradient_accumulation_steps completions at once."""
     device = device or detect_device()
     dtype_bytes = _DTYPE_BYTES[compute_dtype]
     linear_params = sum(i * o for _, i, o in shape.linear_layers()) * shape.layers
@@ -187,6 +196,14 @@ def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_ran
     optimizer = lora_params * (2 if "8bit" in optim else 8)  # Adam's two moments, 8-bit or 32-bit
 
     tokens = batch_size * max_length
+    reference = lora if method in ("dpo", "kto") else 0
+    generation = 0
+    if method in ("dpo", "orpo", "kto"):
+        tokens *= 2
+    elif method == "grpo":
+        tokens = batch_size * (max_length + max_completion_length)
+        generation = (batch_size * gradient_accumulation_steps * (max_length + max_completion_length) * shape.layers
+                      * 2 * shape.kv_heads * shape.head_dim * _DTYPE_BYTES[compute_dtype])
     act_bytes = 4 if compute_dtype == "float32" else 2
     # saved for backward per decoder layer: norms, q/k/v (+rope), attention and o_proj inputs, residuals (~14 h)
     # and the MLP's gate, up, activation, product and down input (~5 I)
@@ -199,7 +216,7 @@ def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_ran
     runtime = RUNTIME_BYTES["cuda" if device == "cuda" else "cpu"]
     if distributed_strategy == "fsdp" and num_processes > 1:
         weights, lora, gradients, optimizer = (-(-b // num_processes) for b in (weights, lora, gradients, optimizer))
-    total = weights + lora + gradients + optimizer + activations + runtime
+    total = weights + lora + gradients + optimizer + activations + runtime + reference + generation
     needed_here = total * num_processes if device != "cuda" else total  # CPU processes share one memory
     free = free_bytes if free_bytes is not None else free_memory(device)
     fits = None if free is None else needed_here <= free
@@ -209,9 +226,11 @@ def estimate(shape: ModelShape, *, quant_type: str, compute_dtype: str, lora_ran
                                batch_size=batch_size, max_length=max_length, optim=optim,
                                use_gradient_checkpointing=use_gradient_checkpointing, target_modules=target_modules,
                                device=device, num_processes=num_processes,
-                               distributed_strategy=distributed_strategy)
+                               distributed_strategy=distributed_strategy, method=method,
+                               max_completion_length=max_completion_length,
+                               gradient_accumulation_steps=gradient_accumulation_steps)
     return MemoryEstimate(weights, lora, gradients, optimizer, activations, runtime, total, device, free, fits,
-                          advice, num_processes, distributed_strategy, needed_here)
+                          advice, num_processes, distributed_strategy, needed_here, method, reference, generation)
 
 
 def lora_targets(shape: ModelShape, target_modules: tuple[str, ...] | None) -> set[str]:

@@ -19,7 +19,7 @@ from pydantic import Field
 from llm_mcp.config import (
     MAX_ID_CHARS, BatchSize, ChatMessage, DatasetFormat, ExportConfig, ExportFormat, GenerationConfig,
     GgufQuantization,
-    MaxNewTokens, Seed, Temperature, TopP, validated,
+    MaxNewTokens, Seed, Temperature, TopP, TrainingMethod, validated,
 )
 from llm_mcp.errors import LlmMcpError
 from llm_mcp.server.service import Family, ModelService
@@ -31,9 +31,16 @@ DatasetArg = Annotated[
     Field(description=(
         "A .jsonl/.json/.csv/.parquet/.txt file path, a datasets.save_to_disk folder (relative paths start at the "
         "server's workspace), a hub id ('name' or 'name:split'), or inline rows. Row formats: {text}; "
-        "{instruction, input, output}; {prompt, completion}; {messages: [{role, content}]}."
+        "{instruction, input, output}; {prompt, completion}; {messages: [{role, content}]}; for the other methods "
+        "{prompt, chosen, rejected} (dpo, orpo), {prompt, completion, label} (kto), {prompt or messages, answer} "
+        "(grpo)."
     )),
 ]
+MethodArg = Annotated[TrainingMethod | None, Field(description=(
+    "What is trained (also accepted in training_config): 'sft' (supervised, on answers; the default); 'dpo' or "
+    "'orpo' (preference pairs {prompt, chosen, rejected}); 'kto' ({prompt, completion, label: true|false}); "
+    "'grpo' (prompts with an answer; the model samples num_generations completions, scored by the rewards "
+    "declared in training_config). Method settings by TRL's names in training_config."))]
 WaitSeconds = Annotated[float, Field(ge=-1, le=86400, description=(
     "Seconds to wait for the run to finish before answering 'running' with a job_id (training goes on); "
     "-1 waits until the end. Most clients drop calls after ~60 s, so keep it below that."))]

@@ -9,8 +9,8 @@ from llm_mcp import memory
 from mcp.server.mcpserver import Context
 
 from llm_mcp.config import (
-    MAX_ID_CHARS, BatchSize, ComputeDtype, DatasetFormat, DistributedStrategy, LoadConfig, LoraRank, MaxLength,
-    NumProcesses, Optimizer, QuantType, TrainingConfig,
+    MAX_ID_CHARS, BatchSize, ComputeDtype, DatasetFormat, DistributedStrategy, GradAccum, LoadConfig, LoraRank,
+    MaxCompletionLength, MaxLength, NumProcesses, Optimizer, QuantType, TrainingConfig, TrainingMethod,
 )
 from llm_mcp.server.annotations import add_tool
 from llm_mcp.server.common import DatasetArg, agent_tool, service_of
@@ -37,6 +37,12 @@ async def estimate_memory(
     distributed_strategy: Annotated[DistributedStrategy, Field(description=(
         "How num_processes > 1 holds the model: ddp (auto) keeps a full copy on each device; fsdp shards weights, "
         "adapters, gradients and optimizer state across the devices."))] = TrainingConfig.distributed_strategy,
+    method: Annotated[TrainingMethod, Field(description=(
+        "The training method: dpo/orpo/kto run two sequences per example (dpo and kto also a frozen reference "
+        "adapter); grpo's batch_size counts completions and sampling holds a KV cache."))] = TrainingConfig.method,
+    max_completion_length: MaxCompletionLength = TrainingConfig.max_completion_length,
+    gradient_accumulation_steps: Annotated[GradAccum, Field(description=(
+        "grpo: completions sampled at once are batch_size x this."))] = TrainingConfig.gradient_accumulation_steps,
     ctx: Context = None,
 ) -> dict[str, Any]:
     """Estimate the memory a LoRA fine-tuning run needs before loading anything: bytes for weights, LoRA
@@ -50,7 +56,9 @@ async def estimate_memory(
                              use_gradient_checkpointing=use_gradient_checkpointing, optim=optim,
                              target_modules=tuple(target_modules) if target_modules else None,
                              num_processes=num_processes,
-                             distributed_strategy="fsdp" if distributed_strategy == "fsdp" else "ddp")
+                             distributed_strategy="fsdp" if distributed_strategy == "fsdp" else "ddp",
+                             method=method, max_completion_length=max_completion_length,
+                             gradient_accumulation_steps=gradient_accumulation_steps)
     return {"status": "success", **result.to_dict(), "model_shape": shape.__dict__}
 
 

@@ -15,11 +15,12 @@ from pydantic import Field
 from llm_mcp.config import (
     MAX_ID_CHARS, BatchSize, ChatTemplate, ComputeDtype, DatasetFormat, DeviceMap, Epochs, GradAccum, LearningRate,
     LoadConfig, LoraAlpha, LoraDropout, LoraRank, LrScheduler, MaxGradNorm, MaxLength, MaxSteps, Nf4OptimizedBudget,
-    Optimizer, QuantType, ReportTo, SaveLimit, Seed, Steps, TrainingMethod,
+    Optimizer, QuantType, ReportTo, SaveLimit, Seed, Steps,
     TrainingConfig, WarmupRatio, WeightDecay, validated,
 )
 from llm_mcp.server.annotations import add_tool
-from llm_mcp.server.common import DatasetArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
+from llm_mcp.server.common import (DatasetArg, MethodArg, WaitSeconds, agent_tool, service_of, shared_tools,
+                                   train_description)
 from llm_mcp.server.service import QLORA
 
 log = logging.getLogger(__name__)
@@ -185,13 +186,12 @@ async def qloraevolved_train(
     use_flash_attention_2: Annotated[bool | None, OVERRIDE] = None,
     use_cpu_offload: Annotated[bool | None, OVERRIDE] = None,
     seed: Annotated[Seed | None, OVERRIDE] = None,
-    method: Annotated[TrainingMethod | None, Field(description=(
-        "What is trained: 'sft' (supervised, on answers; the default) or 'dpo' (preference pairs {prompt, chosen, "
-        "rejected}, the base without the adapter as reference; beta and loss_type in training_config)."))] = None,
+    method: MethodArg = None,
     wait_seconds: WaitSeconds = 45,
     ctx: Context = None,
 ) -> dict[str, Any]:
-    """Fine-tune a loaded model's LoRA adapter with TRL's SFTTrainer and save it to <output_dir>/final."""
+    """Fine-tune a loaded model's LoRA adapter with TRL (SFTTrainer; or the method's trainer) and save it to
+    <output_dir>/final."""
     given = {k: v for k, v in locals().items()
              if k not in ("model_id", "train_dataset", "eval_dataset", "training_config", "ctx", "wait_seconds")
              and v is not None}

@@ -16,7 +16,7 @@ from llm_mcp.config import (
 )
 from llm_mcp.errors import InvalidArgument
 from llm_mcp.server.annotations import add_tool
-from llm_mcp.server.common import DatasetArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
+from llm_mcp.server.common import DatasetArg, MethodArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
 from llm_mcp.server.service import UNSLOTH
 
 log = logging.getLogger(__name__)
@@ -104,15 +104,18 @@ async def unsloth_train(
                     "dataset_format, resume_from_checkpoint, overwrite_output_dir, eval_steps, skip_invalid_rows (true: skip "
                     "malformed rows and count them instead of refusing the run).")] = None,
     wait_seconds: WaitSeconds = 45,
+    method: MethodArg = None,
     ctx: Context = None,
 ) -> dict[str, Any]:
-    """Fine-tune the model's LoRA adapter (TRL's SFTTrainer under Unsloth) and save it to <output_dir>/final."""
+    """Fine-tune the model's LoRA adapter (TRL's SFTTrainer, or the method's trainer, under Unsloth) and save it to
+    <output_dir>/final."""
 
     async def progress(step: int, total: int, message: str) -> None:
         await ctx.report_progress(step, total, message)
 
-    return await service_of(ctx).train(UNSLOTH, model_id, train_dataset, eval_dataset, training_config or {},
-                                       wait_seconds, progress)
+    overrides = {**(training_config or {}), **({"method": method} if method is not None else {})}
+    return await service_of(ctx).train(UNSLOTH, model_id, train_dataset, eval_dataset, overrides, wait_seconds,
+                                       progress)
 
 
 unsloth_train.__doc__ += "\n\n" + train_description(UNSLOTH)

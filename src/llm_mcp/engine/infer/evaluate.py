@@ -1,10 +1,12 @@
 """Eval loss and perplexity of a loaded model on a dataset, computed exactly as training computes its eval loss:
 the same dataset preparation (answer-only loss, EOS) and TRL's SFTTrainer.evaluate; on preference pairs, the
-preference accuracy (preference.py)."""
+preference accuracy (preference.py); on kto's unpaired rows, the loss of the desirable completions and that of the
+undesirable ones; on grpo's prompts, the loss of the reference answers."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import tempfile
 import time
@@ -12,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llm_mcp.data.datasets import prepare as prepare_dataset
-from llm_mcp.data.rows import PREFERENCE
+from llm_mcp.data.rows import PREFERENCE, PROMPT_ANSWER, UNPAIRED
 from llm_mcp.engine.infer.preference import preference_accuracy
 from llm_mcp.engine.device import detect
 from llm_mcp.engine.patches.float32_compute import bf16_slowdown, float32_compute, is_emulated, trainable_tensors_kept
@@ -40,10 +42,39 @@ def evaluate(bundle: ModelBundle, source: Any, *, dataset_format: str, batch_siz
                 return {"status": "success", **result, "rows": len(data.dataset), "dataset_format": PREFERENCE,
                         "used_adapter": used_adapter,
                         "eval_runtime": round(time.perf_counter() - started, 3), "warnings": data.warnings}
-            answer = _eval_loss(bundle, data, batch_size)
+            if data.source_format == UNPAIRED:
+                answer = _unpaired(bundle, data, batch_size)
+            else:
+                answer = _eval_loss(bundle, _as_completions(data), batch_size)
     finally:
         model.train(was_training)
     answer["used_adapter"] = used_adapter
+    return answer
+
+
+def _as_completions(data: Any, label: bool | None = None) -> Any:
+    """kto's and grpo's rows as prompt/completion rows (the desirable or undesirable ones; the reference answers)."""
+    if data.source_format not in (UNPAIRED, PROMPT_ANSWER):
+        return data
+    rows = [r for r in data.dataset if label is None or r["label"] == label]
+    if data.source_format == PROMPT_ANSWER:
+        rows = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["answer"]}]
+                 if isinstance(r["prompt"], list) else r["answer"]} for r in rows]
+    else:
+        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    return dataclasses.replace(data, dataset=data.dataset.from_list(rows))
+
+
+def _unpaired(bundle: ModelBundle, data: Any, batch_size: int) -> dict[str, Any]:
+    """The desirable completions' loss (eval_loss: lower is better) and the undesirable ones' (higher is better)."""
+    good = [r for r in data.dataset if r["label"]]
+    answer = _eval_loss(bundle, _as_completions(data, True), batch_size) if good else {
+        "status": "success", "eval_loss": None, "perplexity": None, "dataset_format": UNPAIRED, "warnings": []}
+    if len(good) < len(data.dataset):
+        bad = _eval_loss(bundle, _as_completions(data, False), batch_size)
+        answer["undesirable_eval_loss"] = bad["eval_loss"]
+    answer.update(rows=len(data.dataset), desirable_rows=len(good),
+                  loss_on="desirable completions (eval_loss); undesirable ones (undesirable_eval_loss)")
     return answer
 
 

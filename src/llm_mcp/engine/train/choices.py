@@ -376,7 +376,9 @@ def _memory_is_ample(bundle: ModelBundle, config: TrainingConfig) -> bool:
     run = memory.estimate(shape, quant_type=bundle.quantization, compute_dtype=bundle.compute_dtype,
                           lora_rank=int(next(iter(bundle.model.peft_config.values())).r), batch_size=config.batch_size,
                           max_length=bundle.max_length, use_gradient_checkpointing=False, optim=config.optim,
-                          device=device, free_bytes=free, with_advice=False)
+                          device=device, free_bytes=free, with_advice=False, method=config.method,
+                          max_completion_length=config.max_completion_length,
+                          gradient_accumulation_steps=config.gradient_accumulation_steps)
     return run.total_bytes < 0.5 * free
 
 

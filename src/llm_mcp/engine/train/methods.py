@@ -103,6 +103,16 @@ def build_trainer(method: str, config: TrainingConfig, choices: EngineChoices, c
     return SFTTrainer(model=model, args=args, **data)
 
 
+def engine_notes(method: str, engine: str, trainer: Any) -> list[str]:
+    """Say so where the unsloth family's run is not Unsloth's own trainer for the method (its CPU mode patches
+    SFTTrainer only; on a GPU Unsloth patches TRL's preference and GRPO trainers as it imports)."""
+    name = type(trainer).__name__
+    if engine != "unsloth" or method == "sft" or "unsloth" in (name + type(trainer).__module__).lower():
+        return []
+    return [f"method={method!r} ran TRL's {name} on the Unsloth-loaded model: Unsloth did not patch that trainer "
+            "here (its CPU mode patches SFTTrainer only)."]
+
+
 def finish(method: str, model: Any) -> None:
     """Drop the reference adapter dpo and kto train against once the run is over: the final adapter, generate,
     evaluate, export and the next run see the one trained adapter."""

@@ -147,6 +147,7 @@ def run_training(bundle: ModelBundle, config: TrainingConfig, train_source: Any,
             # the seal before the progress report (no checkpoint reported unsealed), the space check after the
             # stop callback (which asks for a save at the step's end)
             callbacks=[CheckpointSeal(config.save_total_limit), callback, space, *extra_callbacks])
+    warnings += methods.engine_notes(config.method, bundle.engine, trainer)
     if choices.padding_free:
         _make_padding_free(trainer)
     choices, changed = _engine_changes(trainer, choices)
