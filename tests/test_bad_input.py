@@ -743,3 +743,30 @@ def test_zz_everything_survived(mcp, state, workspace, outside):
     total = sum(COUNTS.values())
     print(f"\nBAD-INPUT CASES: {total} (table {COUNTS['table']}, path {COUNTS['path']}, fuzz {COUNTS['fuzz']}); "
           f"new files since setup: {sorted(set(now) - set(state['hashes']))}")
+
+
+def test_tool_errors_carry_structured_content(mcp, tiny_model):
+    """Every refusal is an isError result whose structured content names error_type, parameter, allowed and
+    message, and whose text says the same: the SDK's own schema checks, our checks, and a missing model alike."""
+    def error(tool, args):
+        result = mcp.call(tool, args)
+        assert result.is_error
+        found = result.structured_content
+        assert set(found) == {"error_type", "parameter", "allowed", "message"}
+        assert found["message"] == result.content[0].text
+        return found
+
+    bound = error("estimate_memory", {"model_name": "m", "num_processes": 0})  # the input schema's bound
+    assert bound["error_type"] == "InvalidArgument" and bound["parameter"] == "num_processes"
+    assert bound["allowed"] == ">= 1" and "num_processes=0" in bound["message"]
+    enum = error("estimate_memory", {"model_name": "m", "method": "ppo"})
+    assert enum["parameter"] == "method" and "'grpo'" in enum["allowed"]
+    mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "errs", **FAST_LOAD})
+    ours = error("qloraevolved_train", {"model_id": "errs", "train_dataset": [{"text": "a"}],
+                                        "training_config": {"method": "grpo", "rewards": [{"type": "python"}]}})
+    assert ours["error_type"] == "InvalidArgument" and ours["parameter"] == "rewards[0].type"
+    assert "exact_match" in ours["allowed"]
+    missing = error("qloraevolved_generate", {"model_id": "none-such", "prompt": "hi"})
+    assert missing["error_type"] == "ModelNotLoaded" and missing["parameter"] == "model_id"
+    unknown = error("qloraevolved_list_models", {"bogus": 1})
+    assert unknown["parameter"] == "bogus" and "one of the tool's arguments" in unknown["allowed"]

@@ -40,28 +40,33 @@ def shown(value: object) -> str:
 class InvalidArgument(LlmMcpError, ValueError):  # a ValueError so pydantic validation reports it per field
     def __init__(self, name: str, got: object, allowed: str) -> None:
         self.name = name
+        self.allowed: str | None = allowed
         super().__init__(f"{name}={shown(got)} is not valid; expected {allowed}.")
 
     @classmethod
     def from_validation(cls, exc: Any, *, where: str) -> "InvalidArgument":
         """Turn a pydantic ValidationError into one message that names every bad field."""
-        parts = []
+        parts, named = [], None  # named: the first bad field, and what it allows where our check said
         for err in exc.errors():
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__") or where
             if err.get("type") in ("unexpected_keyword_argument", "extra_forbidden"):
                 parts.append(f"{where}.{loc} is not a known parameter")
             elif err.get("type") == "value_error" and isinstance(err.get("ctx", {}).get("error"), LlmMcpError):
-                parts.append(str(err["ctx"]["error"]).rstrip("."))  # our own check: its message names the field
+                cause = err["ctx"]["error"]
+                parts.append(str(cause).rstrip("."))  # our own check: its message names the field
+                named = named or (getattr(cause, "name", None), getattr(cause, "allowed", None))
             else:
                 parts.append(f"{where}.{loc}={shown(err.get('input'))}: {err.get('msg')}")
         inst = cls.__new__(cls)
-        inst.name = where
+        first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
+        inst.name, inst.allowed = named or (".".join(str(p) for p in first) or where, None)
         LlmMcpError.__init__(inst, "; ".join(parts) + ".")
         return inst
 
 
 class ModelNotLoaded(LlmMcpError):
     def __init__(self, model_id: str, loaded: list[str], load_tool: str) -> None:
+        self.name, self.allowed = "model_id", f"a loaded model's id: {sorted(loaded)}"
         super().__init__(
             f"model_id={shown(model_id)} is not loaded; loaded: {sorted(loaded)}. Call {load_tool} first."
         )
@@ -69,6 +74,7 @@ class ModelNotLoaded(LlmMcpError):
 
 class ModelIdTaken(LlmMcpError):
     def __init__(self, model_id: str, unload_tool: str) -> None:
+        self.name, self.allowed = "model_id", "an id not in use"
         super().__init__(
             f"model_id={model_id!r} is already loaded; pick another model_id, omit it for a generated one, "
             f"or call {unload_tool}(model_id={model_id!r}) first."

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mcp.dev.bench_data import DATASETS, MODEL_SIZES, make_model
+from llm_mcp.dev.bench_methods import METHODS, run_methods_bench
 from llm_mcp.dev.bench_records import benchmarks_file, describe_machine, find_checkout, record
 
 _PROCESS_START = time.monotonic()  # time to first step counts imports too, the same for every variant
@@ -298,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generate", action="store_true",
                         help="measure generation instead: tokens/s of the engine (NF4 + LoRA) against plain "
                              "transformers and llama.cpp on the same weights (--models; default smollm2-135m)")
+    parser.add_argument("--methods", default=None, metavar="M[,M]",
+                        help="seconds per step of each training method (" + ",".join(METHODS) + ") against the "
+                             "method's hand-written TRL script, on --models' first model (default llama-3.5M)")
     parser.add_argument("--tokens", type=int, default=48, metavar="N", help="tokens generated per run (--generate)")
     parser.add_argument("--repeats", type=int, default=1, metavar="N",
                         help="run every variant N times, in turn, and report medians with the ratios' spread")
@@ -334,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--record: {e}")
     if args.generate:
         return _generate_bench(args, record_to)
+    if args.methods:
+        methods = args.methods.split(",")
+        for name in methods:
+            if name not in METHODS:
+                parser.error(f"--methods: {name!r} is not one of {list(METHODS)}")
+        return run_methods_bench(methods, (args.models or "llama-3.5M").split(",")[0], record_to, args.json,
+                                 rows=args.rows or 64)
     return run_bench(args.quick, record_to, args.json,
                      models=args.models.split(",") if args.models else None,
                      lengths=[int(n) for n in args.lengths.split(",")] if args.lengths else None,

@@ -12,6 +12,7 @@ from pathlib import Path
 from mcp.server.mcpserver import MCPServer
 
 from llm_mcp import __version__
+from llm_mcp.server.tool_errors import LlmMcpServer
 from llm_mcp.config import RAY_ADDRESS_ENV, ServerConfig
 from llm_mcp.jobs import ends
 from llm_mcp.jobs.manager import JobManager
@@ -79,7 +80,7 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
                     closed.set()
 
     auth = {"token_verifier": StaticTokenVerifier(token), "auth": auth_settings()} if token else {}
-    server = MCPServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, **auth)
+    server = LlmMcpServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, **auth)
     if "qloraevolved" in config.families:
         qlora_tools.register(server)
     if "unsloth" in config.families:

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import Field
 
@@ -21,7 +20,8 @@ from llm_mcp.config import (
     GgufQuantization,
     MaxNewTokens, Seed, Temperature, TopP, TrainingMethod, validated,
 )
-from llm_mcp.errors import LlmMcpError
+from llm_mcp.errors import InvalidArgument, LlmMcpError
+from llm_mcp.server import tool_errors
 from llm_mcp.server.service import Family, ModelService
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,15 @@ def agent_tool(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _refuse_unknown_arguments(kwargs.get("ctx"), known)
         try:
+            _refuse_unknown_arguments(kwargs.get("ctx"), known)
             return await fn(*args, **kwargs)
         except LlmMcpError as exc:
-            raise ToolError(str(exc)) from exc
-        except ToolError:
-            raise
+            return tool_errors.from_error(exc)
         except Exception as exc:
             log.exception("tool %s failed unexpectedly", fn.__name__)
-            raise ToolError(f"internal error in {fn.__name__}: {type(exc).__name__}: {exc}") from exc
+            return tool_errors.error_result("InternalError", f"internal error in {fn.__name__}: "
+                                                             f"{type(exc).__name__}: {exc}")
 
     return wrapper
 
@@ -72,7 +71,7 @@ def _refuse_unknown_arguments(ctx: Any, known: set[str]) -> None:
     params = getattr(ctx, "_input_params", None)
     unknown = sorted(set(getattr(params, "arguments", None) or {}) - known)
     if unknown:
-        raise ToolError(f"unknown argument(s) {unknown}; accepted: {sorted(known)}.")
+        raise InvalidArgument(unknown[0], "an unknown argument", f"one of the tool's arguments: {sorted(known)}")
 
 
 def service_of(ctx: Context) -> ModelService:

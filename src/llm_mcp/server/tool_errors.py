@@ -1,0 +1,78 @@
+"""Tool errors as the agent reads them: an isError result whose text is one sentence and whose structured content
+names error_type, parameter, allowed and message (ERROR_SCHEMA), for our errors and for arguments the SDK's own
+schema validation refuses (whose raw pydantic text is rewritten to name each field and what it allows)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp.types import CallToolResult, TextContent
+from pydantic import ValidationError
+
+from llm_mcp.errors import InvalidArgument, LlmMcpError, shown
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error_type": {"type": "string", "description": "The kind of error: InvalidArgument, ModelNotLoaded, "
+                                                        "DatasetError, TrainingFailed, DiskFull, ... or InternalError."},
+        "parameter": {"type": ["string", "null"], "description": "The parameter at fault, when one is."},
+        "allowed": {"type": ["string", "null"], "description": "What the parameter allows, when known."},
+        "message": {"type": "string", "description": "What went wrong and what to do, in a sentence."},
+    },
+    "required": ["error_type", "message"],
+}
+
+
+def error_result(error_type: str, message: str, parameter: str | None = None,
+                 allowed: str | None = None) -> CallToolResult:
+    structured = {"error_type": error_type, "parameter": parameter, "allowed": allowed, "message": message}
+    return CallToolResult(content=[TextContent(type="text", text=message)], structured_content=structured,
+                          is_error=True)
+
+
+def from_error(exc: LlmMcpError) -> CallToolResult:
+    """One of our errors (errors.py): InvalidArgument carries its parameter and what it allows."""
+    return error_result(type(exc).__name__, str(exc), getattr(exc, "name", None), getattr(exc, "allowed", None))
+
+
+def from_validation(tool: str, exc: ValidationError) -> CallToolResult:
+    """The SDK refused the arguments against the tool's input schema: each field, what it got, what it allows."""
+    parts, first, allowed = [], None, None
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if not str(p).endswith("Arguments")) or "arguments"
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidArgument):
+            text, expected = str(cause).rstrip("."), cause.allowed
+        elif err.get("type") == "missing":
+            text, expected = f"{loc} is required", None
+        else:
+            expected = _expected(err)
+            text = f"{loc}={shown(err.get('input'))} is not valid; expected {expected}"
+        parts.append(text)
+        first, allowed = first or loc, allowed or expected
+    return error_result("InvalidArgument", f"{tool}: " + "; ".join(parts) + ".", first, allowed)
+
+
+def _expected(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        return str(ctx["expected"])
+    bounds = [f"{op} {ctx[key]}" for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"),
+                                                  ("max_length", "length <="), ("min_length", "length >="))
+              if key in ctx]
+    return " and ".join(bounds) if bounds else str(err.get("msg", "a valid value")).lower()
+
+
+class LlmMcpServer(MCPServer):
+    """MCPServer whose refused arguments come back as structured tool errors, like the tools' own errors."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if isinstance(exc, UnexpectedToolError) or not isinstance(exc.__cause__, ValidationError):
+                raise
+            return from_validation(name, exc.__cause__)
