@@ -66,3 +66,17 @@ def test_prompts_walk_through_the_tools_with_the_arguments(mcp):
     assert "'tickets.jsonl'" in text and "'my/model'" in text
     ollama = mcp.run(mcp.client.get_prompt("export-for-ollama", {"model_id": "m1", "quantization": "q4_k_m"}))
     assert "gguf_quantization='q4_k_m'" in ollama.messages[0].content.text
+
+
+def test_a_prompt_asked_wrongly_is_an_invalid_params_error(mcp):
+    """An unknown prompt, or one without its required arguments: JSON-RPC -32602 naming what is wrong."""
+    from mcp.shared.exceptions import MCPError
+
+    for name, args, words in (("no-such-prompt", {}, ["finetune-on-my-data"]),
+                              ("finetune-on-my-data", {"model_name": "m"}, ["dataset"])):
+        try:
+            mcp.run(mcp.client.get_prompt(name, args))
+        except MCPError as exc:
+            assert exc.error.code == -32602 and all(w in exc.error.message for w in words), exc.error
+        else:
+            raise AssertionError(f"get_prompt({name!r}, {args}) did not fail")

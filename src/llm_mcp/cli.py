@@ -33,6 +33,23 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--token", default=os.environ.get("LLM_MCP_TOKEN"), metavar="TOKEN",
                        help="HTTP only: every request must send 'Authorization: Bearer TOKEN'; required for a "
                             "non-loopback --host. Prefer env LLM_MCP_TOKEN (arguments show in the process list)")
+    env = os.environ.get
+    serve.add_argument("--auth-issuer", default=env("LLM_MCP_AUTH_ISSUER"), metavar="URL",
+                       help="HTTP only: be an OAuth 2.1 resource server for this authorization server: requests "
+                            "must send 'Authorization: Bearer JWT', a token it signed (with --token too: either "
+                            "passes); counts as auth for a non-loopback --host (env LLM_MCP_AUTH_ISSUER)")
+    serve.add_argument("--auth-audience", default=env("LLM_MCP_AUTH_AUDIENCE"), metavar="AUD",
+                       help="the tokens' 'aud' must hold AUD (default: --resource-url; env LLM_MCP_AUTH_AUDIENCE)")
+    serve.add_argument("--auth-jwks-url", default=env("LLM_MCP_AUTH_JWKS_URL"), metavar="URL",
+                       help="the issuer's JWKS (https, cached 5 minutes; env LLM_MCP_AUTH_JWKS_URL)")
+    serve.add_argument("--auth-jwks-file", default=env("LLM_MCP_AUTH_JWKS_FILE"), metavar="PATH",
+                       help="or a local JWKS JSON file of its public keys, read at start (env LLM_MCP_AUTH_JWKS_FILE)")
+    serve.add_argument("--auth-scopes", type=_scopes, default=env("LLM_MCP_AUTH_SCOPES", ""), metavar="SCOPE[,SCOPE]",
+                       help="scopes every token must carry ('scope' or 'scp'; missing: 403); default none "
+                            "(env LLM_MCP_AUTH_SCOPES)")
+    serve.add_argument("--resource-url", default=env("LLM_MCP_RESOURCE_URL"), metavar="URL",
+                       help="this server's public URL, the OAuth resource its metadata names (default "
+                            "http://HOST:PORT/mcp; required with a wildcard --host; env LLM_MCP_RESOURCE_URL)")
     serve.add_argument("--allow-read", action="append", default=[], metavar="DIR",
                        help="a folder outside the workspace that datasets and models may be read from (repeatable)")
     serve.add_argument("--allow-remote-code", action="store_true",
@@ -105,6 +122,10 @@ def _families(value: str) -> tuple[str, ...]:
     return names
 
 
+def _scopes(value: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(value.replace(",", " ").split()))
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -138,13 +159,40 @@ def _check_serve_args(serve: argparse.ArgumentParser, args: argparse.Namespace) 
 
     # stdio is the client's own child process: no token applies there, so none is kept.
     args.token = normalize_token(args.token) if args.transport == "streamable-http" else None
-    if args.transport == "streamable-http" and (problem := exposure_problem(args.host, args.token)):
+    args.oauth = _oauth_config(serve, args) if args.transport == "streamable-http" else None
+    if args.transport == "streamable-http" and (problem := exposure_problem(args.host, args.token,
+                                                                            oauth=args.oauth is not None)):
         serve.error(problem)
     resolved = [Path(d).expanduser().resolve() for d in args.allow_read]
     for given, path in zip(args.allow_read, resolved):
         if not path.exists():
             serve.error(f"--allow-read {given!r}: {path} does not exist")
     args.allow_read = tuple(str(p) for p in resolved)
+
+
+def _oauth_config(serve: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The OAuthConfig of --auth-issuer and its options (checked; a JWKS file read), or None without an issuer."""
+    from llm_mcp.config import OAuthConfig
+    from llm_mcp.server.http_auth import default_resource_url
+    from llm_mcp.server.oauth import oauth_problem
+
+    if not args.auth_issuer:
+        given = [o for o, v in (("--auth-audience", args.auth_audience), ("--auth-jwks-url", args.auth_jwks_url),
+                                ("--auth-jwks-file", args.auth_jwks_file), ("--auth-scopes", args.auth_scopes),
+                                ("--resource-url", args.resource_url)) if v]
+        if given:
+            serve.error(f"{', '.join(given)} without --auth-issuer: OAuth needs the issuer's URL")
+        return None
+    if not args.resource_url and args.host in ("0.0.0.0", "::", ""):
+        serve.error(f"--auth-issuer with the wildcard --host {args.host!r} needs --resource-url, the URL clients "
+                    "use (tokens are issued for it)")
+    resource_url = args.resource_url or default_resource_url(args.host, args.port)
+    config = OAuthConfig(issuer=args.auth_issuer, audience=args.auth_audience or resource_url,
+                         resource_url=resource_url, jwks_url=args.auth_jwks_url or None,
+                         jwks_file=args.auth_jwks_file or None, required_scopes=args.auth_scopes)
+    if problem := oauth_problem(config):
+        serve.error(problem)
+    return config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -159,7 +207,7 @@ def _serve(args: argparse.Namespace) -> int:
                           unsloth_python=args.unsloth_python, allow_read=args.allow_read,
                           allow_remote_code=args.allow_remote_code, max_dataset_bytes=args.max_dataset_bytes,
                           max_dataset_rows=args.max_dataset_rows, ray_address=args.ray_address,
-                          families=args.families)
+                          families=args.families, oauth=args.oauth)
     closed = threading.Event()
     server = create_server(config, token=args.token, closed=closed)
     if args.transport == "stdio":
@@ -205,12 +253,16 @@ async def _serve_http(server: Any, args: argparse.Namespace) -> None:
     from llm_mcp.server.http_auth import QueryStringRedactor, transport_security
 
     # resumable streams: a client that reconnects with Last-Event-ID gets the events it missed
-    app = server.streamable_http_app(transport_security=transport_security(args.host, args.port), host=args.host,
-                                     event_store=BoundedEventStore(), retry_interval=RETRY_MS)
+    public_url = args.oauth.resource_url if args.oauth else None
+    app = server.streamable_http_app(transport_security=transport_security(args.host, args.port, public_url),
+                                     host=args.host, event_store=BoundedEventStore(), retry_interval=RETRY_MS)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     logging.getLogger("uvicorn.access").addFilter(QueryStringRedactor())  # after Config, which resets logging
     print(f"llm-mcp: serving MCP over streamable HTTP at http://{args.host}:{args.port}/mcp", file=sys.stderr,
           flush=True)
+    if args.oauth:
+        print(f"llm-mcp: OAuth resource {args.oauth.resource_url} accepts access tokens of {args.oauth.issuer}",
+              file=sys.stderr, flush=True)
     await uvicorn.Server(config).serve()
 
 

@@ -451,6 +451,19 @@ class ExportConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class OAuthConfig:
+    """HTTP as an OAuth 2.1 resource server: JWT access tokens from `issuer`, signed by a key of its JWKS (a URL,
+    or a local file), for `audience`, carrying every required scope. No secrets here: only public keys are used."""
+
+    issuer: str  # the tokens' `iss`, compared exactly; advertised in the protected resource metadata
+    audience: str  # the tokens' `aud` must hold it (the CLI's default: resource_url)
+    resource_url: str  # this server's public URL (RFC 9728 `resource`), e.g. https://mcp.example.com/mcp
+    jwks_url: str | None = None  # exactly one of jwks_url and jwks_file
+    jwks_file: str | None = None
+    required_scopes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, config=_STRICT)
 class ServerConfig:
     """How the server runs: where it may write, and which Python runs the model workers."""
 
@@ -466,6 +479,7 @@ class ServerConfig:
     ray_address: str | None = None  # runs with num_processes > 1 go to this Ray cluster (None: local processes)
     families: tuple[str, ...] = ("qloraevolved", "unsloth")  # the tool families listed (estimate_memory and
     # inspect_dataset always are)
+    oauth: OAuthConfig | None = None  # HTTP only: accept the issuer's JWT access tokens
 
 
 def check_chat_template(value: str | None) -> None:

@@ -49,8 +49,10 @@ class _LiveJob:
 
 
 class JobManager:
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobStore, on_change: Callable[[str, str], None] | None = None) -> None:
         self.store = store
+        # told (job_id, "start" | "progress" | "end") from the thread where it happens; must not block
+        self.on_change = on_change
         self._live: dict[str, _LiveJob] = {}
         self.shutting_down = False  # set when the server stops: runs it ends are 'cancelled' by a shutdown
 
@@ -77,7 +79,16 @@ class JobManager:
             raise
         future.add_done_callback(lambda f: self._on_done(record.job_id, f))
         self._share_cores()
+        self._tell(record.job_id, "start")
+        log.info("job %s started: training model %s into %s", record.job_id, loaded.model_id, record.output_dir)
         return self.store.get(record.job_id)
+
+    def _tell(self, job_id: str, what: str) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(job_id, what)
+            except Exception:  # a listener's failure never touches the job
+                log.exception("job change listener failed for %s (%s)", job_id, what)
 
     def _share_cores(self) -> None:
         """Split the CPU cores among the trainings running now, each time one starts or ends: runs that each
@@ -102,6 +113,7 @@ class JobManager:
         live = self._live.get(job_id)
         if live is None:
             return
+        self._tell(job_id, "progress")
         live.rates.append((time.monotonic(), event.step))
         if event.ranks is not None:
             live.ranks = event.ranks
@@ -134,6 +146,8 @@ class JobManager:
                 for waiter in list(live.waiters):
                     waiter.loop.call_soon_threadsafe(waiter.queue.put_nowait, None)
                 self._share_cores()
+            self._tell(job_id, "end")
+            log.info("job %s ended: %s", job_id, "failed" if error is not None else (result or {}).get("status"))
 
     def _shutdown_note(self, why: str | None) -> str | None:
         if not self.shutting_down:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -12,15 +13,17 @@ from pathlib import Path
 from mcp.server.mcpserver import MCPServer
 
 from llm_mcp import __version__
-from llm_mcp.server.tool_errors import LlmMcpServer
 from llm_mcp.config import RAY_ADDRESS_ENV, ServerConfig
 from llm_mcp.jobs import ends
 from llm_mcp.jobs.manager import JobManager
 from llm_mcp.jobs.store import JobStore
 from llm_mcp.server import general_tools, prompts, qlora_tools, resources, unsloth_tools
-from llm_mcp.server.http_auth import StaticTokenVerifier, auth_settings
+from llm_mcp.server.http_auth import bearer_auth
 from llm_mcp.server.sandbox import Sandbox
 from llm_mcp.server.service import ModelService
+from llm_mcp.server.client_logs import ClientLogs
+from llm_mcp.server.tool_errors import LlmMcpServer
+from llm_mcp.server.updates import ResourceUpdates
 from llm_mcp.workers.pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,8 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
     state_dir = Path(config.state_dir).expanduser().resolve() if config.state_dir else workspace / ".llm-mcp"
 
     running: dict[str, ModelService] = {}  # the live service, for resources read without a request context
+    updates = ResourceUpdates()  # job resources' subscribers, told as jobs start, step and end
+    client_logs = ClientLogs()  # clients that asked for the server's log records (logging/setLevel)
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[ModelService]:
@@ -64,7 +69,9 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
                           env={**config.worker_env, ends.STATE_DIR_ENV: str(state_dir), **limits,
                                **({RAY_ADDRESS_ENV: config.ray_address} if config.ray_address else {})},
                           family_python={"unsloth": config.unsloth_python or ""})
-        jobs = JobManager(store)
+        updates.bind(asyncio.get_running_loop())
+        client_logs.start(asyncio.get_running_loop())
+        jobs = JobManager(store, on_change=updates.job_changed)
         service = ModelService(pool, jobs, Sandbox.create(str(workspace), config.allow_read),
                                allow_remote_code=config.allow_remote_code)
         running["service"] = service
@@ -72,6 +79,7 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
             yield service
         finally:
             jobs.shutting_down = True
+            client_logs.stop()
             try:
                 pool.close()  # every worker ends with the server; running jobs stop with a checkpoint
                 store.close()
@@ -79,8 +87,12 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
                 if closed is not None:
                     closed.set()
 
-    auth = {"token_verifier": StaticTokenVerifier(token), "auth": auth_settings()} if token else {}
-    server = LlmMcpServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, **auth)
+    auth = bearer_auth(token, config.oauth)  # HTTP only: the static token, OAuth's JWTs, either, or none
+    server = LlmMcpServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
+                          subscriptions=updates.bus, **auth)
+    # MCPServer has no public hook for resources/subscribe or logging/setLevel: the lowlevel server's own
+    updates.register(server._lowlevel_server)
+    client_logs.register(server._lowlevel_server)
     if "qloraevolved" in config.families:
         qlora_tools.register(server)
     if "unsloth" in config.families:

@@ -1,7 +1,10 @@
-"""Who may talk to the HTTP transport: the static bearer token, the bind-address rule and Host/Origin checks.
+"""Who may talk to the HTTP transport: the static bearer token, OAuth access tokens, the bind-address rule and
+Host/Origin checks.
 
-The token is checked by the SDK's own bearer middleware (`token_verifier=` + `AuthSettings`), with a
-constant-time compare. It is never logged, echoed or written: keep it out of every message and repr here.
+Tokens are checked by the SDK's own bearer middleware (`token_verifier=` + `AuthSettings`): the static one with a
+constant-time compare, OAuth's JWTs by server/oauth.py, either accepted when both are configured. With OAuth the
+SDK also serves the RFC 9728 protected resource metadata and names it in every 401's WWW-Authenticate.
+A token is never logged, echoed or written: keep it out of every message and repr here.
 Nothing here touches stdio, where the client owns the server process and no token applies.
 """
 
@@ -11,10 +14,15 @@ import hmac
 import ipaddress
 import logging
 import socket
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
 
-from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.transport_security import TransportSecuritySettings
+
+from llm_mcp.config import OAuthConfig
 
 TOKEN_ENV = "LLM_MCP_TOKEN"
 CLIENT_ID = "llm-mcp-bearer"  # the one principal a static token stands for
@@ -28,9 +36,10 @@ _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 class StaticTokenVerifier:
     """A `TokenVerifier` that accepts exactly one bearer token, compared in constant time."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, scopes: Sequence[str] = ()) -> None:
         assert token, "an empty token would accept 'Authorization: Bearer ' alone"
         self._expected = token.encode()
+        self._scopes = list(scopes)  # beside OAuth: the required scopes (the static token is the operator's own)
 
     def __repr__(self) -> str:  # never show the token
         return "StaticTokenVerifier(token=***)"
@@ -38,12 +47,51 @@ class StaticTokenVerifier:
     async def verify_token(self, token: str) -> AccessToken | None:
         if not hmac.compare_digest(token.encode(), self._expected):
             return None
-        return AccessToken(token=token, client_id=CLIENT_ID, scopes=[])
+        return AccessToken(token=token, client_id=CLIENT_ID, scopes=list(self._scopes))
 
 
-def auth_settings() -> AuthSettings:
-    """Bearer auth on /mcp with no scopes and no OAuth metadata routes (there is no authorization server)."""
-    return AuthSettings(issuer_url=_UNUSED_ISSUER, resource_server_url=None, required_scopes=None)
+class AnyTokenVerifier:
+    """The first verifier's answer that accepts the token (the static token first: a cheap constant-time compare)."""
+
+    def __init__(self, *verifiers: TokenVerifier) -> None:
+        self._verifiers = verifiers
+
+    def __repr__(self) -> str:
+        return f"AnyTokenVerifier{self._verifiers!r}"
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        for verifier in self._verifiers:
+            if (access := await verifier.verify_token(token)) is not None:
+                return access
+        return None
+
+
+def bearer_auth(token: str | None, oauth: OAuthConfig | None) -> dict[str, Any]:
+    """MCPServer's `token_verifier=` and `auth=` for a static token, OAuth, both (either token passes) or neither
+    ({}: no auth). OAuth reads a local JWKS file here, once."""
+    if oauth is None:
+        return {"token_verifier": StaticTokenVerifier(token), "auth": auth_settings()} if token else {}
+    from llm_mcp.server.oauth import JwtTokenVerifier
+
+    verifier: TokenVerifier = JwtTokenVerifier(oauth)
+    if token:
+        verifier = AnyTokenVerifier(StaticTokenVerifier(token, oauth.required_scopes), verifier)
+    return {"token_verifier": verifier, "auth": auth_settings(oauth)}
+
+
+def auth_settings(oauth: OAuthConfig | None = None) -> AuthSettings:
+    """Without OAuth: bearer auth on /mcp with no scopes and no metadata routes (there is no authorization server).
+    With it: the SDK's resource server (the protected resource metadata route, resource_metadata in
+    WWW-Authenticate, 403 insufficient_scope); the verifier checks the audience itself."""
+    if oauth is None:
+        return AuthSettings(issuer_url=_UNUSED_ISSUER, resource_server_url=None, required_scopes=None)
+    return AuthSettings(issuer_url=oauth.issuer, resource_server_url=oauth.resource_url,
+                        required_scopes=list(oauth.required_scopes) or None, validate_token_resource=False)
+
+
+def default_resource_url(host: str, port: int) -> str:
+    """The server's own URL, the default OAuth resource (behind a proxy or on a wildcard bind: --resource-url)."""
+    return f"http://{_host_port(host.strip('[]'), port)}/mcp"
 
 
 def normalize_token(token: str | None) -> str | None:
@@ -61,17 +109,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def exposure_problem(host: str, token: str | None) -> str | None:
-    """Why serving HTTP on `host` must not start, or None: any non-loopback bind needs a token."""
-    if token or is_loopback(host):
+def exposure_problem(host: str, token: str | None, oauth: bool = False) -> str | None:
+    """Why serving HTTP on `host` must not start, or None: any non-loopback bind needs a token or OAuth."""
+    if token or oauth or is_loopback(host):
         return None
     return (f"refusing to serve HTTP on non-loopback host {host!r} without a bearer token: anyone who can reach it "
             f"could load models and run training. Pass --token TOKEN (or set {TOKEN_ENV}; the environment keeps it "
-            "out of the process list), or bind --host 127.0.0.1.")
+            "out of the process list), or OAuth's --auth-issuer with its JWKS, or bind --host 127.0.0.1.")
 
 
-def transport_security(host: str, port: int) -> TransportSecuritySettings:
-    """DNS-rebinding protection for any bind address: only Host/Origin values naming this server pass."""
+def transport_security(host: str, port: int, public_url: str | None = None) -> TransportSecuritySettings:
+    """DNS-rebinding protection for any bind address: only Host/Origin values naming this server pass, and the
+    host of `public_url` (OAuth's --resource-url: a reverse proxy forwards its Host)."""
     names = list(_LOOPBACK_NAMES) if is_loopback(host) or host in _WILDCARD_HOSTS else []
     if host in _WILDCARD_HOSTS:  # clients reach a wildcard bind by this machine's own names and addresses
         names += _machine_names()
@@ -80,6 +129,12 @@ def transport_security(host: str, port: int) -> TransportSecuritySettings:
     hosts = [_host_port(name, port) for name in dict.fromkeys(names)]
     if port == 80:  # a client leaves the default port out of Host
         hosts += [h.rsplit(":", 1)[0] for h in hosts]
+    public = urlsplit(public_url) if public_url else None
+    if public and public.hostname:  # host:port, and the bare host when the port is the scheme's default
+        default = 443 if public.scheme == "https" else 80
+        with_port = _host_port(public.hostname, public.port or default)
+        hosts = list(dict.fromkeys([*hosts, with_port] + ([with_port.rsplit(":", 1)[0]]
+                                                          if (public.port or default) == default else [])))
     origins = [f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
                                      allowed_origins=origins)

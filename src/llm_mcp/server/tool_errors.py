@@ -9,6 +9,8 @@ from typing import Any
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.types import CallToolResult, TextContent
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS
 from pydantic import ValidationError
 
 from llm_mcp.errors import InvalidArgument, LlmMcpError, shown
@@ -67,7 +69,18 @@ def _expected(err: dict[str, Any]) -> str:
 
 
 class LlmMcpServer(MCPServer):
-    """MCPServer whose refused arguments come back as structured tool errors, like the tools' own errors."""
+    """MCPServer whose refused arguments come back as structured tool errors, like the tools' own errors, and whose
+    prompts/get refusals (an unknown prompt, a missing argument) are JSON-RPC invalid-params errors (-32602)."""
+
+    async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None, context: Any = None) -> Any:
+        prompt = self._prompt_manager.get_prompt(name)
+        if prompt is None:
+            known = sorted(p.name for p in self._prompt_manager.list_prompts())
+            raise MCPError(INVALID_PARAMS, f"unknown prompt {name!r}; the prompts are {known}")
+        missing = sorted(a.name for a in prompt.arguments or [] if a.required and a.name not in (arguments or {}))
+        if missing:
+            raise MCPError(INVALID_PARAMS, f"prompt {name!r} needs the argument(s) {missing}")
+        return await super().get_prompt(name, arguments, context)
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         try:
