@@ -111,3 +111,26 @@ def test_families_option_lists_only_the_named_family(workspace, tiny_model):
         names = set(session.tools())
     assert QLORA_TOOLS <= names and {"estimate_memory", "inspect_dataset"} <= names
     assert not [n for n in names if n.startswith("unsloth_")]
+
+
+def test_output_schemas_name_the_spec_keys(mcp):
+    """Each answer is typed: its outputSchema requires the spec's keys with their types and lists our additions
+    as optional, open to more keys (an added key never breaks a client)."""
+    tools = mcp.tools()
+    spec = {"qloraevolved_load_model": {"status", "model_id", "model_name", "trainable_params", "total_params",
+                                        "config"},
+            "qloraevolved_prepare_for_training": {"status", "message", "config"},
+            "qloraevolved_train": {"status", "output_dir"},
+            "qloraevolved_list_models": {"status", "models"},
+            "unsloth_load_model": {"status", "model_id", "model_name", "max_seq_length", "dtype", "device"},
+            "unsloth_prepare_for_training": {"status", "message", "trainable_params", "total_params"},
+            "unsloth_train": {"status", "output_dir"},
+            "estimate_memory": {"status", "total_bytes", "fits"},
+            "inspect_dataset": {"status", "format"}}
+    for name, required in spec.items():
+        schema = tools[name].output_schema
+        assert schema["type"] == "object" and schema.get("additionalProperties") is True, name
+        assert set(schema["required"]) == required, (name, schema["required"])
+    train = tools["qloraevolved_train"].output_schema["properties"]
+    assert train["status"]["enum"] == ["success", "cancelled", "running"] and "metrics" in train
+    assert tools["qloraevolved_load_model"].output_schema["properties"]["trainable_params"]["type"] == "integer"

@@ -13,6 +13,7 @@ from llm_mcp.config import (
     MaxCompletionLength, MaxLength, NumProcesses, Optimizer, QuantType, TrainingConfig, TrainingMethod,
 )
 from llm_mcp.server.annotations import add_tool
+from llm_mcp.server.results import EstimateAnswer, InspectAnswer
 from llm_mcp.server.common import DatasetArg, agent_tool, service_of
 
 
@@ -44,7 +45,7 @@ async def estimate_memory(
     gradient_accumulation_steps: Annotated[GradAccum, Field(description=(
         "grpo: completions sampled at once are batch_size x this."))] = TrainingConfig.gradient_accumulation_steps,
     ctx: Context = None,
-) -> dict[str, Any]:
+) -> EstimateAnswer:
     """Estimate the memory a LoRA fine-tuning run needs before loading anything: bytes for weights, LoRA
     parameters, gradients, optimizer state, activations and the runtime, the device's free memory, whether it
     fits, and if not the cheapest change that would make it fit. Reads only config.json (no weights). With
@@ -71,7 +72,7 @@ async def inspect_dataset(
         "tokenizer and checked against its max_length. Without it, a generic layout and character counts."))]
     = None,
     ctx: Context = None,
-) -> dict[str, Any]:
+) -> InspectAnswer:
     """Check a dataset before training on it: detected format, row and usable-row counts, columns, two examples
     exactly as training sees them (trained part between [[TRAIN]] and [[/TRAIN]]), token length statistics, rows
     max_length would cut, and problems found (empty fields, mixed formats, missing EOS, duplicates; malformed rows

@@ -19,6 +19,7 @@ from llm_mcp.config import (
     TrainingConfig, WarmupRatio, WeightDecay, validated,
 )
 from llm_mcp.server.annotations import add_tool
+from llm_mcp.server.results import ListModelsAnswer, LoadAnswer, PrepareAnswer, TrainAnswer
 from llm_mcp.server.common import (DatasetArg, MethodArg, WaitSeconds, agent_tool, service_of, shared_tools,
                                    train_description)
 from llm_mcp.server.service import QLORA
@@ -62,7 +63,7 @@ async def qloraevolved_load_model(
     force: Annotated[bool, Field(description="Load even when the memory estimate says the weights cannot fit.")]
     = False,
     ctx: Context = None,
-) -> dict[str, Any]:
+) -> LoadAnswer:
     """Load a causal LM (4-bit NF4 by default) and attach a LoRA adapter, in its own worker process.
 
     Returns model_id, parameter counts (trainable = LoRA), the config, the device, and warnings for anything
@@ -132,7 +133,7 @@ async def qloraevolved_prepare_for_training(
     = TrainingConfig.use_cpu_offload,
     seed: Seed = TrainingConfig.seed,
     ctx: Context = None,
-) -> dict[str, Any]:
+) -> PrepareAnswer:
     """Set the training hyper-parameters of a loaded model and enable gradient checkpointing / attention choice.
 
     Returns the config that qloraevolved_train will use (train may still override any of it). Next:
@@ -146,8 +147,7 @@ async def qloraevolved_prepare_for_training(
 
 
 # a train argument that overrides one setting of prepare_for_training for this run
-OVERRIDE = Field(description="This run's value of the prepare_for_training setting of the same name (null: the "
-                             "prepared value).")
+OVERRIDE = Field(description="For this run only (null: the prepared value).")
 
 
 @agent_tool
@@ -189,7 +189,7 @@ async def qloraevolved_train(
     method: MethodArg = None,
     wait_seconds: WaitSeconds = 45,
     ctx: Context = None,
-) -> dict[str, Any]:
+) -> TrainAnswer:
     """Fine-tune a loaded model's LoRA adapter with TRL (SFTTrainer; or the method's trainer) and save it to
     <output_dir>/final."""
     given = {k: v for k, v in locals().items()
@@ -211,7 +211,7 @@ qloraevolved_train.__doc__ += "\n\n" + train_description(QLORA)
 
 
 @agent_tool
-async def qloraevolved_list_models(ctx: Context = None) -> dict[str, Any]:
+async def qloraevolved_list_models(ctx: Context = None) -> ListModelsAnswer:
     """List the loaded models with their load config, device and state (ready, prepared, busy, lost)."""
     service = service_of(ctx)
     return {"status": "success", "models": {

@@ -68,6 +68,23 @@ def _expected(err: dict[str, Any]) -> str:
     return " and ".join(bounds) if bounds else str(err.get("msg", "a valid value")).lower()
 
 
+def without_titles(schema: Any) -> Any:
+    """A JSON Schema without its "title" annotations (property names under properties/$defs are kept)."""
+    if isinstance(schema, list):
+        return [without_titles(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "title" and isinstance(value, str):
+            continue
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            out[key] = {name: without_titles(sub) for name, sub in value.items()}
+        else:
+            out[key] = without_titles(value)
+    return out
+
+
 class LlmMcpServer(MCPServer):
     """MCPServer whose refused arguments come back as structured tool errors, like the tools' own errors, and whose
     prompts/get refusals (an unknown prompt, a missing argument) are JSON-RPC invalid-params errors (-32602)."""
@@ -81,6 +98,13 @@ class LlmMcpServer(MCPServer):
         if missing:
             raise MCPError(INVALID_PARAMS, f"prompt {name!r} needs the argument(s) {missing}")
         return await super().get_prompt(name, arguments, context)
+
+    async def list_tools(self) -> list[Any]:
+        """The tools, their schemas without pydantic's generated "title" annotations (a field's name already says
+        it: about a fifth of every agent's tool list saved)."""
+        return [tool.model_copy(update={"input_schema": without_titles(tool.input_schema),
+                                        "output_schema": without_titles(tool.output_schema)})
+                for tool in await super().list_tools()]
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         try:

@@ -16,6 +16,7 @@ from llm_mcp.config import (
 )
 from llm_mcp.errors import InvalidArgument
 from llm_mcp.server.annotations import add_tool
+from llm_mcp.server.results import TrainAnswer, UnslothLoadAnswer, UnslothPrepareAnswer
 from llm_mcp.server.common import DatasetArg, MethodArg, WaitSeconds, agent_tool, service_of, shared_tools, train_description
 from llm_mcp.server.service import UNSLOTH
 
@@ -44,7 +45,7 @@ async def unsloth_load_model(
     force: Annotated[bool, Field(description="Load even when the memory estimate says the weights cannot fit.")]
     = False,
     ctx: Context = None,
-) -> dict[str, Any]:
+) -> UnslothLoadAnswer:
     """Load a model with Unsloth's FastLanguageModel in its own worker process (LoRA is attached by
     unsloth_prepare_for_training). Returns model_id, max_seq_length, dtype, device, engine and warnings.
     Next: unsloth_prepare_for_training, then unsloth_train."""
@@ -76,7 +77,7 @@ async def unsloth_prepare_for_training(
         description="Training settings and LoRA (r, lora_alpha, lora_dropout, target_modules); omitted keys take "
                     "the defaults shown. use_gradient_checkpointing also accepts 'unsloth'.")] = None,
     ctx: Context = None,
-) -> dict[str, Any]:
+) -> UnslothPrepareAnswer:
     """Attach the LoRA adapter (Unsloth's get_peft_model) and set the training configuration.
 
     Returns trainable_params (LoRA) and total_params. Next: unsloth_train with a dataset."""
@@ -106,7 +107,7 @@ async def unsloth_train(
     wait_seconds: WaitSeconds = 45,
     method: MethodArg = None,
     ctx: Context = None,
-) -> dict[str, Any]:
+) -> TrainAnswer:
     """Fine-tune the model's LoRA adapter (TRL's SFTTrainer, or the method's trainer, under Unsloth) and save it to
     <output_dir>/final."""
 
