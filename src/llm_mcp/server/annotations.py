@@ -7,6 +7,8 @@ from typing import Any
 
 from mcp.types import ToolAnnotations
 
+from llm_mcp.server.dashboard import tool_meta
+
 
 @dataclass(frozen=True)
 class Hints:
@@ -54,7 +56,8 @@ def annotations_for(tool_name: str) -> tuple[str, ToolAnnotations]:
 
 
 def add_tool(server: Any, fn: Callable[..., Any], name: str | None = None, description: str | None = None) -> None:
-    """server.add_tool with the tool's title and annotations from TOOL_HINTS."""
+    """server.add_tool with the tool's title and annotations from TOOL_HINTS (and the dashboard's _meta.ui)."""
     name = name or fn.__name__
     title, annotations = annotations_for(name)
-    server.add_tool(fn, name=name, title=title, description=description, annotations=annotations)
+    server.add_tool(fn, name=name, title=title, description=description, annotations=annotations,
+                    meta=tool_meta(name))

@@ -17,7 +17,7 @@ from llm_mcp.config import RAY_ADDRESS_ENV, ServerConfig
 from llm_mcp.jobs import ends
 from llm_mcp.jobs.manager import JobManager
 from llm_mcp.jobs.store import JobStore
-from llm_mcp.server import general_tools, prompts, qlora_tools, resources, unsloth_tools
+from llm_mcp.server import dashboard, general_tools, prompts, qlora_tools, resources, unsloth_tools
 from llm_mcp.server.http_auth import bearer_auth
 from llm_mcp.server.sandbox import Sandbox
 from llm_mcp.server.service import ModelService
@@ -89,7 +89,7 @@ def create_server(config: ServerConfig | None = None, *, token: str | None = Non
 
     auth = bearer_auth(token, config.oauth)  # HTTP only: the static token, OAuth's JWTs, either, or none
     server = LlmMcpServer("llm-mcp-server", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
-                          subscriptions=updates.bus, **auth)
+                          subscriptions=updates.bus, extensions=[dashboard.apps()], **auth)
     # MCPServer has no public hook for resources/subscribe or logging/setLevel: the lowlevel server's own
     updates.register(server._lowlevel_server)
     client_logs.register(server._lowlevel_server)

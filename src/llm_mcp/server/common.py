@@ -22,6 +22,8 @@ from llm_mcp.config import (
 )
 from llm_mcp.errors import InvalidArgument, LlmMcpError
 from llm_mcp.server import tool_errors
+from llm_mcp.server.results import (CancelAnswer, EvaluateAnswer, ExportAnswer, GenerateAnswer, ListJobsAnswer,
+                                    MessageAnswer, StatusAnswer)
 from llm_mcp.server.service import Family, ModelService
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
     async def unload_model(
         model_id: Annotated[str, Field(max_length=MAX_ID_CHARS, description=f"Id returned by {load_tool}.")],
         ctx: Context = None,
-    ) -> dict[str, Any]:
+    ) -> MessageAnswer:
         return await service_of(ctx).unload(family, model_id)
 
     @agent_tool
@@ -112,7 +114,7 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
         include_plot: Annotated[bool, Field(description="Also return the loss curve (train/eval loss, learning "
                                                         "rate) as a PNG image.")] = False,
         ctx: Context = None,
-    ) -> Annotated[CallToolResult, dict[str, Any]]:
+    ) -> Annotated[CallToolResult, StatusAnswer]:
         service = service_of(ctx)
         answer = service.training_status(family, model_id, job_id)
         content: list[Any] = [TextContent(type="text", text=json.dumps(answer, indent=2))]
@@ -127,11 +129,11 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
                                               description="Model whose running job to stop.")] = None,
         job_id: JobId = None,
         ctx: Context = None,
-    ) -> dict[str, Any]:
+    ) -> CancelAnswer:
         return service_of(ctx).cancel_training(family, model_id, job_id)
 
     @agent_tool
-    async def list_jobs(ctx: Context = None) -> dict[str, Any]:
+    async def list_jobs(ctx: Context = None) -> ListJobsAnswer:
         return service_of(ctx).list_jobs(family)
 
     @agent_tool
@@ -148,7 +150,7 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
                                                        "compare before and after training.")] = True,
         seed: Seed = GenerationConfig.seed,
         ctx: Context = None,
-    ) -> dict[str, Any]:
+    ) -> GenerateAnswer:
         config = validated(GenerationConfig, dict(
             prompt=prompt, messages=None if messages is None else tuple(messages), max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, use_adapter=use_adapter, seed=seed), where="generate")
@@ -163,7 +165,7 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
         use_adapter: Annotated[bool, Field(description="false: evaluate the base model without the adapter, for "
                                                        "before/after comparisons.")] = True,
         ctx: Context = None,
-    ) -> dict[str, Any]:
+    ) -> EvaluateAnswer:
         return await service_of(ctx).evaluate(family, model_id, eval_dataset, dataset_format, batch_size,
                                               use_adapter=use_adapter)
 
@@ -191,7 +193,7 @@ def shared_tools(family: Family) -> list[tuple[Callable[..., Any], str, str]]:
         probe_prompt: Annotated[str | None, Field(max_length=10_000, description=(
             "Prompt for the verification's greedy comparison; default a short chat."))] = None,
         ctx: Context = None,
-    ) -> dict[str, Any]:
+    ) -> ExportAnswer:
         config = validated(ExportConfig, dict(format=format, output_dir=output_dir,
                                               gguf_quantization=gguf_quantization, save_dtype=save_dtype,
                                               verify=verify, overwrite=overwrite), where="export")

@@ -29,8 +29,8 @@ class LoadAnswer(TypedDict, total=False):
     device: str
     quantization: str
     memory: dict[str, Any]
-    attention: str
-    chat_template: dict[str, Any]
+    attention: str | None
+    chat_template: dict[str, Any] | None
     warnings: list[str]
 
 
@@ -84,9 +84,9 @@ class UnslothLoadAnswer(TypedDict, total=False):
     max_seq_length: Required[int]
     dtype: Required[str]
     device: Required[str]
-    engine: Literal["unsloth", "transformers"]
-    attention: str
-    chat_template: dict[str, Any]
+    engine: str
+    attention: str | None
+    chat_template: dict[str, Any] | None
     warnings: list[str]
 
 
@@ -97,7 +97,7 @@ class UnslothPrepareAnswer(TypedDict, total=False):
     trainable_params: Required[int]
     total_params: Required[int]
     config: dict[str, Any]
-    engine: Literal["unsloth", "transformers"]
+    engine: str
     warnings: list[str]
 
 
@@ -129,9 +129,9 @@ class GenerateAnswer(TypedDict, total=False):
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    tokens_per_second: float
+    tokens_per_second: float | None
     used_adapter: bool
-    sampling: str
+    sampling: str | dict[str, Any]  # "greedy", or the sampling settings
 
 
 @with_config(_OPEN)
@@ -201,9 +201,38 @@ class InspectAnswer(TypedDict, total=False):
     usable_rows: int
     columns: list[str]
     loss_on: str
-    examples: list[str]
+    examples: list[Any]
     problems: list[str]
     length_tokens: dict[str, Any]
     length_chars: dict[str, Any]
     note: str
     model_id: str
+
+
+@with_config(_OPEN)
+class StatusAnswer(TypedDict, total=False):
+    """A job: its state, progress, losses, speed, checkpoint, log tail; with result once it has ended."""
+
+    status: Required[Status]
+    job_id: Required[str]
+    state: Required[Literal["queued", "running", "succeeded", "failed", "cancelled"]]
+    step: Required[int]
+    total_steps: Required[int]
+    model_id: str
+    progress: float
+    loss: float | None
+    recent_losses: list[dict[str, Any]]
+    eval_loss: float | None
+    learning_rate: float | None
+    samples_per_second: float | None
+    eta_seconds: float | None
+    elapsed_seconds: float
+    last_checkpoint: str | None
+    output_dir: str
+    cancel_requested: bool
+    error: str | None
+    log_tail: list[str]
+    method_metrics: dict[str, float]
+    recent_method_metrics: list[dict[str, Any]]
+    ranks: list[dict[str, Any]]
+    result: dict[str, Any]
