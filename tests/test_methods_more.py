@@ -123,3 +123,53 @@ def test_evaluate_reads_unpaired_rows_and_reference_answers(mcp, tiny_model):
     assert unpaired["eval_loss"] > 0 and unpaired["undesirable_eval_loss"] > 0
     answers = mcp.ok("qloraevolved_evaluate", {"model_id": MODEL, "eval_dataset": GRPO_ROWS})
     assert answers["dataset_format"] == "prompt_answer" and answers["eval_loss"] > 0 and answers["rows"] == 4
+
+
+CHAT_PAIRS = [{"prompt": [{"role": "user", "content": p["prompt"]}],
+               "chosen": [{"role": "assistant", "content": p["chosen"]}],
+               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in TRAIN]
+CHAT_KTO = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "completion": [{"role": "assistant", "content": r["completion"]}], "label": r["label"]} for r in KTO_ROWS]
+CHAT_GRPO = [{"messages": [{"role": "system", "content": "Answer in one word."},
+                           {"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in GRPO_ROWS]
+FORMS = {"preference": (TRAIN, CHAT_PAIRS), "unpaired": (KTO_ROWS, CHAT_KTO), "prompt_answer": (GRPO_ROWS, CHAT_GRPO)}
+
+
+def test_every_new_row_form_reads_from_every_source(mcp, workspace):
+    """Pairs, unpaired rows and prompts with answers, as text and as chat messages, are detected from inline rows,
+    .jsonl, .json, .parquet, a save_to_disk folder and (text forms) .csv, with every row usable."""
+    import datasets
+    import pandas as pd
+
+    folder = workspace / "forms"
+    folder.mkdir(exist_ok=True)
+    for fmt, (plain, chat) in FORMS.items():
+        for shape, rows in (("plain", plain), ("chat", chat)):
+            stem = folder / f"{fmt}-{shape}"
+            write_jsonl(stem.with_suffix(".jsonl"), rows)
+            stem.with_suffix(".json").write_text(json.dumps(rows))
+            pd.DataFrame(rows).to_parquet(stem.with_suffix(".parquet"))
+            datasets.Dataset.from_list(rows).save_to_disk(str(stem))
+            sources = [rows] + [f"forms/{stem.name}{ext}" for ext in (".jsonl", ".json", ".parquet", "")]
+            if shape == "plain":
+                pd.DataFrame(rows).to_csv(stem.with_suffix(".csv"), index=False)
+                sources.append(f"forms/{stem.name}.csv")
+            for source in sources:
+                shown = mcp.ok("inspect_dataset", {"dataset": source})
+                where = source if isinstance(source, str) else "inline"
+                assert shown["format"] == fmt and shown["usable_rows"] == len(rows), (fmt, shape, where, shown)
+                assert not shown["problems"], (fmt, shape, where, shown["problems"])
+
+
+def test_inspect_flags_rows_the_methods_cannot_use(mcp):
+    """chosen == rejected, an empty side, a label that is no boolean, one kind of label only, an empty answer."""
+    same = mcp.ok("inspect_dataset", {"dataset": TRAIN[:3] + [{"prompt": "q", "chosen": " A.", "rejected": " A."}]})
+    assert any("chosen and rejected are the same answer" in p for p in same["problems"])
+    empty = mcp.ok("inspect_dataset", {"dataset": TRAIN[:3] + [{"prompt": "q", "chosen": " A.", "rejected": ""}]})
+    assert any("empty fields" in p for p in empty["problems"])
+    label = mcp.ok("inspect_dataset", {"dataset": KTO_ROWS[:3] + [{"prompt": "q", "completion": "c", "label": 2}]})
+    assert any("label" in p for p in label["problems"])
+    one_kind = mcp.ok("inspect_dataset", {"dataset": KTO_ROWS[:5]})
+    assert any("every row is labelled true" in p for p in one_kind["problems"])
+    answers = mcp.ok("inspect_dataset", {"dataset": GRPO_ROWS + [{"prompt": "q", "answer": ""}]})
+    assert any("empty fields" in p for p in answers["problems"])

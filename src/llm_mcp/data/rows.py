@@ -164,6 +164,8 @@ def _unpaired(row: dict[str, Any]) -> Converted:
     converted = _prompt_completion(row)
     if converted.row is None:
         return converted
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # a CSV file's booleans
+        label = label.strip().lower() == "true"
     if not isinstance(label, bool):
         return _wrong_type("label", label, "true (a desirable completion) or false (an undesirable one)")
     if "messages" in converted.row:  # conversational: back to prompt turns and the completion turn(s)
