@@ -118,17 +118,17 @@ def test_bad_spread_is_refused_naming_the_parameter(mcp, loaded, demo_rows):
                                                                 "output_dir": "dist-bad"}})
     assert "num_processes" in text and f"at most {cores}" in text and "--ray-address" in text
     text = mcp.error("qloraevolved_train", {"model_id": MODEL, "train_dataset": demo_rows, "wait_seconds": -1,
-                                            "training_config": {**TWO, "distributed_strategy": "fsdp",
+                                            "training_config": {**TWO, "distributed_strategy": "zero3",
                                                                 "output_dir": "dist-bad"}})
-    assert "distributed_strategy" in text and "ddp" in text
+    assert "distributed_strategy" in text and "'fsdp'" in text
     assert "num_processes" in mcp.error("qloraevolved_train", {"model_id": MODEL, "train_dataset": demo_rows,
                                                                "training_config": {"num_processes": 0}})
     assert mcp.ok("qloraevolved_generate", {"model_id": MODEL, "prompt": "x", "max_new_tokens": 2})
 
 
 def test_plan_refuses_what_cannot_run_and_reports_the_spread():
-    """distributed.plan: one process is the worker's own run; the Unsloth engine and FSDP are refused naming the
-    parameter; a Ray address takes the spread to the cluster (its size is checked there)."""
+    """distributed.plan: one process is the worker's own run; the Unsloth engine is refused naming the parameter;
+    fsdp is planned as asked; a Ray address takes the spread to the cluster (its size is checked there)."""
     from llm_mcp.config import TrainingConfig
     from llm_mcp.engine.train import distributed
     from llm_mcp.errors import InvalidArgument
@@ -136,11 +136,49 @@ def test_plan_refuses_what_cannot_run_and_reports_the_spread():
     assert distributed.plan(TrainingConfig(), engine="unsloth", ray_address=None) is distributed.SINGLE
     with pytest.raises(InvalidArgument, match="num_processes=2 .*unsloth"):
         distributed.plan(TrainingConfig(num_processes=2), engine="unsloth", ray_address=None)
-    with pytest.raises(InvalidArgument, match="distributed_strategy='fsdp'"):
-        distributed.plan(TrainingConfig(num_processes=2, distributed_strategy="fsdp"), engine="transformers",
-                         ray_address=None)
+    fsdp = distributed.plan(TrainingConfig(num_processes=2, distributed_strategy="fsdp"), engine="transformers",
+                            ray_address=None)
+    assert (fsdp.strategy, fsdp.world_size, fsdp.launcher) == ("fsdp", 2, "local")
     on_ray = distributed.plan(TrainingConfig(num_processes=64, batch_size=2, gradient_accumulation_steps=3),
                               engine="transformers", ray_address="127.0.0.1:6379")
     assert (on_ray.launcher, on_ray.world_size, on_ray.strategy) == ("ray", 64, "ddp")
     assert on_ray.effective(TrainingConfig(batch_size=2, gradient_accumulation_steps=3), "run-1")[
         "global_batch_size"] == 2 * 3 * 64
+
+
+def test_fsdp_trains_two_ranks_like_one_process_and_resumes(mcp, tiny_model, demo_rows, workspace):
+    """distributed_strategy='fsdp': FSDP2 over gloo (each decoder layer a shard unit; the 4-bit weights packed in
+    the compute dtype so that they shard too): the loss curve matches one process at the same global batch, its
+    checkpoints are sealed once, the worker takes the gathered adapter back, and a resume continues the run."""
+    runs = {}
+    for n, batch, strategy in ((1, 4, "auto"), (2, 2, "fsdp")):
+        model_id = f"fsdp-{n}"
+        mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": model_id, **FAST_LOAD})
+        before = mcp.ok("qloraevolved_evaluate", {"model_id": model_id, "eval_dataset": demo_rows[:8]})["eval_loss"]
+        runs[n] = mcp.ok("qloraevolved_train", {
+            "model_id": model_id, "train_dataset": demo_rows, "wait_seconds": -1,
+            "training_config": {**TWO, "batch_size": batch, "num_processes": n, "distributed_strategy": strategy,
+                                "max_steps": 6, "save_steps": 3, "learning_rate": 2e-4, "group_by_length": False,
+                                "output_dir": f"fsdp-{n}"}})
+        after = mcp.ok("qloraevolved_evaluate", {"model_id": model_id, "eval_dataset": demo_rows[:8]})["eval_loss"]
+        assert after < before, (n, before, after)
+    effective = runs[2]["effective_config"]
+    assert (effective["world_size"], effective["strategy"], effective["backend"]) == (2, "fsdp", "gloo")
+    assert any("distributed_strategy='fsdp'" in note for note in runs[2]["engine_choices"])
+    shard = effective["fsdp_shard"]  # rank 0 holds half of every parameter, 4-bit weights included
+    assert abs(2 * shard["rank0_parameters"] - shard["all_parameters"]) <= 0.01 * shard["all_parameters"], shard
+    one, two = ([h["loss"] for h in runs[n]["loss_history"]] for n in (1, 2))
+    for step, (a, b) in enumerate(zip(one, two), start=1):
+        assert abs(a - b) <= 0.01 * abs(a), f"step {step}: one process {one}, FSDP over two {two}"
+    out = workspace / "fsdp-2"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert all((p / ".complete").is_file() for p in out.glob("checkpoint-*"))
+    resumed = mcp.ok("qloraevolved_train", {
+        "model_id": "fsdp-2", "train_dataset": demo_rows, "wait_seconds": -1, "resume_from_checkpoint": True,
+        "training_config": {**TWO, "distributed_strategy": "fsdp", "max_steps": 8, "save_steps": 100,
+                            "learning_rate": 2e-4, "output_dir": "fsdp-2"}})
+    assert resumed["status"] == "success" and resumed["global_step"] == 8 and \
+        resumed["resumed_from"].endswith("checkpoint-6"), resumed
+    for n in (1, 2):
+        mcp.ok("qloraevolved_unload_model", {"model_id": f"fsdp-{n}"})
+    wait_for(lambda: not rank_pids(), "the ranks to end", timeout=30)

@@ -19,7 +19,7 @@ KTO = {**FAST_TRAIN, "method": "kto", "batch_size": 4, "logging_steps": 1, "max_
 GRPO_ROWS = [{"prompt": f"Name {t}.", "answer": "x"} for t in ("a cat", "a dog", "the sea", "a tree")]
 CAPITAL = [{"type": "regex", "pattern": r"^\s*[A-Z]"}]
 GRPO = {**FAST_TRAIN, "method": "grpo", "batch_size": 8, "gradient_accumulation_steps": 1, "logging_steps": 1,
-        "max_steps": 30, "learning_rate": 2e-2, "num_generations": 8, "max_completion_length": 3,
+        "max_steps": 40, "learning_rate": 1e-2, "num_generations": 8, "max_completion_length": 3,
         "rewards": CAPITAL}
 
 
@@ -75,7 +75,7 @@ def test_grpo_raises_the_mean_reward_of_a_declared_regex_reward(mcp, tiny_model,
     assert "reward" in trained["metrics"] and "rewards/regex/mean" in trained["metrics"]
     rewards = [p["reward"] for p in mcp.ok("qloraevolved_training_status",
                                            {"job_id": trained["job_id"]})["recent_method_metrics"]]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10  # sampled: single steps are noisy
     assert last > first + 0.2, rewards
     png = mcp.call("qloraevolved_training_status", {"job_id": trained["job_id"], "include_plot": True})
     assert any(getattr(c, "type", "") == "image" for c in png.content)

@@ -5,13 +5,15 @@ and files as torch's local launcher; an address nothing answers on is a clear er
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST_LOAD, HW, TWO_RANKS as TWO, McpSession, cancel_after_two_steps, free_port, server_config
+from conftest import (FAST_LOAD, HW, TWO_RANKS as TWO, McpSession, cancel_after_two_steps, free_port, job_status,
+                      poll_job, server_config, wait_for, wait_for_step)
 from llm_mcp.server.app import create_server
 
 RAY = Path(sys.executable).parent / "ray"
@@ -78,3 +80,36 @@ def test_an_unreachable_ray_address_is_a_clear_error(workspace, tiny_model, demo
         assert not (workspace / "no-ray" / "final").exists()
         answer = mcp.ok("qloraevolved_generate", {"model_id": "no-ray", "prompt": "x", "max_new_tokens": 2})
         assert answer["completion_tokens"] >= 1  # the model stays loaded
+
+
+def test_a_killed_ray_worker_fails_the_job_naming_its_rank(ray_address, workspace, tiny_model, demo_rows):
+    """kill -9 of one Ray Train worker: the job fails naming that rank, the other rank's process ends (Ray Train
+    tears the worker group down), and the server and the model's worker go on."""
+    with McpSession(create_server(server_config(workspace, tiny_model, ray_address=ray_address))) as mcp:
+        mcp.ok("qloraevolved_load_model", {"model_name": str(tiny_model), "model_id": "ray-kill", **FAST_LOAD})
+        job = mcp.ok("qloraevolved_train", {
+            "model_id": "ray-kill", "train_dataset": demo_rows * 4, "wait_seconds": 0,
+            "training_config": {**TWO, "max_steps": 400, "save_steps": 1000, "output_dir": "ray-killed"}})["job_id"]
+        wait_for_step(mcp, job, 1)
+
+        def both_alive():
+            ranks = job_status(mcp, job).get("ranks") or []
+            return ranks if [(r["rank"], r["alive"]) for r in ranks] == [(0, True), (1, True)] else None
+
+        ranks = wait_for(both_alive, "training_status to show both Ray workers alive", timeout=120)
+        pids = {r["rank"]: r["pid"] for r in ranks}
+        os.kill(pids[1], signal.SIGKILL)
+        ended = poll_job(mcp, job)
+        assert ended["state"] == "failed", ended
+        assert "rank 1" in ended["error"] and "SIGKILL" in ended["error"], ended["error"]
+        wait_for(lambda: not _alive(pids[0]), "rank 0's Ray worker to end", timeout=60)
+        answer = mcp.ok("qloraevolved_generate", {"model_id": "ray-kill", "prompt": "x", "max_new_tokens": 2})
+        assert answer["completion_tokens"] >= 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -71,8 +71,9 @@ class ModelBundle:
         }
 
 
-def load_model(config: LoadConfig, adapter_dir: str | None = None) -> ModelBundle:
-    """The qloraevolved load: base model (NF4 or unquantized) with LoRA attached (the saved one in adapter_dir)."""
+def load_model(config: LoadConfig, adapter_dir: str | None = None, *, shardable: bool = False) -> ModelBundle:
+    """The qloraevolved load: base model (NF4 or unquantized) with LoRA attached (the saved one in adapter_dir).
+    shardable: 4-bit weights stored so that FSDP2 shards them (a rank of a run with distributed_strategy='fsdp')."""
     warnings: list[str] = []
     dtype = _compute_dtype(config.compute_dtype, warnings)
     quant = config.effective_quant_type
@@ -92,7 +93,7 @@ def load_model(config: LoadConfig, adapter_dir: str | None = None) -> ModelBundl
                        device_map=config.device_map, trust_remote_code=config.trust_remote_code,
                        max_length=config.max_length, warnings=warnings,
                        keep_16bit=[k["module"] for k in choice["kept_16bit"]] if choice else None,
-                       chat_template=config.chat_template)
+                       chat_template=config.chat_template, shardable=shardable)
     bundle.nf4_optimized = choice
     if adapter_dir is not None:
         from llm_mcp.engine.load.sources import attach_adapter
@@ -106,11 +107,13 @@ def load_model(config: LoadConfig, adapter_dir: str | None = None) -> ModelBundl
 
 def load_base(model_name: str, *, quant: str, double_quant: bool, dtype: torch.dtype, device_map: str,
               trust_remote_code: bool, max_length: int, warnings: list[str], token: str | None = None,
-              keep_16bit: list[str] | None = None, chat_template: str | None = None) -> ModelBundle:
+              keep_16bit: list[str] | None = None, chat_template: str | None = None,
+              shardable: bool = False) -> ModelBundle:
     """Load a causal LM and its tokenizer with transformers, its linear layers quantized as `quant`."""
     source = check_source(model_name)
     quantization_config = quantization.quantization_config(quant, dtype, double_quant=double_quant,
-                                                           warnings=warnings, keep_16bit=keep_16bit)
+                                                           warnings=warnings, keep_16bit=keep_16bit,
+                                                           shardable=shardable)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

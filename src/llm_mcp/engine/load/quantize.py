@@ -19,9 +19,10 @@ _LINEAR_KINDS = ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")
 
 
 def quantization_config(quant: str, dtype: torch.dtype, *, double_quant: bool, warnings: list[str],
-                        keep_16bit: list[str] | None = None) -> Any:
+                        keep_16bit: list[str] | None = None, shardable: bool = False) -> Any:
     """The transformers quantization_config for the routes applied at load (None for the others).
-    keep_16bit: module names left unquantized (nf4_optimized's choice)."""
+    keep_16bit: module names left unquantized (nf4_optimized's choice). shardable: NF4 weights packed in the
+    compute dtype rather than bytes, which FSDP2 shards (it leaves integer parameters whole on every rank)."""
     if quant in ("none", "int4", "fp8"):
         return None
     if quant in ("nf4", "nf4_optimized"):
@@ -30,7 +31,8 @@ def quantization_config(quant: str, dtype: torch.dtype, *, double_quant: bool, w
         skip = ["lm_head", *(keep_16bit or [])] if quant == "nf4_optimized" else None
         # on a GPU, device_map="auto" may place layers that do not fit in CPU memory (kept in float32 there)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
+                                  bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_quant_storage=dtype if shardable else torch.uint8,
                                   llm_int8_skip_modules=skip, llm_int8_enable_fp32_cpu_offload=detect().has_cuda)
     if quant == "int8":
         from transformers import BitsAndBytesConfig

@@ -165,13 +165,13 @@ def state_dir() -> Path:
     return Path(os.environ.get("LLM_MCP_STATE_DIR") or Path.cwd() / ".llm-mcp")
 
 
-def load_qlora(config: Any) -> Any:
-    """The qloraevolved load for any model_name (folder, hub id, .gguf, adapter folder)."""
+def load_qlora(config: Any, *, shardable: bool = False) -> Any:
+    """The qloraevolved load for any model_name (folder, hub id, .gguf, adapter folder); shardable: for FSDP2."""
     from llm_mcp.engine.load import model as engine_model
 
     source = resolve(config.model_name, state_dir() / "converted")
     bundle = engine_model.load_model(dataclasses.replace(config, model_name=source.model_dir),
-                                     adapter_dir=source.adapter_dir)
+                                     adapter_dir=source.adapter_dir, shardable=shardable)
     bundle.warnings[:0] = source.notes
     bundle.load_config = config
     return bundle

@@ -73,14 +73,14 @@ def plan(config: TrainingConfig, *, engine: str, ray_address: str | None) -> Pla
                               "engine trains on one device; load the model with qloraevolved_load_model to train "
                               "across processes")
     hw = detect()
-    if config.distributed_strategy == "fsdp":
-        where = ("here: FSDP2 with QLoRA shards 4-bit weights on CUDA GPUs, and this machine has none" if not
-                 hw.has_cuda else "in this version: FSDP2 with QLoRA (4-bit storage in the compute dtype) is not "
-                 "wired up yet")
-        raise InvalidArgument("distributed_strategy", "fsdp", f"'ddp' or 'auto' {where}; 'auto' picks DDP, a full "
-                              "copy of the 4-bit model on each device")
+    strategy = "fsdp" if config.distributed_strategy == "fsdp" else "ddp"  # auto: a full copy on each device
+    if strategy == "fsdp" and not hw.has_cuda:
+        from llm_mcp.engine.patches import fsdp_cpu
+
+        if (why := fsdp_cpu.supported()) is not None:
+            raise InvalidArgument("distributed_strategy", "fsdp", f"'ddp' or 'auto' on this machine's CPUs: FSDP2 "
+                                  f"over gloo needs accelerate to keep its FSDP plugin on CPU, and {why}")
     backend = "nccl" if hw.has_cuda else "gloo"
-    strategy = "ddp"
     if ray_address:
         return Plan(n, strategy, backend, "ray", ray_address)
     available, what = _local_devices(hw.has_cuda)
@@ -241,6 +241,14 @@ def _failure(run_dir: Path, returncode: int | None, launcher_output: str) -> Exc
                               "continues).")
     reports = sorted((json.loads(p.read_text()) for p in run_dir.glob("rank-*.error.json")),
                      key=lambda r: r["rank"])
+    reported = {r["rank"] for r in reports}
+    silent = [r["rank"] for r in rank_liveness(run_dir) if r["rank"] not in reported and not r["alive"]]
+    if reports and silent:  # a rank that died without a word (no launcher of ours to name its signal: Ray): the
+        # others' errors are their broken connections to it
+        return TrainingFailed(f"rank {silent[0]} of the distributed run died without reporting an error: killed "
+                              "from outside (kill -9, SIGKILL) or by the out-of-memory killer; the other ranks "
+                              "then lost their connection to it and were ended. Checkpoints already written are "
+                              "kept (resume_from_checkpoint=true continues).")
     if reports:  # an error of ours or of the libraries, raised in a rank: the same kind of error, naming the rank
         first = reports[0]
         log.error("rank %s failed:\n%s", first["rank"], first.get("traceback", ""))

@@ -67,7 +67,8 @@ def _run(run_dir: Path) -> None:
     from llm_mcp.engine.train import run as engine_train
 
     spec: RankSpec = pickle.loads((run_dir / SPEC).read_bytes())
-    bundle = sources.load_qlora(_on_own_device(spec.load_config))
+    bundle = sources.load_qlora(_on_own_device(spec.load_config),
+                                shardable=spec.config.distributed_strategy == "fsdp")
     _load_adapter_weights(bundle.model, run_dir / START_ADAPTER)
     progress = (run_dir / PROGRESS).open("a") if ranks.is_main() else None
 

@@ -98,6 +98,9 @@ def run_training(bundle: ModelBundle, config: TrainingConfig, train_source: Any,
     reset_peak_memory()  # this run's peak, not an earlier run's in the same worker
     warnings = list(notes) + list(bundle.warnings)
     choices = methods.adjusted(config.method, decide(config, read_facts(bundle, config)))
+    sharded = ranks.world_size() > 1 and config.distributed_strategy == "fsdp"
+    if sharded:
+        choices = _fsdp_choices(choices)
     set_attention(bundle, choices.attn_implementation)
     warnings += choices.warnings
     out = Path(config.output_dir)
@@ -134,6 +137,8 @@ def run_training(bundle: ModelBundle, config: TrainingConfig, train_source: Any,
         eval_strategy="steps" if (eval_data and options.eval_steps) else "no", eval_steps=options.eval_steps,
         disable_tqdm=True, dataloader_pin_memory=False,
     )
+    if sharded:
+        common.update(_fsdp_args(bundle))
     callback = ProgressCallback(on_progress, should_stop, release_memory=choices.release_memory,
                                 method_metrics=lambda logs: methods.logged_metrics(config.method, logs))
     space = CheckpointSpace(out, sizes, config.save_total_limit, warnings)
@@ -168,7 +173,44 @@ def run_training(bundle: ModelBundle, config: TrainingConfig, train_source: Any,
     _save_final(trainer, bundle.tokenizer, final, sizes)
     answer = _answer(bundle, config, trainer, metrics, final, train_data, choices, warnings, callback, resume)
     answer["engine_choices"] = list(choices.notes)
+    if sharded:
+        answer["effective_config"]["fsdp_shard"] = _shard_sizes(trainer.model)
     return answer
+
+
+def _fsdp_choices(choices: EngineChoices) -> EngineChoices:
+    """FSDP2 shards every parameter into DTensors: the patches that replace layers' forwards stay off."""
+    return replace(choices, packing=False, padding_free=False, lean_lora_dropout=False, lean_mlp=False,
+                   lean_rmsnorm=False, torch_compile=False, use_liger_kernel=False,
+                   notes=(*choices.notes, "distributed_strategy='fsdp': LoRA-layer, MLP and norm patches off (FSDP2 "
+                                          "shards the parameters they would read)."))
+
+
+def _fsdp_args(bundle: ModelBundle) -> dict[str, Any]:
+    """Transformers' FSDP2 settings: each decoder layer its own shard unit, weights, adapters, gradients and
+    optimizer state sharded across the ranks, the adapter gathered whole when saved. On CPU ranks (gloo) accelerate
+    is told to keep the plugin (patches/fsdp_cpu.py). Activation checkpointing stays the trainer's own setting."""
+    base = bundle.model.get_base_model() if hasattr(bundle.model, "get_base_model") else bundle.model
+    layers = list(getattr(base, "_no_split_modules", None) or [])
+    args: dict[str, Any] = {"fsdp": True, "fsdp_config": {
+        "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP" if layers else "NO_WRAP",
+        "transformer_layer_cls_to_wrap": layers, "state_dict_type": "FULL_STATE_DICT",
+        "reshard_after_forward": True, "cpu_ram_efficient_loading": False, "activation_checkpointing": False}}
+    if not detect().has_cuda:
+        from llm_mcp.engine.patches import fsdp_cpu
+
+        fsdp_cpu.enable()
+        args["ddp_backend"] = "gloo"
+    return args
+
+
+def _shard_sizes(model: Any) -> dict[str, int]:
+    """What this rank holds of the model's parameters under FSDP2 (DTensor shards) against their full size."""
+    local = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        local += param.to_local().numel() if hasattr(param, "to_local") else param.numel()
+    return {"rank0_parameters": local, "all_parameters": total}
 
 
 def _make_padding_free(trainer: Any) -> None:
