@@ -60,3 +60,14 @@ def test_mcp_inspector_lists_tools_and_calls_list_models(tmp_path):
     assert {"qloraevolved_load_model", "qloraevolved_train"} <= {t["name"] for t in listed["tools"]}
     called = _run_inspector(["--method", "tools/call", "--tool-name", "qloraevolved_list_models"], tmp_path)
     assert called["isError"] is False and called["structuredContent"] == {"status": "success", "models": {}}
+
+
+def test_mcp_inspector_strict_finds_no_schema_problem(tmp_path):
+    """The Inspector's --strict portability check of every tool's input and output schema: no error, no warning."""
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env["npm_config_cache"] = os.environ.get("npm_config_cache", str(Path.home() / ".npm"))
+    out = subprocess.run(_inspector() + ["--strict", "--method", "tools/list"], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=tmp_path)
+    problems = [line for line in out.stderr.splitlines() if line.startswith(("Warning:", "Error:"))]
+    assert out.returncode == 0 and not problems, out.stderr[-3000:]
+    assert {"qloraevolved_train", "unsloth_train"} <= {t["name"] for t in json.loads(out.stdout)["tools"]}

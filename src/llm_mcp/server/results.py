@@ -201,7 +201,7 @@ class InspectAnswer(TypedDict, total=False):
     usable_rows: int
     columns: list[str]
     loss_on: str
-    examples: list[Any]
+    examples: list[str]
     problems: list[str]
     length_tokens: dict[str, Any]
     length_chars: dict[str, Any]
