@@ -139,6 +139,10 @@ def test_plan_refuses_what_cannot_run_and_reports_the_spread():
     fsdp = distributed.plan(TrainingConfig(num_processes=2, distributed_strategy="fsdp"), engine="transformers",
                             ray_address=None)
     assert (fsdp.strategy, fsdp.world_size, fsdp.launcher) == ("fsdp", 2, "local")
+    # auto: DDP where a full copy fits each device, FSDP2 where it does not
+    auto = TrainingConfig(num_processes=2)
+    assert distributed.plan(auto, engine="transformers", ray_address=None).strategy == "ddp"
+    assert distributed.plan(auto, engine="transformers", ray_address=None, full_copy_fits=False).strategy == "fsdp"
     on_ray = distributed.plan(TrainingConfig(num_processes=64, batch_size=2, gradient_accumulation_steps=3),
                               engine="transformers", ray_address="127.0.0.1:6379")
     assert (on_ray.launcher, on_ray.world_size, on_ray.strategy) == ("ray", 64, "ddp")

@@ -63,8 +63,9 @@ class Plan:
 SINGLE = Plan(world_size=1, strategy="single_process", backend=None, launcher="local")
 
 
-def plan(config: TrainingConfig, *, engine: str, ray_address: str | None) -> Plan:
-    """The run's spread, or a clear error where this machine (or engine) cannot give it."""
+def plan(config: TrainingConfig, *, engine: str, ray_address: str | None, full_copy_fits: bool = True) -> Plan:
+    """The run's spread, or a clear error where this machine (or engine) cannot give it. full_copy_fits: whether
+    a full copy of the model and its training state fits each device (auto: DDP where it does, else FSDP2)."""
     n = config.num_processes
     if n == 1:
         return SINGLE
@@ -73,7 +74,8 @@ def plan(config: TrainingConfig, *, engine: str, ray_address: str | None) -> Pla
                               "engine trains on one device; load the model with qloraevolved_load_model to train "
                               "across processes")
     hw = detect()
-    strategy = "fsdp" if config.distributed_strategy == "fsdp" else "ddp"  # auto: a full copy on each device
+    asked = config.distributed_strategy
+    strategy = "fsdp" if asked == "fsdp" or (asked == "auto" and not full_copy_fits) else "ddp"
     if strategy == "fsdp" and not hw.has_cuda:
         from llm_mcp.engine.patches import fsdp_cpu
 
@@ -88,6 +90,25 @@ def plan(config: TrainingConfig, *, engine: str, ray_address: str | None) -> Pla
         raise InvalidArgument("num_processes", n, f"at most {available} on this machine (one process per {what}), "
                               f"or a Ray cluster for more (start the server with --ray-address)")
     return Plan(n, strategy, backend, "local")
+
+
+def full_copy_fits(bundle: Any, config: TrainingConfig) -> bool:
+    """Whether DDP fits: each rank's full copy of the model, adapters, gradients, optimizer state and activations
+    (on CPU every rank's together in this machine's memory) within the free memory, by memory.estimate."""
+    if config.num_processes == 1 or config.distributed_strategy != "auto":
+        return True
+    from llm_mcp import memory
+
+    shape = memory.shape_from_config(bundle.model.config.to_dict())
+    if shape is None:
+        return True
+    lora = next(iter(getattr(bundle.model, "peft_config", {}).values()), None)
+    run = memory.estimate(shape, quant_type=bundle.quantization, compute_dtype=bundle.compute_dtype,
+                          lora_rank=int(getattr(lora, "r", 16)), batch_size=config.batch_size,
+                          max_length=bundle.max_length, use_gradient_checkpointing=config.use_gradient_checkpointing,
+                          optim=config.optim, num_processes=config.num_processes, distributed_strategy="ddp",
+                          with_advice=False, method=config.method)
+    return run.fits is not False
 
 
 def _local_devices(has_cuda: bool) -> tuple[int, str]:

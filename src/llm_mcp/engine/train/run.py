@@ -46,7 +46,8 @@ def prepare(bundle: ModelBundle, config: TrainingConfig) -> dict[str, Any]:
     do; a spread over processes this machine (or engine) cannot give is refused now, not at train time."""
     from llm_mcp.engine.train import distributed
 
-    distributed.plan(config, engine=bundle.engine, ray_address=os.environ.get(RAY_ADDRESS_ENV))
+    distributed.plan(config, engine=bundle.engine, ray_address=os.environ.get(RAY_ADDRESS_ENV),
+                     full_copy_fits=distributed.full_copy_fits(bundle, config))
     choices = decide(config, read_facts(bundle, config))
     set_attention(bundle, choices.attn_implementation)
     return {"warnings": list(choices.warnings)}
@@ -61,7 +62,10 @@ def train(bundle: ModelBundle, config: TrainingConfig, train_source: Any, eval_s
     num_processes > 1 runs across processes (distributed.py), each rank through run_training."""
     from llm_mcp.engine.train import distributed
 
-    spread = distributed.plan(config, engine=bundle.engine, ray_address=os.environ.get(RAY_ADDRESS_ENV))
+    spread = distributed.plan(config, engine=bundle.engine, ray_address=os.environ.get(RAY_ADDRESS_ENV),
+                              full_copy_fits=distributed.full_copy_fits(bundle, config))
+    if spread.strategy == "fsdp" and config.distributed_strategy == "auto":  # a full copy would not fit
+        config = replace(config, distributed_strategy="fsdp")  # the ranks shard as planned
     share = None if cpu_threads is None or detect().has_cuda or spread.world_size > 1 else CoreShare(cpu_threads)
     try:
         with output_lock.claim(config.output_dir, holder or "a training run", doing="training"):
