@@ -1,11 +1,15 @@
 """Resource updates through the MCP SDK's client: a subscriber to a job's resource hears of its steps, and a
 subscriber to the jobs list hears of its end, on a 2026-07-28 client (subscriptions/listen) and on a 2025-11-25
-client (resources/subscribe) alike."""
+client (resources/subscribe) alike, in memory, over stdio and over streamable HTTP."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import anyio
-from mcp import Client
+import pytest
+from mcp import Client, StdioServerParameters
 from mcp.shared.subscriptions import ResourceUpdated
 
 from conftest import FAST_LOAD, FAST_TRAIN, server_config
@@ -13,6 +17,18 @@ from llm_mcp.server.app import create_server
 
 JOBS = "llm-mcp://jobs"
 LONG_RUN = {**FAST_TRAIN, "max_steps": 400, "logging_steps": 1}
+EXE = Path(sys.executable).with_name("llm-mcp")
+TRANSPORTS = ("memory", "stdio", "http")
+
+
+def _server(transport: str, workspace: Path, tiny_model: Path, http_server) -> object:
+    """What the client connects to: the server in this process, `llm-mcp serve` over stdio, or over HTTP."""
+    if transport == "memory":
+        return create_server(server_config(workspace, tiny_model))
+    args = ["--workspace", str(workspace), "--allow-read", str(tiny_model.parent)]
+    if transport == "stdio":
+        return StdioServerParameters(command=str(EXE), args=["serve", *args])
+    return http_server(*args).url
 
 
 async def _start(client: Client, tiny_model, demo_rows, output_dir: str) -> str:
@@ -25,12 +41,14 @@ async def _start(client: Client, tiny_model, demo_rows, output_dir: str) -> str:
     return started.structured_content["job_id"]
 
 
-def test_listen_stream_hears_a_jobs_steps_and_its_end(workspace, tiny_model, demo_rows):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_listen_stream_hears_a_jobs_steps_and_its_end(transport, workspace, tiny_model, demo_rows, http_server):
     heard: list[str] = []
+    target = _server(transport, workspace, tiny_model, http_server)
 
     async def scenario() -> None:
-        async with Client(create_server(server_config(workspace, tiny_model))) as client:
-            job = await _start(client, tiny_model, demo_rows, "sub-listen")
+        async with Client(target) as client:
+            job = await _start(client, tiny_model, demo_rows, f"sub-listen-{transport}")
             async with client.listen(resource_subscriptions=[f"{JOBS}/{job}", JOBS]) as events:
                 with anyio.fail_after(300):
                     async for event in events:
@@ -48,9 +66,12 @@ def test_listen_stream_hears_a_jobs_steps_and_its_end(workspace, tiny_model, dem
     assert heard.count(f"{JOBS}/{heard[0].rsplit('/', 1)[-1]}") >= 2 and heard[-1] == JOBS, heard
 
 
-def test_resources_subscribe_hears_a_jobs_steps_and_its_end_on_an_older_client(workspace, tiny_model, demo_rows):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_resources_subscribe_hears_a_jobs_steps_and_its_end_on_an_older_client(transport, workspace, tiny_model,
+                                                                                 demo_rows, http_server):
     heard: list[str] = []
     arrived = anyio.Event
+    target = _server(transport, workspace, tiny_model, http_server)
 
     async def scenario() -> None:
         news = arrived()
@@ -61,9 +82,8 @@ def test_resources_subscribe_hears_a_jobs_steps_and_its_end_on_an_older_client(w
                 heard.append(str(params))
                 news.set()
 
-        async with Client(create_server(server_config(workspace, tiny_model)), mode="legacy",
-                          message_handler=on_message) as client:
-            job = await _start(client, tiny_model, demo_rows, "sub-legacy")
+        async with Client(target, mode="legacy", message_handler=on_message) as client:
+            job = await _start(client, tiny_model, demo_rows, f"sub-legacy-{transport}")
             await client.subscribe_resource(f"{JOBS}/{job}")
             await client.subscribe_resource(JOBS)
             with anyio.fail_after(300):
