@@ -196,8 +196,7 @@ class ModelService:
                          f"defaults (and the overrides given).")
             notes += (await self.prepare(family, model_id, settings)).get("warnings", [])
             # the method and its settings are this call's; later calls start from sft as a prepare would
-            defaults = dataclasses.asdict(family.training_config())
-            loaded.training_config = dataclasses.replace(settings, **{k: defaults[k] for k in METHOD_FIELDS})
+            loaded.training_config = dataclasses.replace(settings, **_method_defaults(family))
         config = engine_training_config(settings)
         # A folder another live run or export holds is refused here, before a job exists (the worker's claim is
         # the authoritative check)
@@ -313,8 +312,7 @@ class ModelService:
         train_values = {k: v for k, v in overrides.items() if k not in option_keys}
         values = dataclasses.asdict(base)
         if train_values.get("method", base.method) != base.method:  # another method: not the old one's settings
-            defaults = dataclasses.asdict(family.training_config())
-            values.update({k: defaults[k] for k in METHOD_FIELDS})
+            values.update(_method_defaults(family))
         settings = validated(type(base), {**values, **train_values}, where="training_config")
         options = validated(RunOptions, run_values, where="training_config")
         if isinstance(base, UnslothTrainingConfig) and loaded.training_config is not None \
@@ -327,3 +325,9 @@ class ModelService:
 
     def _get(self, family: Family, model_id: str) -> LoadedModel:
         return self.pool.get(model_id, family=family.prefix, load_tool=family.tool("load_model"))
+
+
+def _method_defaults(family: Family) -> dict[str, Any]:
+    """The family's default method (sft) and method settings, by field name."""
+    defaults = dataclasses.asdict(family.training_config())
+    return {k: defaults[k] for k in METHOD_FIELDS}

@@ -365,21 +365,30 @@ class _Decision:
             self.notes.append(NOTES["fused_adamw"])
 
 
-def _memory_is_ample(bundle: ModelBundle, config: TrainingConfig) -> bool:
+def run_estimate(bundle: ModelBundle, config: TrainingConfig, **overrides: Any) -> Any:
+    """memory.estimate of this run on the loaded model (its shape, quantization, LoRA rank, max_length and the
+    run's settings; `overrides` for what a caller asks about), or None where the model's shape is unknown."""
     from llm_mcp import memory
 
     shape = memory.shape_from_config(bundle.model.config.to_dict())
+    if shape is None:
+        return None
+    lora = next(iter(getattr(bundle.model, "peft_config", {}).values()), None)
+    settings = dict(quant_type=bundle.quantization, compute_dtype=bundle.compute_dtype,
+                    lora_rank=int(getattr(lora, "r", 16)), batch_size=config.batch_size, max_length=bundle.max_length,
+                    use_gradient_checkpointing=config.use_gradient_checkpointing, optim=config.optim,
+                    with_advice=False, method=config.method, max_completion_length=config.max_completion_length,
+                    gradient_accumulation_steps=config.gradient_accumulation_steps)
+    return memory.estimate(shape, **{**settings, **overrides})
+
+
+def _memory_is_ample(bundle: ModelBundle, config: TrainingConfig) -> bool:
     device = "cuda" if detect().has_cuda else "cpu"
     free = _free_bytes(device)
-    if shape is None or free is None:
+    if free is None:
         return False
-    run = memory.estimate(shape, quant_type=bundle.quantization, compute_dtype=bundle.compute_dtype,
-                          lora_rank=int(next(iter(bundle.model.peft_config.values())).r), batch_size=config.batch_size,
-                          max_length=bundle.max_length, use_gradient_checkpointing=False, optim=config.optim,
-                          device=device, free_bytes=free, with_advice=False, method=config.method,
-                          max_completion_length=config.max_completion_length,
-                          gradient_accumulation_steps=config.gradient_accumulation_steps)
-    return run.total_bytes < 0.5 * free
+    run = run_estimate(bundle, config, use_gradient_checkpointing=False, device=device, free_bytes=free)
+    return run is not None and run.total_bytes < 0.5 * free
 
 
 def _free_bytes(device: str) -> int | None:

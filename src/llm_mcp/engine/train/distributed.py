@@ -97,18 +97,10 @@ def full_copy_fits(bundle: Any, config: TrainingConfig) -> bool:
     (on CPU every rank's together in this machine's memory) within the free memory, by memory.estimate."""
     if config.num_processes == 1 or config.distributed_strategy != "auto":
         return True
-    from llm_mcp import memory
+    from llm_mcp.engine.train.choices import run_estimate
 
-    shape = memory.shape_from_config(bundle.model.config.to_dict())
-    if shape is None:
-        return True
-    lora = next(iter(getattr(bundle.model, "peft_config", {}).values()), None)
-    run = memory.estimate(shape, quant_type=bundle.quantization, compute_dtype=bundle.compute_dtype,
-                          lora_rank=int(getattr(lora, "r", 16)), batch_size=config.batch_size,
-                          max_length=bundle.max_length, use_gradient_checkpointing=config.use_gradient_checkpointing,
-                          optim=config.optim, num_processes=config.num_processes, distributed_strategy="ddp",
-                          with_advice=False, method=config.method)
-    return run.fits is not False
+    run = run_estimate(bundle, config, num_processes=config.num_processes, distributed_strategy="ddp")
+    return run is None or run.fits is not False
 
 
 def _local_devices(has_cuda: bool) -> tuple[int, str]:
